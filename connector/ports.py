@@ -1,0 +1,86 @@
+"""The narrow interfaces the pipeline needs. Adapters implement them.
+
+No SDK type (pyvmomi, boto3) crosses these boundaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from connector.domain.model import ChangedAreas, DiskInfo, SnapshotInfo, VmInfo
+
+
+class Hypervisor(Protocol):
+    """The source of VMs, snapshots and changed-block information."""
+
+    def list_vms(self) -> list[VmInfo]: ...
+
+    def get_vm(self, uuid: str) -> VmInfo:
+        """Raise NotFoundError when no VM has that instance UUID."""
+        ...
+
+    def enable_cbt(self, uuid: str) -> None: ...
+
+    def create_snapshot(self, uuid: str, name: str, description: str) -> SnapshotInfo:
+        """Create a snapshot (memory off, quiesced with a fallback) and wait for it."""
+        ...
+
+    def remove_snapshot(self, uuid: str, snapshot_ref: str) -> None:
+        """Remove one snapshot with consolidation and wait for the task.
+
+        Removing a snapshot that no longer exists is not an error.
+        """
+        ...
+
+    def query_changed_areas(
+        self, uuid: str, snapshot_ref: str, disk_key: int, start_offset: int, change_id: str
+    ) -> ChangedAreas:
+        """One page of QueryChangedDiskAreas.
+
+        Raise ChangeIdRefused when the server refuses the changeId (FileFault,
+        InvalidArgument), so the caller can fall back to a full read.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+class DiskReader(Protocol):
+    """Random read access to one disk of one snapshot."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset` (short reads are errors)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DiskSource(Protocol):
+    """Opens readers on the frozen data of a snapshot's disks (one per transport)."""
+
+    def open(self, vm: VmInfo, snapshot: SnapshotInfo, disk: DiskInfo) -> DiskReader:
+        """Raise UnsupportedSourceError when the disk cannot be read correctly."""
+        ...
+
+
+class ObjectStore(Protocol):
+    """Write-once object storage: five verbs."""
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """The object's bytes (a range when `length` is given). NotFoundError if absent."""
+        ...
+
+    def stat(self, key: str) -> int | None:
+        """The object's size, or None when it does not exist."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under `prefix`, in lexical order."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete; deleting an absent key is not an error."""
+        ...
