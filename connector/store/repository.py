@@ -1,0 +1,320 @@
+"""The replica store in an object store: config, packs, disk manifests, run commits.
+
+Layout under the configured prefix (see docs/format.md):
+    config                                   store format, block size, wrapped master key
+    packs/<id[:2]>/<id>                      sealed blocks, then a sealed pack header
+    runs/<server id>/<run id>/disk-<key>     sealed disk manifest
+    runs/<server id>/<run id>/commit         sealed run record, written last
+
+Objects are written once and never modified. A run exists only when its
+commit object exists; the commit is written after every manifest it names,
+and each manifest after every pack it names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from connector.domain.manifest import BlockMap, BlockRef, DiskManifest, apply_changes
+from connector.errors import IntegrityError, NotFoundError, StoreFormatError
+from connector.ports import ObjectStore
+from connector.store.keys import KeyProvider, StoreKeys
+
+STORE_FORMAT = "connector-replica-store"
+STORE_VERSION = 1
+DEFAULT_BLOCK_SIZE = 1024 * 1024
+DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+PACK_MAGIC = b"CNP1"
+_PACK_TRAILER = struct.Struct("<I4s")  # sealed header length, magic
+_PACK_ENTRY = struct.Struct("<32sQII")  # block id, offset, length, raw length
+
+
+class BlockIndex(Protocol):
+    """Which blocks are already stored, and where (the dedup index)."""
+
+    def lookup(self, block_id: bytes) -> BlockRef | None: ...
+
+    def add(self, refs: list[BlockRef]) -> None: ...
+
+
+class MemoryBlockIndex:
+    def __init__(self) -> None:
+        self._refs: dict[bytes, BlockRef] = {}
+
+    def lookup(self, block_id: bytes) -> BlockRef | None:
+        return self._refs.get(block_id)
+
+    def add(self, refs: list[BlockRef]) -> None:
+        for r in refs:
+            self._refs.setdefault(r.block_id, r)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    store_id: str
+    block_size: int
+    key: dict[str, Any]
+    created_at: str
+
+
+def pack_key(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}"
+
+
+def manifest_key(server_id: str, run_id: str, disk_key: int) -> str:
+    return f"runs/{server_id}/{run_id}/disk-{disk_key}"
+
+
+def commit_key(server_id: str, run_id: str) -> str:
+    return f"runs/{server_id}/{run_id}/commit"
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Repository:
+    """Reads and writes one replica store."""
+
+    def __init__(self, objects: ObjectStore, config: StoreConfig, keys: StoreKeys) -> None:
+        self.objects = objects
+        self.config = config
+        self.keys = keys
+        self.block_size = config.block_size
+        self.zero_block_id = keys.block_id(bytes(self.block_size))
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        objects: ObjectStore,
+        provider: KeyProvider,
+        create: bool = False,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> Repository:
+        """Open the store; with `create`, initialise it when it has no config yet."""
+        try:
+            raw = objects.get("config")
+        except NotFoundError:
+            if not create:
+                raise NotFoundError(
+                    "no replica store at this bucket and prefix (no config object); "
+                    "run a replication first, or check [s3] bucket and prefix"
+                ) from None
+            return cls._create(objects, provider, block_size)
+        try:
+            doc = json.loads(raw)
+        except ValueError as exc:
+            raise StoreFormatError(f"the store's config object is not JSON: {exc}") from exc
+        if doc.get("format") != STORE_FORMAT:
+            raise StoreFormatError("the object named config at this prefix is not a replica store")
+        if doc.get("version") != STORE_VERSION:
+            raise StoreFormatError(
+                f"replica store format version {doc.get('version')} is not supported "
+                f"(this connector reads version {STORE_VERSION}); upgrade the connector"
+            )
+        config = StoreConfig(doc["store_id"], doc["block_size"], doc["key"], doc["created_at"])
+        master = provider.unwrap(config.key, _key_context(config.store_id))
+        return cls(objects, config, StoreKeys(master))
+
+    @classmethod
+    def _create(cls, objects: ObjectStore, provider: KeyProvider, block_size: int) -> Repository:
+        store_id = os.urandom(16).hex()
+        master = os.urandom(32)
+        config = StoreConfig(
+            store_id, block_size, provider.wrap(master, _key_context(store_id)), now_iso()
+        )
+        doc = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "store_id": config.store_id,
+            "block_size": config.block_size,
+            "key": config.key,
+            "created_at": config.created_at,
+        }
+        objects.put("config", json.dumps(doc, indent=2).encode())
+        return cls(objects, config, StoreKeys(master))
+
+    # -- blocks ------------------------------------------------------------------
+
+    def zero_id(self, length: int) -> bytes:
+        if length == self.block_size:
+            return self.zero_block_id
+        return self.keys.block_id(bytes(length))
+
+    def read_block(self, ref: BlockRef, what: str) -> bytes:
+        blob = self.objects.get(pack_key(ref.pack_id), ref.offset, ref.length)
+        return self.open_block(ref, blob, what)
+
+    def open_block(self, ref: BlockRef, blob: bytes, what: str) -> bytes:
+        plain = self.keys.open(blob, ref.block_id, what)
+        if self.keys.block_id(plain) != ref.block_id:
+            raise IntegrityError(f"{what} does not match its hash")
+        return plain
+
+    def pack_header(self, pack_id: str) -> list[BlockRef]:
+        """The block entries of a pack, read from its sealed header."""
+        key = pack_key(pack_id)
+        size = self.objects.stat(key)
+        if size is None:
+            raise NotFoundError(f"pack {pack_id} is missing from the store")
+        tail = self.objects.get(key, size - _PACK_TRAILER.size, _PACK_TRAILER.size)
+        hlen, magic = _PACK_TRAILER.unpack(tail)
+        if magic != PACK_MAGIC:
+            raise StoreFormatError(f"pack {pack_id} has no valid trailer")
+        start = size - _PACK_TRAILER.size - hlen
+        sealed = self.objects.get(key, start, hlen)
+        plain = self.keys.open(
+            sealed, b"pack-header:" + pack_id.encode(), f"header of pack {pack_id}"
+        )
+        return [
+            BlockRef(bytes(bid), pack_id, off, length)
+            for bid, off, length, _raw in _PACK_ENTRY.iter_unpack(plain)
+        ]
+
+    # -- manifests and commits ---------------------------------------------------
+
+    def write_manifest(self, manifest: DiskManifest) -> str:
+        key = manifest_key(manifest.server_id, manifest.run_id, manifest.disk_key)
+        self.objects.put(key, self.keys.seal(manifest.encode(), key.encode()))
+        return key
+
+    def read_manifest(self, server_id: str, run_id: str, disk_key: int) -> DiskManifest:
+        key = manifest_key(server_id, run_id, disk_key)
+        try:
+            blob = self.objects.get(key)
+        except NotFoundError:
+            raise NotFoundError(f"run {run_id} has no manifest for disk {disk_key}") from None
+        return DiskManifest.decode(self.keys.open(blob, key.encode(), f"manifest {key}"))
+
+    def resolve_map(self, manifest: DiskManifest) -> dict[int, BlockRef | None]:
+        """The full block map of a manifest, following its chain of base runs."""
+        chain = [manifest]
+        seen = {manifest.run_id}
+        while chain[-1].base_run is not None:
+            base_run = chain[-1].base_run
+            if base_run in seen:
+                raise StoreFormatError(f"manifest chain of disk {manifest.disk_key} loops")
+            seen.add(base_run)
+            chain.append(self.read_manifest(manifest.server_id, base_run, manifest.disk_key))
+        full: BlockMap = {}
+        for m in reversed(chain):
+            full = apply_changes(full, m.entries)
+        return full
+
+    def write_commit(self, server_id: str, run_id: str, record: Mapping[str, Any]) -> None:
+        key = commit_key(server_id, run_id)
+        body = json.dumps(dict(record), sort_keys=True).encode()
+        self.objects.put(key, self.keys.seal(body, key.encode()))
+
+    def read_commit(self, server_id: str, run_id: str) -> dict[str, Any]:
+        key = commit_key(server_id, run_id)
+        try:
+            blob = self.objects.get(key)
+        except NotFoundError:
+            raise NotFoundError(
+                f"run {run_id} was not committed to the store (it failed or is still running)"
+            ) from None
+        doc: dict[str, Any] = json.loads(self.keys.open(blob, key.encode(), f"run record {key}"))
+        return doc
+
+    def committed_runs(self, server_id: str) -> Iterator[str]:
+        prefix = f"runs/{server_id}/"
+        for key in self.objects.list(prefix):
+            if key.endswith("/commit"):
+                yield key[len(prefix) :].split("/", 1)[0]
+
+    def pack_writer(
+        self,
+        index: BlockIndex,
+        pack_size: int = DEFAULT_PACK_SIZE,
+        on_pack: Callable[[str, int, list[BlockRef]], None] | None = None,
+    ) -> PackWriter:
+        return PackWriter(self, index, pack_size, on_pack)
+
+
+class PackWriter:
+    """Deduplicates, seals and appends blocks to packs; uploads each pack when full.
+
+    `add` returns the block's ref at once; the ref is durable only after the
+    pack holding it is uploaded, which `flush` guarantees for all of them.
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        index: BlockIndex,
+        pack_size: int,
+        on_pack: Callable[[str, int, list[BlockRef]], None] | None,
+    ) -> None:
+        self.repo = repo
+        self.index = index
+        self.pack_size = pack_size
+        self.on_pack = on_pack
+        self._pending: dict[bytes, BlockRef] = {}
+        self._buf: list[bytes] = []
+        self._entries: list[tuple[BlockRef, int]] = []
+        self._size = 0
+        self._pack_id = _new_pack_id()
+        self.bytes_uploaded = 0
+        self.blocks_new = 0
+        self.blocks_dedup = 0
+        self.packs_written: list[str] = []
+
+    def add(self, block_id: bytes, data: bytes) -> BlockRef:
+        known = self._pending.get(block_id) or self.index.lookup(block_id)
+        if known is not None:
+            self.blocks_dedup += 1
+            return known
+        sealed = self.repo.keys.seal(data, block_id)
+        ref = BlockRef(block_id, self._pack_id, self._size, len(sealed))
+        self._buf.append(sealed)
+        self._entries.append((ref, len(data)))
+        self._size += len(sealed)
+        self._pending[block_id] = ref
+        self.blocks_new += 1
+        if self._size >= self.pack_size:
+            self._upload()
+        return ref
+
+    def flush(self) -> None:
+        """Upload the open pack; afterwards every ref returned so far is durable."""
+        if self._entries:
+            self._upload()
+
+    def _upload(self) -> None:
+        pack_id = self._pack_id
+        header = b"".join(
+            _PACK_ENTRY.pack(ref.block_id, ref.offset, ref.length, raw)
+            for ref, raw in self._entries
+        )
+        sealed_header = self.repo.keys.seal(header, b"pack-header:" + pack_id.encode())
+        body = b"".join(
+            [*self._buf, sealed_header, _PACK_TRAILER.pack(len(sealed_header), PACK_MAGIC)]
+        )
+        self.repo.objects.put(pack_key(pack_id), body)
+        refs = [ref for ref, _ in self._entries]
+        self.index.add(refs)
+        if self.on_pack is not None:
+            self.on_pack(pack_id, len(body), refs)
+        for ref in refs:
+            self._pending.pop(ref.block_id, None)
+        self.bytes_uploaded += len(body)
+        self.packs_written.append(pack_id)
+        self._buf, self._entries, self._size = [], [], 0
+        self._pack_id = _new_pack_id()
+
+
+def _new_pack_id() -> str:
+    return os.urandom(32).hex()
+
+
+def _key_context(store_id: str) -> bytes:
+    return b"connector store master key:" + store_id.encode()
