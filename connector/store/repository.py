@@ -263,7 +263,8 @@ class PackWriter:
         self._entries: list[tuple[BlockRef, int]] = []
         self._size = 0
         self._pack_id = _new_pack_id()
-        self.bytes_uploaded = 0
+        self.bytes_uploaded = 0  # whole packs written
+        self.bytes_stored = 0  # sealed bytes of new blocks
         self.blocks_new = 0
         self.blocks_dedup = 0
         self.packs_written: list[str] = []
@@ -278,6 +279,7 @@ class PackWriter:
         self._buf.append(sealed)
         self._entries.append((ref, len(data)))
         self._size += len(sealed)
+        self.bytes_stored += len(sealed)
         self._pending[block_id] = ref
         self.blocks_new += 1
         if self._size >= self.pack_size:
