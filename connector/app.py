@@ -1,0 +1,134 @@
+"""The composition root: builds every adapter and service from one Config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+
+from connector.adapters.datastore_reader import DatastoreHttpsSource
+from connector.adapters.s3 import S3ObjectStore
+from connector.adapters.state import ServerRow, StateStore
+from connector.adapters.vsphere import VSphereClient
+from connector.config import Config
+from connector.errors import ConfigError, NotFoundError
+from connector.logging import register_secret
+from connector.pipeline.replicate import ReplicationSettings, Replicator, Reporter
+from connector.store.keys import LocalKeyProvider, generate_key_file
+from connector.store.repository import Repository
+
+
+@dataclass
+class App:
+    config: Config
+
+    @cached_property
+    def state(self) -> StateStore:
+        return StateStore.at_path(self.config.state.path)
+
+    @cached_property
+    def vsphere(self) -> VSphereClient:
+        vc = self.config.vcenter
+        password = self.config.vcenter_password()
+        register_secret(password)
+        return VSphereClient(
+            url=vc.url,
+            user=vc.user,
+            password=password,
+            ca_file=vc.ca_file,
+            thumbprint=vc.thumbprint,
+        )
+
+    @cached_property
+    def objects(self) -> S3ObjectStore:
+        s3 = self.config.s3
+        secret = self.config.s3_secret_key()
+        if secret is not None:
+            register_secret(secret)
+        return S3ObjectStore(
+            bucket=s3.bucket,
+            prefix=s3.prefix,
+            region=s3.region,
+            endpoint_url=s3.endpoint_url,
+            ca_file=s3.ca_file,
+            sse=s3.sse,
+            kms_key_id=s3.kms_key_id,
+            access_key_id=s3.access_key_id,
+            secret_access_key=secret,
+            use_fips_endpoint=s3.use_fips_endpoint,
+        )
+
+    def key_provider(self, create: bool) -> LocalKeyProvider:
+        path = self.config.key_file
+        if create and not path.exists():
+            if self.objects.stat("config") is not None:
+                raise ConfigError(
+                    f"the store key file {path} is missing but the bucket already holds a "
+                    "replica store; restore the key file from your backup"
+                )
+            generate_key_file(path)
+        return LocalKeyProvider(path)
+
+    def repository(self, create: bool = False) -> Repository:
+        return Repository.open(self.objects, self.key_provider(create), create=create)
+
+    def replicator(self, reporter: Reporter | None = None) -> Replicator:
+        source = DatastoreHttpsSource(self.vsphere, max_request=self.config.transport.max_request)
+        settings = ReplicationSettings(
+            enable_cbt=self.config.vcenter.enable_cbt,
+            max_read=self.config.transport.max_request,
+        )
+        rep = Replicator(
+            hv=self.vsphere,
+            source=source,
+            open_repo=self._open_for_write,
+            state=self.state,
+            settings=settings,
+        )
+        if reporter is not None:
+            rep.reporter = reporter
+        return rep
+
+    def _open_for_write(self) -> Repository:
+        self.objects.check_access()
+        return self.repository(create=True)
+
+    def resolve_server(self, name_or_uuid: str, refresh: bool = True) -> ServerRow:
+        """Find one VM by instance UUID, name or server id (refreshing the catalog first)."""
+        matches = self.state.find_servers(name_or_uuid)
+        if not matches and refresh:
+            self.refresh_catalog()
+            matches = self.state.find_servers(name_or_uuid)
+        if not matches:
+            raise NotFoundError(
+                f"no VM named or with instance UUID {name_or_uuid!r}; list them with "
+                "`connector vms`"
+            )
+        if len(matches) > 1:
+            uuids = ", ".join(m.vm_uuid for m in matches)
+            raise ConfigError(
+                f"{len(matches)} VMs are named {name_or_uuid!r} ({uuids}); use the instance UUID"
+            )
+        return matches[0]
+
+    def refresh_catalog(self) -> list[ServerRow]:
+        vms = self.vsphere.list_vms()
+        rows = [self.state.upsert_server(vm) for vm in vms]
+        self.state.mark_removed({vm.uuid for vm in vms})
+        return rows
+
+    def close(self) -> None:
+        if "vsphere" in self.__dict__:
+            self.vsphere.close()
+        if "state" in self.__dict__:
+            self.state.close()
+
+
+@contextmanager
+def build(config: Config) -> Iterator[App]:
+    app = App(config)
+    try:
+        yield app
+    finally:
+        app.close()
