@@ -15,11 +15,11 @@ from typing import Protocol
 
 from connector.adapters.state import DiskStateRow, RunDiskRow, RunRow, StateStore
 from connector.domain.model import SnapshotInfo, VmInfo
-from connector.errors import ConnectorError
+from connector.errors import ConnectorError, NotFoundError
 from connector.logging import get_logger, scrub
 from connector.pipeline.changes import DiskPlan, plan_disk
 from connector.pipeline.commit import DiskCommit, build_manifest
-from connector.pipeline.snapshot import snapshot_name, sweep_leftovers, validate
+from connector.pipeline.snapshot import SNAPSHOT_PREFIX, snapshot_name, sweep_leftovers, validate
 from connector.pipeline.transfer import transfer_disk
 from connector.ports import DiskSource, Hypervisor
 from connector.store.repository import DEFAULT_PACK_SIZE, Repository
@@ -63,7 +63,9 @@ class Replicator:
     def replicate(self, vm_uuid: str, run_type: str = "ON_DEMAND") -> RunRow:
         vm = self.hv.get_vm(vm_uuid)
         server = self.state.upsert_server(vm)
-        if sweep_leftovers(self.hv, vm):
+        swept = sweep_leftovers(self.hv, vm)
+        if swept:
+            self._fail_interrupted(swept)
             vm = self.hv.get_vm(vm_uuid)
         validate(vm, self.settings.needs_no_foreign_snapshots)
         repo = self.open_repo()
@@ -78,6 +80,21 @@ class Replicator:
             log.error("run failed", run=run_id, error=message)
             raise
         return self.state.run(run_id)
+
+    def _fail_interrupted(self, snapshot_names: list[str]) -> None:
+        """Runs whose snapshot was left behind died with their process: record why."""
+        for name in snapshot_names:
+            run_id = name.removeprefix(SNAPSHOT_PREFIX)
+            try:
+                run = self.state.run(run_id)
+            except NotFoundError:
+                continue
+            if run.state == "ACTIVE":
+                self.state.fail_run(
+                    run_id,
+                    "interrupted: the connector stopped during this run; its snapshot was "
+                    "removed at the next start and nothing of the run was committed",
+                )
 
     def _run(self, repo: Repository, vm: VmInfo, server_id: str, run_id: str) -> None:
         rep = self.reporter
