@@ -15,6 +15,7 @@ from connector.config import Config
 from connector.errors import ConfigError, NotFoundError
 from connector.logging import register_secret
 from connector.pipeline.replicate import ReplicationSettings, Replicator, Reporter
+from connector.secrets import Secret
 from connector.store.keys import LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
 
@@ -54,7 +55,7 @@ class App:
             ca_file=s3.ca_file,
             sse=s3.sse,
             kms_key_id=s3.kms_key_id,
-            access_key_id=s3.access_key_id,
+            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
             secret_access_key=secret,
             use_fips_endpoint=s3.use_fips_endpoint,
         )

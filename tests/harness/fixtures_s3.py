@@ -14,7 +14,7 @@ from tests.harness.ca import TestCA, make_ca
 from tests.harness.moto import MotoServer, start_moto
 
 try:  # another engineer owns `test_ca` when the simulator fixtures define it
-    from tests.harness.fixtures_vcsim import test_ca  # type: ignore[attr-defined]  # noqa: F401
+    from tests.harness.fixtures_vcsim import test_ca  # type: ignore[attr-defined,unused-ignore]
 except ImportError:
 
     @pytest.fixture(scope="session")
@@ -39,9 +39,7 @@ def s3_bucket(moto: MotoServer) -> Iterator[str]:
     """A new, empty bucket in the session's moto_server; emptied and removed afterwards."""
     name = f"t-{uuid.uuid4().hex[:20]}"
     client = moto.boto3_client()
-    client.create_bucket(
-        Bucket=name, CreateBucketConfiguration={"LocationConstraint": moto.region}
-    )
+    client.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": moto.region})
     try:
         yield name
     finally:
@@ -52,9 +50,7 @@ def _remove_bucket(s3: Any, name: str) -> None:
     try:
         uploads = s3.list_multipart_uploads(Bucket=name).get("Uploads", [])
         for upload in uploads:
-            s3.abort_multipart_upload(
-                Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"]
-            )
+            s3.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
         paginator = s3.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=name):
             for obj in page.get("Contents", []):

@@ -26,7 +26,7 @@ from tests.harness.ca import TestCA
 
 DEFAULT_REGION = "eu-central-1"
 DEFAULT_ACCESS_KEY = "AKIAMOTOTESTKEY00001"
-DEFAULT_SECRET_KEY = "moto-test-secret-key-do-not-use-anywhere"  # noqa: S105 - test value
+DEFAULT_SECRET_KEY = "moto-test-secret-key-do-not-use-anywhere"
 _STARTUP_DEADLINE_S = 30.0
 _STOP_DEADLINE_S = 10.0
 
