@@ -1,5 +1,5 @@
 // Command connector-vcsim serves govmomi's vCenter simulator (VPX model) for the
-// connector's integration tests, with three changes:
+// connector's integration tests, with four changes:
 //
 //   - TLS with a certificate from the test CA (the simulator's own is RSA-1024,
 //     which OpenSSL 3 rejects) and a required user name and password;
@@ -7,7 +7,9 @@
 //     capacity and a stable backing uuid;
 //   - Changed Block Tracking: CreateSnapshot_Task records a changeId on each disk
 //     and VirtualMachine.QueryChangedDiskAreas answers from a change log the tests
-//     write (see cbt.go).
+//     write (see cbt.go);
+//   - a Fetch of an unset property (vm.snapshot without snapshots) answers "unset"
+//     as vCenter does, instead of dropping the connection (see fetch.go).
 //
 // It writes {"url", "port", "pid"} as JSON to -ready-file once it is serving, and
 // exits on SIGTERM/SIGINT or, with -exit-with-parent, when its parent process dies.
@@ -51,6 +53,7 @@ func main() {
 	vms := flag.Int("vms", 0, "VMs the model pre-creates per resource pool")
 	exitWithParent := flag.Bool("exit-with-parent", false, "exit when the parent process dies")
 	trace := flag.Bool("trace", false, "write SOAP traffic to stderr")
+	stockFetch := flag.Bool("stock-fetch", false, "keep the simulator's Fetch, which drops the connection on an unset property")
 	flag.Parse()
 
 	if *certFile == "" || *keyFile == "" || *passwordFile == "" || *cbtDir == "" {
@@ -65,7 +68,7 @@ func main() {
 	if err := run(options{
 		certFile: *certFile, keyFile: *keyFile, user: *user, passwordFile: *passwordFile,
 		listen: *listen, readyFile: *readyFile, cbtDir: *cbtDir, cbtPage: *cbtPage,
-		vms: *vms, exitWithParent: *exitWithParent, trace: *trace,
+		vms: *vms, exitWithParent: *exitWithParent, trace: *trace, stockFetch: *stockFetch,
 	}); err != nil {
 		log.Fatal(err)
 	}
@@ -74,7 +77,7 @@ func main() {
 type options struct {
 	certFile, keyFile, user, passwordFile, listen, readyFile, cbtDir string
 	cbtPage, vms                                                     int
-	exitWithParent, trace                                            bool
+	exitWithParent, trace, stockFetch                                bool
 }
 
 func run(o options) error {
@@ -104,6 +107,9 @@ func run(o options) error {
 	}
 	defer model.Remove()
 
+	if !o.stockFetch {
+		installFetchFix(model.ServiceContent.PropertyCollector)
+	}
 	cbt := newCBT(o.cbtDir, o.cbtPage)
 	cbt.install(model.Service)
 
