@@ -243,8 +243,9 @@ def _run_disk_row(run_id: str, plan: DiskPlan, bytes_read: int, zero: int) -> Ru
 
 
 def new_run_id() -> str:
-    """Time-ordered and unique: r-YYYYMMDDTHHMMSSZ-<8 hex>."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    """Time-ordered and unique: r-YYYYMMDDTHHMMSSmmmZ-<8 hex> (mmm: milliseconds)."""
+    now = dt.datetime.now(dt.UTC)
+    stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
     return f"r-{stamp}-{os.urandom(4).hex()}"
 
 
