@@ -399,7 +399,7 @@ def _server(r: Any) -> ServerRow:
     return ServerRow(**m)
 
 
-def _run(r: Any, drows: list[Any]) -> RunRow:
+def _run(r: Any, drows: Any) -> RunRow:
     m = dict(r._mapping)
     m["stats"] = json.loads(m["stats"] or "{}")
     return RunRow(**m, disks=[RunDiskRow(**d._mapping) for d in drows])

@@ -8,6 +8,7 @@ changeIds are stored only after the run's commit object is durable.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,7 +151,7 @@ class Replicator:
                     disk.capacity,
                     repo.block_size,
                     self.settings.max_read,
-                    lambda done, total, k=disk.key: rep.disk_progress(run_id, k, done, total),
+                    functools.partial(rep.disk_progress, run_id, disk.key),
                 )
             finally:
                 reader.close()

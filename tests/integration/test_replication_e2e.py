@@ -318,9 +318,7 @@ def test_unreachable_s3_is_refused_before_a_snapshot(
     )
     proc = env.cli("replicate", uuid)
     assert proc.returncode == 1
-    assert "127.0.0.1" in proc.stderr and (
-        "cannot reach the S3 endpoint" in proc.stderr
-    )
+    assert "127.0.0.1" in proc.stderr and ("cannot reach the S3 endpoint" in proc.stderr)
     assert not [s for s in vcsim.snapshot_names(uuid) if s.startswith("connector-")]
     assert bucket_keys(moto, s3_bucket) == []
 

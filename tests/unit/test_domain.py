@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,22 +18,22 @@ extent_lists = st.lists(
 
 @given(extent_lists)
 def test_merge_covers_exactly_the_same_bytes(extents):
-    covered = set()
+    covered: set[int] = set()
     for e in extents:
         covered.update(range(e.offset, e.end))
     merged = merge(extents)
-    after = set()
+    after: set[int] = set()
     for e in merged:
         after.update(range(e.offset, e.end))
     assert covered == after
-    assert all(a.end < b.offset for a, b in zip(merged, merged[1:]))
+    assert all(a.end < b.offset for a, b in itertools.pairwise(merged))
 
 
 @given(extent_lists, st.sampled_from([512, 1000, 4096]))
 def test_blocks_touched_is_the_minimal_widening(extents, bs):
     cap = 12_000
     touched = set(blocks_touched(extents, bs, cap))
-    expected = set()
+    expected: set[int] = set()
     for e in extents:
         for b in range(e.offset, min(e.end, cap)):
             expected.add(b // bs)

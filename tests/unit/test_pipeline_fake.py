@@ -122,7 +122,7 @@ def test_failure_removes_the_snapshot_and_records_the_reason(env):
             raise Boom("store is gone")
         objects.objects[key] = data
 
-    objects.put = broken_put  # type: ignore[method-assign]
+    objects.put = broken_put
     with pytest.raises(Boom):
         rep.replicate(uuid)
     assert hv.vms[uuid].snapshots == {}
