@@ -320,9 +320,7 @@ class StateStore:
             c.execute(
                 runs.update()
                 .where(runs.c.id == run_id)
-                .values(
-                    state="COMPLETED", stage="done", finished_at=_now(), stats=json.dumps(stats)
-                )
+                .values(state="COMPLETED", finished_at=_now(), stats=json.dumps(stats))
             )
 
     def fail_run(self, run_id: str, error: str) -> None:

@@ -114,6 +114,7 @@ class Replicator:
             rep.stage(run_id, "cleanup", name)
             self.state.set_stage(run_id, "cleanup")
             self.hv.remove_snapshot(vm.uuid, snap.ref)
+        self.state.set_stage(run_id, "done")
 
     def _copy(
         self, repo: Repository, vm: VmInfo, snap: SnapshotInfo, server_id: str, run_id: str
@@ -225,7 +226,7 @@ class Replicator:
             },
         )
         self.state.complete_run(run_id, server_id, next_states, stats)
-        rep.stage(run_id, "done", "committed")
+        rep.stage(run_id, "commit", "committed")
 
 
 def _run_disk_row(run_id: str, plan: DiskPlan, bytes_read: int, zero: int) -> RunDiskRow:

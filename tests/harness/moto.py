@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,8 @@ def start_moto(
     attempts: int = 3,
 ) -> MotoProcess:
     """Start moto_server with TLS from `ca` on a free 127.0.0.1 port and wait until it answers."""
-    exe = shutil.which("moto_server")
+    beside = Path(sys.executable).parent / "moto_server"  # the virtualenv's own
+    exe = str(beside) if beside.exists() else shutil.which("moto_server")
     if exe is None:
         raise MotoStartError("moto_server is not on PATH (pip install 'moto[server]')")
     workdir.mkdir(parents=True, exist_ok=True)
