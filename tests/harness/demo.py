@@ -15,7 +15,6 @@ import hashlib
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
