@@ -77,6 +77,8 @@ class S3Config(_Section):
     use_fips_endpoint: bool = False
     access_key_id: str | None = None
     secret_access_key_file: Path | None = None
+    multipart_threshold: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    multipart_part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
 
     @field_validator("endpoint_url")
     @classmethod
@@ -100,6 +102,8 @@ class S3Config(_Section):
             )
         if self.sse == "aws:kms" and not self.kms_key_id:
             raise ValueError("[s3] sse = 'aws:kms' needs kms_key_id")
+        if self.multipart_threshold < self.multipart_part_size:
+            raise ValueError("[s3] multipart_threshold must not be below multipart_part_size")
         return self
 
 
@@ -116,6 +120,42 @@ class TransportConfig(_Section):
     max_request: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
 
 
+class BandwidthWindow(_Section):
+    """A daily time-of-day window (local time) with its own upload limit."""
+
+    start: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    end: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    limit: int = Field(ge=0)  # bytes per second; 0: unlimited in this window
+
+    @model_validator(mode="after")
+    def _span(self) -> BandwidthWindow:
+        if self.start == self.end:
+            raise ValueError("a bandwidth window needs different start and end times")
+        return self
+
+
+class DaemonConfig(_Section):
+    """`connector run`: schedules, the job queue, limits and recovery."""
+
+    discovery_interval: float = Field(default=300.0, ge=1.0)  # seconds between inventory polls
+    sync_interval: float = Field(default=5.0, gt=0.0, le=300.0)  # job changes take effect within
+    max_concurrent_runs: int = Field(default=4, ge=1, le=64)
+    max_runs_per_host: int = Field(default=2, ge=1, le=64)
+    max_disks_per_vm: int = Field(default=2, ge=1, le=32)
+    bandwidth_limit: int = Field(default=0, ge=0)  # bytes per second for uploads; 0: unlimited
+    bandwidth_windows: list[BandwidthWindow] = Field(default_factory=list)
+    failures_before_pause: int = Field(default=5, ge=1, le=100)
+    on_demand_quota_per_24h: int = Field(default=2, ge=1, le=1000)
+    shutdown_deadline: float = Field(default=30.0, ge=0.0, le=3600.0)
+    stage_retries: int = Field(default=5, ge=0, le=100)  # per stage, for transient errors
+    retry_backoff: float = Field(default=10.0, ge=0.0)  # first retry delay, doubled each time
+    retry_backoff_max: float = Field(default=600.0, ge=0.0)
+    resume_within: float = Field(default=6 * 3600.0, ge=0.0)  # older interrupted runs roll back
+    admission_interval: float = Field(default=5.0, gt=0.0)  # re-check of a run waiting a slot
+    # Testing aid: how many seconds one scheduling "hour" lasts. Leave at 3600.
+    schedule_unit_seconds: float = Field(default=3600.0, gt=0.0)
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_format: bool = Field(default=False, alias="json")
@@ -127,6 +167,7 @@ class Config(_Section):
     state: StateConfig = StateConfig()
     store: StoreConfig = StoreConfig()
     transport: TransportConfig = TransportConfig()
+    daemon: DaemonConfig = DaemonConfig()
     log: LogConfig = LogConfig()
     source: Path | None = Field(default=None, exclude=True)
 

@@ -58,3 +58,7 @@ class IntegrityError(PermanentError):
 
 class StoreFormatError(PermanentError):
     """The object store holds a format this version cannot read."""
+
+
+class InvalidInputError(PermanentError):
+    """A request (command-line argument, job field) is malformed or out of range."""

@@ -134,6 +134,14 @@ class FakeHypervisor:
         disks = tuple(self._disk(d, seqs[k]) for k, d in vm.disks.items())
         return SnapshotInfo(ref, name, disks)
 
+    def get_snapshot(self, uuid: str, snapshot_ref: str) -> SnapshotInfo:
+        vm = self.vms[uuid]
+        if snapshot_ref not in vm.snapshots:
+            raise NotFoundError(f"VM {uuid} has no snapshot {snapshot_ref}")
+        name, _frozen, seqs = vm.snapshots[snapshot_ref]
+        disks = tuple(self._disk(d, seqs[k]) for k, d in vm.disks.items())
+        return SnapshotInfo(snapshot_ref, name, disks)
+
     def remove_snapshot(self, uuid: str, snapshot_ref: str) -> None:
         self.vms[uuid].snapshots.pop(snapshot_ref, None)
 

@@ -20,6 +20,10 @@ class Hypervisor(Protocol):
         """Raise NotFoundError when no VM has that instance UUID."""
         ...
 
+    def get_snapshot(self, uuid: str, snapshot_ref: str) -> SnapshotInfo:
+        """One snapshot of the VM with its frozen disks; NotFoundError when it is gone."""
+        ...
+
     def enable_cbt(self, uuid: str) -> None: ...
 
     def create_snapshot(self, uuid: str, name: str, description: str) -> SnapshotInfo:
@@ -84,3 +88,12 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None:
         """Delete; deleting an absent key is not an error."""
         ...
+
+
+class UploadJournal(Protocol):
+    """Told about multipart uploads as they start and end, so that an upload left
+    open by a killed process can be found and aborted at the next start."""
+
+    def upload_started(self, key: str, upload_id: str) -> None: ...
+
+    def upload_ended(self, key: str, upload_id: str) -> None: ...

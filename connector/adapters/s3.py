@@ -52,6 +52,8 @@ from botocore.httpsession import URLLib3Session
 from urllib3.util.ssl_match_hostname import CertificateError as HostnameMismatch
 
 from connector.adapters.localstore import validate_key
+from connector.faults import crash_point
+from connector.ports import UploadJournal
 from connector.errors import (
     AuthenticationError,
     ConfigError,
@@ -326,6 +328,7 @@ class S3ObjectStore:
         max_attempts: int = 1,
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_part_size: int = DEFAULT_PART_SIZE,
+        upload_journal: UploadJournal | None = None,
     ) -> None:
         if not _BUCKET_RE.match(bucket or "") or ".." in bucket:
             raise ConfigError(f"bucket {bucket!r} is not a valid S3 bucket name")
@@ -352,6 +355,7 @@ class S3ObjectStore:
         self._kms_key_id = kms_key_id
         self._threshold = multipart_threshold
         self._part_size = multipart_part_size
+        self._journal = upload_journal
         self._secrets = tuple(s.reveal() for s in (access_key_id, secret_access_key) if s)
         self._client = make_aws_client(
             "s3",
@@ -548,7 +552,10 @@ class S3ObjectStore:
             )
             upload_id: str = created["UploadId"]
             # Registered right where the upload exists: any failure below aborts it.
-            on_failure.callback(self._abort_multipart, full, upload_id)
+            on_failure.callback(self._abort_and_settle, key, full, upload_id)
+            if self._journal is not None:
+                # Durable before any part: a killed process leaves a record to abort.
+                self._journal.upload_started(key, upload_id)
             parts: builtins.list[dict[str, Any]] = []
             for number, start in enumerate(range(0, size, part_size), start=1):
                 resp = self._call(
@@ -565,6 +572,7 @@ class S3ObjectStore:
                 if resp.get("ChecksumCRC32"):
                     part["ChecksumCRC32"] = resp["ChecksumCRC32"]
                 parts.append(part)
+                crash_point("multipart-part")
             self._call(
                 "complete_multipart_upload",
                 key,
@@ -574,11 +582,34 @@ class S3ObjectStore:
                 MultipartUpload={"Parts": parts},
             )
             on_failure.pop_all()  # completed: nothing to abort
+        if self._journal is not None:
+            self._journal.upload_ended(key, upload_id)
 
-    def _abort_multipart(self, full: str, upload_id: str) -> None:
+    def _abort_and_settle(self, key: str, full: str, upload_id: str) -> None:
+        if self._abort_multipart(full, upload_id) and self._journal is not None:
+            self._journal.upload_ended(key, upload_id)
+
+    def abort_upload(self, key: str, upload_id: str) -> bool:
+        """Abort one multipart upload of `key` (an upload that is already gone counts as
+        aborted). False when S3 could not be asked; the caller tries again later."""
+        return self._abort_multipart(self._full_key(key), upload_id)
+
+    def _abort_multipart(self, full: str, upload_id: str) -> bool:
         try:
             self._client.abort_multipart_upload(Bucket=self._bucket, Key=full, UploadId=upload_id)
-        except (ClientError, BotoCoreError) as exc:
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchUpload", "404") or _status(exc) == 404:
+                log.info("s3.multipart_already_gone", bucket=self._bucket, key=full)
+                return True
+            log.warning(
+                "s3.multipart_abort_failed",
+                bucket=self._bucket,
+                key=full,
+                upload_id=upload_id,
+                error=self._scrub(str(exc)),
+            )
+            return False
+        except BotoCoreError as exc:
             # The original failure is what the caller must see; the bucket's lifecycle
             # rule (AbortIncompleteMultipartUpload) or abort_incomplete_uploads() will
             # remove this one.
@@ -589,8 +620,9 @@ class S3ObjectStore:
                 upload_id=upload_id,
                 error=self._scrub(str(exc)),
             )
-        else:
-            log.info("s3.multipart_aborted", bucket=self._bucket, key=full, upload_id=upload_id)
+            return False
+        log.info("s3.multipart_aborted", bucket=self._bucket, key=full, upload_id=upload_id)
+        return True
 
     def _where(self, full: str | None) -> str:
         if full is None:

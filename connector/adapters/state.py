@@ -323,6 +323,30 @@ class StateStore:
                 .values(state="COMPLETED", finished_at=_now(), stats=json.dumps(stats))
             )
 
+    def record_commit(
+        self, run_id: str, server_id: str, disks: list[DiskStateRow], stats: dict[str, Any]
+    ) -> None:
+        """Store the disks' next changeIds and the run's stats once its commit object is
+        durable; the run stays ACTIVE until its snapshot is removed (`finish_run`)."""
+        with self._tx() as c:
+            for d in disks:
+                c.execute(
+                    disk_state.delete().where(
+                        disk_state.c.server_id == d.server_id, disk_state.c.disk_key == d.disk_key
+                    )
+                )
+                c.execute(disk_state.insert().values(**d.__dict__))
+            c.execute(runs.update().where(runs.c.id == run_id).values(stats=json.dumps(stats)))
+
+    def finish_run(self, run_id: str, note: str | None = None) -> None:
+        """Mark a committed run COMPLETED (with an optional note, e.g. a cleanup warning)."""
+        with self._tx() as c:
+            c.execute(
+                runs.update()
+                .where(runs.c.id == run_id)
+                .values(state="COMPLETED", stage="done", finished_at=_now(), error=note)
+            )
+
     def fail_run(self, run_id: str, error: str) -> None:
         with self._tx() as c:
             c.execute(

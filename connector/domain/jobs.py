@@ -1,0 +1,206 @@
+"""Replication jobs and runs: states, validation and transitions (pure rules, no I/O).
+
+The vocabulary is the one users know from AWS Server Migration Service:
+a job replicates one VM from a seed time, every 1 to 24 hours or once, keeps
+the N most recent runs, and pauses itself after repeated failures.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, replace
+
+from connector.errors import InvalidInputError
+
+# -- job states ------------------------------------------------------------------
+JOB_PENDING = "PENDING"  # created, no run started yet
+JOB_ACTIVE = "ACTIVE"  # runs on schedule; the last run did not fail
+JOB_FAILING = "FAILING"  # the last run failed, fewer than the pause threshold in a row
+JOB_FAILED = "FAILED"  # a run-once job whose run failed
+JOB_PAUSED_ON_FAILURE = "PAUSED_ON_FAILURE"  # too many failures in a row; resume to go on
+JOB_COMPLETED = "COMPLETED"  # a run-once job whose run completed
+JOB_DELETING = "DELETING"  # delete asked; waits for its active run to stop
+JOB_DELETED = "DELETED"
+
+JOB_STATES = (
+    JOB_PENDING,
+    JOB_ACTIVE,
+    JOB_FAILING,
+    JOB_FAILED,
+    JOB_PAUSED_ON_FAILURE,
+    JOB_COMPLETED,
+    JOB_DELETING,
+    JOB_DELETED,
+)
+# States in which the schedule fires.
+SCHEDULED_STATES = frozenset({JOB_PENDING, JOB_ACTIVE, JOB_FAILING})
+
+# -- run states --------------------------------------------------------------------
+RUN_PENDING = "PENDING"  # queued, waiting for a free slot
+RUN_MISSED = "MISSED"  # the schedule fired while a run of the same VM was active
+RUN_ACTIVE = "ACTIVE"
+RUN_FAILED = "FAILED"
+RUN_COMPLETED = "COMPLETED"
+RUN_DELETING = "DELETING"  # beyond the job's retention; its data is due for purge
+RUN_DELETED = "DELETED"
+
+RUN_STATES = (
+    RUN_PENDING,
+    RUN_MISSED,
+    RUN_ACTIVE,
+    RUN_FAILED,
+    RUN_COMPLETED,
+    RUN_DELETING,
+    RUN_DELETED,
+)
+LIVE_RUN_STATES = (RUN_PENDING, RUN_ACTIVE)
+
+ON_DEMAND = "ON_DEMAND"
+AUTOMATIC = "AUTOMATIC"
+
+MIN_FREQUENCY_HOURS = 1
+MAX_FREQUENCY_HOURS = 24
+MAX_RETENTION = 1000
+MAX_DESCRIPTION = 500
+DEFAULT_RETENTION = 5
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a user sets on a job."""
+
+    seed_time: dt.datetime  # first run, timezone-aware (UTC)
+    frequency_hours: int | None  # None: run once
+    retention: int
+    description: str
+
+
+def validate_frequency(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if not MIN_FREQUENCY_HOURS <= value <= MAX_FREQUENCY_HOURS:
+        raise InvalidInputError(
+            f"frequency {value} is out of range: give a whole number of hours from "
+            f"{MIN_FREQUENCY_HOURS} to {MAX_FREQUENCY_HOURS}, or --run-once"
+        )
+    return value
+
+
+def validate_retention(value: int) -> int:
+    if not 1 <= value <= MAX_RETENTION:
+        raise InvalidInputError(
+            f"retention {value} is out of range: keep from 1 to {MAX_RETENTION} recent runs"
+        )
+    return value
+
+
+def validate_description(value: str) -> str:
+    if len(value) > MAX_DESCRIPTION:
+        raise InvalidInputError(
+            f"the description has {len(value)} characters; at most {MAX_DESCRIPTION} are allowed"
+        )
+    if any(ord(c) < 32 and c not in "\t" for c in value):
+        raise InvalidInputError("the description must be one line of printable text")
+    return value
+
+
+def parse_seed_time(text: str, now: dt.datetime) -> dt.datetime:
+    """An ISO 8601 time ('now' allowed); without a zone it is taken as UTC."""
+    if text.strip().lower() == "now":
+        return now
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInputError(
+            f"seed time {text!r} is not an ISO 8601 time; write e.g. 2026-12-01T02:00:00Z "
+            "or 'now'"
+        ) from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def make_spec(
+    seed_time: dt.datetime,
+    frequency_hours: int | None,
+    retention: int,
+    description: str,
+) -> JobSpec:
+    return JobSpec(
+        seed_time=seed_time,
+        frequency_hours=validate_frequency(frequency_hours),
+        retention=validate_retention(retention),
+        description=validate_description(description),
+    )
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """The part of a job that runs change."""
+
+    state: str
+    consecutive_failures: int
+    message: str = ""
+
+
+def on_run_started(status: JobStatus) -> JobStatus:
+    if status.state == JOB_PENDING:
+        return replace(status, state=JOB_ACTIVE)
+    return status
+
+
+def on_run_completed(status: JobStatus, run_once: bool) -> JobStatus:
+    if status.state in (JOB_DELETING, JOB_DELETED):
+        return replace(status, consecutive_failures=0)
+    state = JOB_COMPLETED if run_once else JOB_ACTIVE
+    return JobStatus(state, 0, "the last run completed")
+
+
+def on_run_failed(
+    status: JobStatus, run_once: bool, failures_before_pause: int, reason: str
+) -> JobStatus:
+    failures = status.consecutive_failures + 1
+    if status.state in (JOB_DELETING, JOB_DELETED):
+        return replace(status, consecutive_failures=failures)
+    if failures >= failures_before_pause:
+        return JobStatus(
+            JOB_PAUSED_ON_FAILURE,
+            failures,
+            f"paused after {failures} failed runs in a row (last: {reason}); fix the cause, "
+            "then `connector jobs resume`",
+        )
+    if run_once:
+        return JobStatus(JOB_FAILED, failures, f"the run failed: {reason}")
+    return JobStatus(JOB_FAILING, failures, f"{failures} failed run(s) in a row (last: {reason})")
+
+
+def on_resume(status: JobStatus, has_completed_run: bool) -> JobStatus:
+    """A resume request: a job paused on failure goes back on schedule."""
+    if status.state in (JOB_DELETING, JOB_DELETED):
+        raise InvalidInputError("the job is being deleted; create a new one")
+    if status.state == JOB_PAUSED_ON_FAILURE:
+        return JobStatus(JOB_ACTIVE if has_completed_run else JOB_PENDING, 0, "resumed")
+    return status
+
+
+def on_demand_refusal(
+    live_runs: int, on_demand_last_24h: int, quota: int, job_state: str
+) -> str | None:
+    """Why an on-demand run cannot start now, or None when it can."""
+    if job_state in (JOB_DELETING, JOB_DELETED):
+        return "the job is being deleted"
+    if live_runs:
+        return "a run of this VM is already pending or active; wait for it to finish"
+    if on_demand_last_24h >= quota:
+        return (
+            f"the on-demand quota is used up ({on_demand_last_24h} of {quota} in the last "
+            "24 hours); wait, or raise [daemon] on_demand_quota_per_24h"
+        )
+    return None
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Seconds to wait before retry number `attempt` (1-based): exponential, capped."""
+    if attempt < 1:
+        return 0.0
+    return float(min(cap, base * 2 ** (attempt - 1)))
