@@ -17,7 +17,8 @@ from rich.table import Table
 from connector import __version__
 from connector.app import App, build
 from connector.config import config_path, load_config
-from connector.errors import ConfigError, ConnectorError, PermanentError
+from connector.daemon.lock import StateLock
+from connector.errors import ConfigError, ConnectorError, InvalidInputError, PermanentError
 from connector.logging import configure, scrub
 from connector.pipeline.restore import restore_disk
 
@@ -49,7 +50,7 @@ def _run(config: Path | None, fn: Callable[[App], T]) -> T:
         configure(cfg.log.level, cfg.log.json_format)
         with build(cfg) as a:
             return fn(a)
-    except ConfigError as exc:
+    except (ConfigError, InvalidInputError) as exc:
         err.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ConnectorError as exc:
@@ -115,14 +116,17 @@ def replicate(
 
     def go(a: App) -> None:
         server = a.resolve_server(vm)
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} blocks"),
-            TimeElapsedColumn(),
-            console=err,
-            disable=as_json,
-        ) as progress:
+        with (
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} blocks"),
+                TimeElapsedColumn(),
+                console=err,
+                disable=as_json,
+            ) as progress,
+            StateLock(a.config.state.path, "replicate"),
+        ):
             run = a.replicator(_RichReporter(progress)).replicate(server.vm_uuid)
         if as_json:
             print(json.dumps(asdict(run), indent=2))
@@ -153,14 +157,16 @@ def runs(
             print(json.dumps([asdict(r) for r in rows], indent=2))
             return
         names = {s.id: s.name for s in a.state.servers()}
+        progress = a.ledger.controls([r.id for r in rows if r.state in ("PENDING", "ACTIVE")])
         t = Table("run", "vm", "type", "state", "stage", "started", "finished", "read", "error")
         for r in rows:
+            ctl = progress.get(r.id)
             t.add_row(
                 r.id,
                 names.get(r.server_id, r.server_id),
                 r.type,
                 r.state,
-                r.stage,
+                f"{r.stage} {ctl.detail}".strip() if ctl else r.stage,
                 r.started_at,
                 r.finished_at or "",
                 _size(sum(d.bytes_read for d in r.disks)),
@@ -222,3 +228,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
+
+# `connector run` and `connector jobs ...` live in connector/daemon/cli.py.
+from connector.daemon.cli import jobs_app, run_command  # noqa: E402
+
+app.command("run")(run_command)
+app.add_typer(jobs_app, name="jobs")

@@ -147,9 +147,7 @@ class RunLedger:
                     updated_at=_now(),
                 )
             )
-            row = conn.execute(
-                sa.select(run_control).where(run_control.c.run_id == run_id)
-            ).first()
+            row = conn.execute(sa.select(run_control).where(run_control.c.run_id == run_id)).first()
         assert row is not None
         return Control(**row._mapping)
 
@@ -205,18 +203,14 @@ class RunLedger:
             c.execute(
                 run_control.update()
                 .where(run_control.c.run_id == run_id)
-                .values(
-                    progress_done=done, progress_total=total, detail=detail, updated_at=_now()
-                )
+                .values(progress_done=done, progress_total=total, detail=detail, updated_at=_now())
             )
 
     def controls(self, run_ids: list[str]) -> dict[str, Control]:
         if not run_ids:
             return {}
         with self._tx() as c:
-            rows = c.execute(
-                sa.select(run_control).where(run_control.c.run_id.in_(run_ids))
-            ).all()
+            rows = c.execute(sa.select(run_control).where(run_control.c.run_id.in_(run_ids))).all()
         return {r.run_id: Control(**r._mapping) for r in rows}
 
     # -- steps ---------------------------------------------------------------------
@@ -244,9 +238,7 @@ class RunLedger:
             ).all()
         return {r.disk_key: json.loads(r.result) for r in rows}
 
-    def step_done(
-        self, run_id: str, stage: str, disk_key: int, result: dict[str, Any]
-    ) -> None:
+    def step_done(self, run_id: str, stage: str, disk_key: int, result: dict[str, Any]) -> None:
         with self._tx() as c:
             c.execute(
                 run_steps.delete().where(

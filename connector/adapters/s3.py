@@ -52,8 +52,6 @@ from botocore.httpsession import URLLib3Session
 from urllib3.util.ssl_match_hostname import CertificateError as HostnameMismatch
 
 from connector.adapters.localstore import validate_key
-from connector.faults import crash_point
-from connector.ports import UploadJournal
 from connector.errors import (
     AuthenticationError,
     ConfigError,
@@ -64,6 +62,8 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
+from connector.faults import crash_point
+from connector.ports import UploadJournal
 from connector.secrets import Secret
 from connector.tls import client_context, describe_ssl_error
 

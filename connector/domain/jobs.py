@@ -112,8 +112,7 @@ def parse_seed_time(text: str, now: dt.datetime) -> dt.datetime:
         value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise InvalidInputError(
-            f"seed time {text!r} is not an ISO 8601 time; write e.g. 2026-12-01T02:00:00Z "
-            "or 'now'"
+            f"seed time {text!r} is not an ISO 8601 time; write e.g. 2026-12-01T02:00:00Z or 'now'"
         ) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
@@ -204,3 +203,25 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     if attempt < 1:
         return 0.0
     return float(min(cap, base * 2 ** (attempt - 1)))
+
+
+def next_run_time(
+    seed: dt.datetime,
+    frequency_hours: int | None,
+    now: dt.datetime,
+    ran: bool,
+    unit_seconds: float = 3600.0,
+) -> dt.datetime | None:
+    """When the schedule fires next: the seed time, then every `frequency_hours`
+    after it (a seed in the past that never ran fires at once); None when a
+    run-once job has had its run."""
+    if frequency_hours is None:
+        return None if ran else max(seed, now)
+    if seed >= now:
+        return seed
+    if not ran:
+        return now
+    interval = dt.timedelta(seconds=frequency_hours * unit_seconds)
+    elapsed = now - seed
+    periods = -(-elapsed // interval)  # ceiling division of timedeltas
+    return seed + periods * interval

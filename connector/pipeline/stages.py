@@ -64,7 +64,7 @@ class Reporter(Protocol):
     def disk_progress(self, run_id: str, disk_key: int, done: int, total: int) -> None: ...
 
 
-class StageInterrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
+class StageInterrupted(Exception):
     """The connector is stopping: the stage stopped at a safe point and resumes later."""
 
 
@@ -205,9 +205,7 @@ class RunPipeline:
             return
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"disk-{run_id}") as pool:
             futures = [
-                pool.submit(
-                    self._transfer_disk, run_id, server_id, vm, snap, d, plans[d.key], repo
-                )
+                pool.submit(self._transfer_disk, run_id, server_id, vm, snap, d, plans[d.key], repo)
                 for d in todo
             ]
             errors = [f.exception() for f in futures]
@@ -386,9 +384,7 @@ class RunPipeline:
         except ConnectorError as exc:
             if not best_effort:
                 raise
-            note = (
-                f"; its snapshot could not be removed ({exc}) and is removed at the next start"
-            )
+            note = f"; its snapshot could not be removed ({exc}) and is removed at the next start"
         if self.committed(run_id):
             self.state.finish_run(run_id, note=f"replica committed; then: {reason}{note}")
         else:

@@ -1,0 +1,157 @@
+"""Startup recovery: every run the last process left unfinished is resumed or rolled back.
+
+Before the queue's workers start:
+1. Every PENDING run is queued again; every ACTIVE run is resumed at the stage
+   it was in (its finished steps are skipped), unless it started more than
+   `resume_within` seconds ago: then it is rolled back and marked FAILED with
+   the reason. Queue tokens are moved on first, so a task of the dead process
+   still in the queue does nothing.
+2. Snapshots recorded in the ledger for runs that are no longer ACTIVE are
+   removed (found by ref, or by their name `connector-<run id>` when the
+   process died before the ref came back).
+3. Multipart uploads recorded in the ledger are aborted (no upload is in flight
+   at startup), and, belt and braces, any incomplete upload under the store's
+   prefix (one whose id never reached the ledger).
+
+`sweep` (steps 2 and 3 without the prefix-wide abort) also runs periodically,
+so leftovers that could not be removed at startup (vCenter or S3 down) go later.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from connector.adapters.ledger import MULTIPART, SNAPSHOT, RunLedger
+from connector.adapters.state import StateStore
+from connector.domain.jobs import RUN_ACTIVE, RUN_PENDING
+from connector.errors import ConnectorError, NotFoundError
+from connector.logging import get_logger, scrub
+from connector.pipeline.stages import remove_snapshot_effect
+from connector.ports import Hypervisor
+
+log = get_logger(__name__)
+
+
+class UploadAborter(Protocol):
+    def abort_upload(self, key: str, upload_id: str) -> bool: ...
+
+    def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int: ...
+
+
+class Enqueue(Protocol):
+    def enqueue(self, run_id: str, seq: int, delay: float = 0.0) -> None: ...
+
+
+@dataclass
+class RecoveryReport:
+    resumed: list[str] = field(default_factory=list)
+    rolled_back: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    snapshots_removed: int = 0
+    uploads_aborted: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.resumed)} run(s) resumed, {len(self.rolled_back)} rolled back, "
+            f"{len(self.requeued)} requeued, {self.snapshots_removed} snapshot(s) removed, "
+            f"{self.uploads_aborted} upload(s) aborted"
+            + (f", {len(self.problems)} problem(s) left for later" if self.problems else "")
+        )
+
+
+def recover(
+    state: StateStore,
+    ledger: RunLedger,
+    queue: Enqueue,
+    hv: Hypervisor,
+    uploads: UploadAborter,
+    resume_within: float,
+    now: dt.datetime | None = None,
+) -> RecoveryReport:
+    now = now or dt.datetime.now(dt.UTC)
+    report = RecoveryReport()
+    live = [r for r in state.runs() if r.state in (RUN_PENDING, RUN_ACTIVE)]
+    for run in live:
+        ctl = ledger.ensure_control(run.id)
+        if run.state == RUN_ACTIVE and ctl.failure is None:
+            started = dt.datetime.fromisoformat(run.started_at.replace("Z", "+00:00"))
+            age = (now - started).total_seconds()
+            if age > resume_within:
+                reason = (
+                    f"{run.stage}: interrupted: the connector stopped during this run and it "
+                    f"was not resumed within {resume_within:.0f} s; it was rolled back"
+                )
+                ledger.set_failure(run.id, run.stage, reason)
+                report.rolled_back.append(run.id)
+                log.warning("rolling back an interrupted run", run=run.id, stage=run.stage)
+            else:
+                report.resumed.append(run.id)
+                log.info("resuming an interrupted run", run=run.id, stage=run.stage)
+        else:
+            report.requeued.append(run.id)
+        seq = ledger.advance(run.id, attempts=0 if run.state == RUN_ACTIVE else None)
+        queue.enqueue(run.id, seq)
+    keep = {r.id for r in live}
+    sweep(state, ledger, hv, uploads, report, keep)
+    try:
+        report.uploads_aborted += uploads.abort_incomplete_uploads(dt.timedelta(0))
+    except ConnectorError as exc:
+        report.problems.append(f"listing incomplete uploads: {scrub(str(exc))}")
+    log.info("recovery done", summary=report.summary())
+    for problem in report.problems:
+        log.warning("recovery left a problem for later", problem=problem)
+    return report
+
+
+def sweep(
+    state: StateStore,
+    ledger: RunLedger,
+    hv: Hypervisor,
+    uploads: UploadAborter,
+    report: RecoveryReport | None = None,
+    keep: set[str] | None = None,
+    uploads_before: str | None = None,
+) -> RecoveryReport:
+    """Undo the recorded side effects of runs that are over (or unknown).
+
+    `uploads_before` (an ISO time) limits the aborts to uploads recorded before
+    it: while the daemon runs, later ones may be in flight in this process.
+    """
+    report = report or RecoveryReport()
+    if keep is None:
+        keep = {r.id for r in state.runs() if r.state in (RUN_PENDING, RUN_ACTIVE)}
+    for effect in ledger.pending(SNAPSHOT):
+        if effect.run_id in keep:
+            continue
+        try:
+            remove_snapshot_effect(hv, effect)
+        except ConnectorError as exc:
+            report.problems.append(f"snapshot {effect.name}: {scrub(str(exc))}")
+            continue
+        ledger.undone(effect.id)
+        report.snapshots_removed += 1
+        if effect.run_id is not None:
+            _fail_if_active(state, effect.run_id)
+    for effect in ledger.pending(MULTIPART):
+        if effect.ref is None:
+            continue
+        if uploads_before is not None and effect.created_at >= uploads_before:
+            continue
+        if uploads.abort_upload(effect.target, effect.ref):
+            ledger.undone(effect.id)
+            report.uploads_aborted += 1
+        else:
+            report.problems.append(f"multipart upload of {effect.target} could not be aborted")
+    return report
+
+
+def _fail_if_active(state: StateStore, run_id: str) -> None:
+    try:
+        run = state.run(run_id)
+    except NotFoundError:
+        return
+    if run.state == RUN_ACTIVE:
+        state.fail_run(run_id, "interrupted: the connector stopped during this run")

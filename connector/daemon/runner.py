@@ -1,0 +1,295 @@
+"""Executes queue tasks: admits runs, runs their stages, retries, rolls back.
+
+The retry decision comes from the error's class: a TransientError is retried
+(the same stage, after an exponential backoff, up to `stage_retries` times);
+a PermanentError, or an error the connector did not expect, fails the run at
+once. A failed run is rolled back (snapshot removed) and marked FAILED with
+the reason; its job counts the failure and pauses after `failures_before_pause`
+failures in a row.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from connector.adapters.jobstore import JobRow, JobStore
+from connector.adapters.ledger import RunLedger
+from connector.adapters.state import RunRow, StateStore
+from connector.domain.jobs import (
+    JOB_DELETED,
+    JOB_DELETING,
+    RUN_ACTIVE,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_MISSED,
+    RUN_PENDING,
+    backoff_delay,
+    on_run_completed,
+    on_run_failed,
+    on_run_started,
+)
+from connector.errors import ConnectorError, NotFoundError, TransientError
+from connector.logging import get_logger, scrub
+from connector.pipeline.stages import DONE, RunPipeline, StageInterrupted
+from connector.ports import Hypervisor
+
+log = get_logger(__name__)
+
+# (server id, keep): apply the job's retention after a run completed.
+Retention = Callable[[str, int], object]
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    max_concurrent_runs: int = 4
+    max_runs_per_host: int = 2
+    failures_before_pause: int = 5
+    stage_retries: int = 5
+    retry_backoff: float = 10.0
+    retry_backoff_max: float = 600.0
+    admission_interval: float = 5.0
+
+
+class Enqueue(Protocol):
+    """What the executor needs from the queue."""
+
+    def enqueue(self, run_id: str, seq: int, delay: float = 0.0) -> None: ...
+
+
+class RunExecutor:
+    def __init__(
+        self,
+        pipeline: RunPipeline,
+        hv: Hypervisor,
+        state: StateStore,
+        ledger: RunLedger,
+        jobs: JobStore,
+        queue: Enqueue,
+        limits: RunLimits,
+        retention: Retention,
+        stopping: threading.Event,
+    ) -> None:
+        self.pipeline = pipeline
+        self.hv = hv
+        self.state = state
+        self.ledger = ledger
+        self.jobs = jobs
+        self.queue = queue
+        self.limits = limits
+        self.retention = retention
+        self.stopping = stopping
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._admission = threading.Lock()
+
+    # -- the queue task ------------------------------------------------------------
+
+    def handle(self, run_id: str, seq: int) -> None:
+        with self._locks_guard:
+            lock = self._locks.setdefault(run_id, threading.Lock())
+        if not lock.acquire(blocking=False):
+            return  # the same run is being worked on: its holder enqueues what follows
+        try:
+            self._handle(run_id, seq)
+        finally:
+            lock.release()
+
+    def _handle(self, run_id: str, seq: int) -> None:
+        if self.stopping.is_set():
+            return  # recovery enqueues it again at the next start
+        ctl = self.ledger.control(run_id)
+        try:
+            run = self.state.run(run_id)
+        except NotFoundError:
+            return
+        if ctl is None or ctl.seq != seq or run.state not in (RUN_PENDING, RUN_ACTIVE):
+            return
+        if run.state == RUN_PENDING:
+            self._admit(run)
+            return
+        if ctl.failure is not None:
+            self._rollback(run_id)
+            return
+        job = self.jobs.job_of_run(run_id)
+        if job is not None and job.state in (JOB_DELETING, JOB_DELETED):
+            self._fail(run_id, run.stage, "the job was deleted while the run was active")
+            return
+        stage = run.stage
+        try:
+            following = self.pipeline.execute(run_id, stage)
+        except StageInterrupted:
+            log.info("stage interrupted by shutdown; it resumes at the next start", run=run_id)
+            return
+        except TransientError as exc:
+            self._retry(run_id, stage, ctl.attempts + 1, scrub(str(exc)))
+            return
+        except ConnectorError as exc:
+            self._fail(run_id, stage, scrub(str(exc)))
+            return
+        except Exception as exc:
+            log.exception("unexpected error in a stage", run=run_id, stage=stage)
+            self._fail(run_id, stage, scrub(f"unexpected {type(exc).__name__}: {exc}"))
+            return
+        if following == DONE:
+            self._finished(run_id)
+            return
+        new_seq = self.ledger.advance(run_id, stage=following)
+        self.queue.enqueue(run_id, new_seq)
+
+    # -- admission -----------------------------------------------------------------
+
+    def _admit(self, run: RunRow) -> None:
+        job = self.jobs.job_of_run(run.id)
+        if job is not None and job.state in (JOB_DELETING, JOB_DELETED):
+            self.jobs.mark_run(run.id, RUN_FAILED, "the job was deleted before the run started")
+            return
+        vm_uuid = self.state.server(run.server_id).vm_uuid
+        try:
+            host = self.hv.get_vm(vm_uuid).host or "(unknown host)"
+        except TransientError as exc:
+            self._wait(run.id, f"waiting for vCenter: {scrub(str(exc))}")
+            return
+        except ConnectorError as exc:
+            self.jobs.mark_run(run.id, RUN_FAILED, scrub(str(exc)))
+            if job is not None:
+                self._job_failed(job, scrub(str(exc)))
+            return
+        with self._admission:
+            others = self.jobs.live_runs(run.server_id, exclude=run.id)
+            busy = [o for o in others if o.state == RUN_ACTIVE]
+            if busy:
+                self.jobs.mark_run(
+                    run.id,
+                    RUN_MISSED,
+                    f"run {busy[0].id} of this VM was still active when this run was due",
+                )
+                return
+            active = self.jobs.active_runs()
+            on_host = sum(1 for _, h in active if h == host)
+            if len(active) >= self.limits.max_concurrent_runs:
+                reason = f"{len(active)} runs are active (max_concurrent_runs)"
+            elif on_host >= self.limits.max_runs_per_host:
+                reason = f"{on_host} runs are active on host {host} (max_runs_per_host)"
+            else:
+                reason = ""
+            if reason:
+                self._wait(run.id, f"waiting for a free slot: {reason}")
+                return
+            self.jobs.started(run.id)
+            new_seq = self.ledger.advance(run.id, stage="validate", state=RUN_ACTIVE, host=host)
+        log.info("run admitted", run=run.id, host=host)
+        if job is not None:
+            self.jobs.set_status(job.id, on_run_started(job.status))
+        self.queue.enqueue(run.id, new_seq)
+
+    def _wait(self, run_id: str, why: str) -> None:
+        new_seq = self.ledger.advance(run_id)
+        self.ledger.set_progress(run_id, 0, 0, why)
+        self.queue.enqueue(run_id, new_seq, delay=self.limits.admission_interval)
+
+    # -- failures ------------------------------------------------------------------
+
+    def _retry(self, run_id: str, stage: str, attempt: int, message: str) -> None:
+        if attempt > self.limits.stage_retries:
+            tries = self.limits.stage_retries + 1
+            self._fail(run_id, stage, f"{message} (gave up after {tries} attempts)")
+            return
+        delay = backoff_delay(attempt, self.limits.retry_backoff, self.limits.retry_backoff_max)
+        log.warning(
+            "stage failed; retrying", run=run_id, stage=stage, attempt=attempt, error=message
+        )
+        new_seq = self.ledger.advance(run_id, attempts=attempt)
+        self.ledger.set_progress(
+            run_id,
+            0,
+            0,
+            f"{stage}: retry {attempt} of {self.limits.stage_retries} in {delay:.0f} s "
+            f"after: {message}",
+        )
+        self.queue.enqueue(run_id, new_seq, delay=delay)
+
+    def _fail(self, run_id: str, stage: str, reason: str) -> None:
+        log.error("run failed; rolling back", run=run_id, stage=stage, error=reason)
+        self.ledger.set_failure(run_id, stage, f"{stage}: {reason}")
+        self.ledger.advance(run_id, attempts=0)
+        self._rollback(run_id)
+
+    def _rollback(self, run_id: str) -> None:
+        ctl = self.ledger.control(run_id)
+        assert ctl is not None and ctl.failure is not None
+        last = ctl.attempts >= self.limits.stage_retries
+        try:
+            self.pipeline.abort(run_id, ctl.failure, best_effort=last)
+        except ConnectorError as exc:
+            attempt = ctl.attempts + 1
+            delay = backoff_delay(attempt, self.limits.retry_backoff, self.limits.retry_backoff_max)
+            log.warning("rollback failed; retrying", run=run_id, error=scrub(str(exc)))
+            new_seq = self.ledger.advance(run_id, attempts=attempt)
+            self.queue.enqueue(run_id, new_seq, delay=delay)
+            return
+        self._finished(run_id)
+
+    # -- the end of a run ------------------------------------------------------------
+
+    def _finished(self, run_id: str) -> None:
+        run = self.state.run(run_id)
+        self.ledger.set_progress(run_id, 0, 0, "")
+        log.info("run ended", run=run_id, state=run.state, error=run.error)
+        job = self.jobs.job_of_run(run_id)
+        if job is None:
+            return
+        if run.state == RUN_COMPLETED:
+            self.jobs.set_status(job.id, on_run_completed(job.status, job.run_once))
+            try:
+                self.retention(job.server_id, job.retention)
+            except Exception as exc:
+                log.error("retention failed", job=job.id, error=scrub(str(exc)))
+        elif run.state == RUN_FAILED:
+            self._job_failed(job, run.error or "unknown error")
+
+    def _job_failed(self, job: JobRow, reason: str) -> None:
+        current = self.jobs.get(job.id)
+        status = on_run_failed(
+            current.status, current.run_once, self.limits.failures_before_pause, reason
+        )
+        self.jobs.set_status(job.id, status)
+        if status.state != current.state:
+            log.warning("job state changed", job=job.id, state=status.state, why=status.message)
+
+
+class LedgerReporter:
+    """Records a run's stage and progress in the ledger (at most once a second per run)."""
+
+    def __init__(self, ledger: RunLedger, interval: float = 1.0) -> None:
+        self.ledger = ledger
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._disks: dict[str, dict[int, tuple[int, int]]] = {}
+        self._last: dict[str, float] = {}
+        self._detail: dict[str, str] = {}
+
+    def stage(self, run_id: str, stage: str, detail: str = "") -> None:
+        text = f"{stage}: {detail}" if detail else stage
+        with self._lock:
+            self._detail[run_id] = text
+            done, total = self._sums(run_id)
+        self.ledger.set_progress(run_id, done, total, text)
+
+    def disk_progress(self, run_id: str, disk_key: int, done: int, total: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._disks.setdefault(run_id, {})[disk_key] = (done, total)
+            if done < total and now - self._last.get(run_id, 0.0) < self.interval:
+                return
+            self._last[run_id] = now
+            sums = self._sums(run_id)
+            detail = self._detail.get(run_id, "transfer")
+        self.ledger.set_progress(run_id, sums[0], sums[1], detail)
+
+    def _sums(self, run_id: str) -> tuple[int, int]:
+        disks = self._disks.get(run_id, {})
+        return sum(d for d, _ in disks.values()), sum(t for _, t in disks.values())

@@ -1,0 +1,197 @@
+"""Schedules: APScheduler fires each job's trigger, and a firing only enqueues.
+
+Triggers come from the job's seed time and frequency: an IntervalTrigger that
+starts at the seed time for a recurring job (plus one immediate firing when the
+seed time has passed and the job never ran), a DateTrigger for a run-once job.
+The jobs table is read again every `sync_interval` seconds, so that changes
+made with the CLI (create, update, pause, resume, delete) take effect while
+the daemon runs.
+
+When a trigger fires while a run of the same VM is pending or active, the run
+is recorded as MISSED, never queued twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from connector.adapters.jobstore import JobRow, JobStore
+from connector.daemon.runner import Enqueue
+from connector.domain.jobs import (
+    AUTOMATIC,
+    JOB_DELETED,
+    JOB_DELETING,
+    JOB_FAILED,
+    RUN_MISSED,
+    RUN_PENDING,
+    SCHEDULED_STATES,
+    JobStatus,
+)
+from connector.logging import get_logger
+from connector.pipeline.replicate import new_run_id
+
+log = get_logger(__name__)
+
+Signature = tuple[str, int | None]
+
+
+class JobScheduler:
+    def __init__(
+        self,
+        jobs: JobStore,
+        queue: Enqueue,
+        unit_seconds: float,
+        sync_interval: float,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self.jobs = jobs
+        self.queue = queue
+        self.unit_seconds = unit_seconds
+        self.sync_interval = sync_interval
+        self.clock = clock
+        self.scheduler = BackgroundScheduler(
+            timezone=dt.UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self._signatures: dict[str, Signature] = {}
+        self._fire_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.sync()
+        self.scheduler.add_job(
+            self._sync_safely,
+            IntervalTrigger(seconds=self.sync_interval, timezone=dt.UTC),
+            id="sync-jobs",
+        )
+        self.scheduler.start()
+
+    def add_periodic(self, name: str, fn: Callable[[], Any], seconds: float) -> None:
+        """Run `fn` now and every `seconds` on the scheduler's thread pool."""
+        self.scheduler.add_job(
+            fn,
+            IntervalTrigger(seconds=seconds, timezone=dt.UTC),
+            id=name,
+            next_run_time=self.clock(),
+        )
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.scheduler.running)
+
+    # -- keeping triggers in step with the jobs table ----------------------------------
+
+    def _sync_safely(self) -> None:
+        try:
+            self.sync()
+        except Exception as exc:  # the next sync tries again; the scheduler must live on
+            log.error("reading the jobs failed", error=f"{type(exc).__name__}: {exc}")
+
+    def sync(self) -> None:
+        seen: set[str] = set()
+        for job in self.jobs.all():
+            seen.add(job.id)
+            if job.state == JOB_DELETING:
+                self._drop(job.id)
+                if not self.jobs.live_runs(job.server_id):
+                    self.jobs.update(job.id, state=JOB_DELETED, message="deleted")
+                    log.info("job deleted", job=job.id)
+                continue
+            signature = self._signature(job)
+            if signature == self._signatures.get(job.id):
+                continue
+            self._drop(job.id)
+            if signature is None:
+                continue
+            self._signatures[job.id] = signature
+            self._add(job)
+        for job_id in set(self._signatures) - seen:
+            self._drop(job_id)
+
+    def _signature(self, job: JobRow) -> Signature | None:
+        if job.paused or job.state not in SCHEDULED_STATES:
+            return None
+        return (job.seed_time, job.frequency_hours)
+
+    def _add(self, job: JobRow) -> None:
+        now = self.clock()
+        ran = self.jobs.count_runs(job.id, run_type=AUTOMATIC) > 0
+        if job.frequency_hours is None:
+            if not ran:
+                self.scheduler.add_job(
+                    self.fire,
+                    DateTrigger(run_date=max(job.seed, now), timezone=dt.UTC),
+                    args=(job.id,),
+                    id=f"once:{job.id}",
+                )
+            return
+        interval = job.frequency_hours * self.unit_seconds
+        self.scheduler.add_job(
+            self.fire,
+            IntervalTrigger(seconds=interval, start_date=job.seed, timezone=dt.UTC),
+            args=(job.id,),
+            id=f"every:{job.id}",
+        )
+        if not ran and job.seed <= now:
+            # The seed time has passed and the job never ran: its first run is now.
+            self.scheduler.add_job(
+                self.fire,
+                DateTrigger(run_date=now, timezone=dt.UTC),
+                args=(job.id,),
+                id=f"seed:{job.id}",
+            )
+        log.info("job scheduled", job=job.id, every_seconds=interval, seed=job.seed_time)
+
+    def _drop(self, job_id: str) -> None:
+        self._signatures.pop(job_id, None)
+        for prefix in ("once", "every", "seed"):
+            if self.scheduler.get_job(f"{prefix}:{job_id}") is not None:
+                self.scheduler.remove_job(f"{prefix}:{job_id}")
+
+    def next_fire(self, job_id: str) -> dt.datetime | None:
+        times = [
+            j.next_run_time
+            for prefix in ("once", "every", "seed")
+            if (j := self.scheduler.get_job(f"{prefix}:{job_id}")) is not None
+            and j.next_run_time is not None
+        ]
+        return min(times) if times else None
+
+    # -- firing --------------------------------------------------------------------
+
+    def fire(self, job_id: str) -> str | None:
+        """The trigger of a job fired: queue a run, or record it as MISSED."""
+        with self._fire_lock:
+            job = self.jobs.get(job_id)
+            if job.paused or job.state not in SCHEDULED_STATES:
+                return None
+            run_id = new_run_id()
+            live = self.jobs.live_runs(job.server_id)
+            if live:
+                why = (
+                    f"the schedule fired while run {live[0].id} of this VM was still "
+                    f"{live[0].state}; this run was skipped"
+                )
+                self.jobs.create_run(run_id, job, AUTOMATIC, RUN_MISSED, error=why)
+                log.warning("scheduled run missed", job=job.id, run=run_id, busy=live[0].id)
+                if job.run_once:
+                    self.jobs.set_status(
+                        job.id, JobStatus(JOB_FAILED, job.consecutive_failures, why)
+                    )
+                return run_id
+            self.jobs.create_run(run_id, job, AUTOMATIC, RUN_PENDING)
+            self.queue.enqueue(run_id, 0)
+            log.info("scheduled run queued", job=job.id, run=run_id)
+            return run_id
