@@ -299,10 +299,6 @@ class JobStore:
                 .values(state=state, error=error, finished_at=_now())
             )
 
-    def started(self, run_id: str) -> None:
-        with self._tx() as c:
-            c.execute(runs.update().where(runs.c.id == run_id).values(started_at=_now()))
-
     def set_run_state(self, run_id: str, state: str) -> None:
         with self._tx() as c:
             c.execute(runs.update().where(runs.c.id == run_id).values(state=state))

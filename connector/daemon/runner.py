@@ -89,14 +89,13 @@ class RunExecutor:
     # -- the queue task ------------------------------------------------------------
 
     def handle(self, run_id: str, seq: int) -> None:
+        ctl = self.ledger.control(run_id)
+        if ctl is None or ctl.seq != seq:
+            return  # a stale task: the run has moved on
         with self._locks_guard:
             lock = self._locks.setdefault(run_id, threading.Lock())
-        if not lock.acquire(blocking=False):
-            return  # the same run is being worked on: its holder enqueues what follows
-        try:
+        with lock:  # a duplicate of the current task waits, then finds the token moved on
             self._handle(run_id, seq)
-        finally:
-            lock.release()
 
     def _handle(self, run_id: str, seq: int) -> None:
         if self.stopping.is_set():
@@ -179,7 +178,6 @@ class RunExecutor:
             if reason:
                 self._wait(run.id, f"waiting for a free slot: {reason}")
                 return
-            self.jobs.started(run.id)
             new_seq = self.ledger.advance(run.id, stage="validate", state=RUN_ACTIVE, host=host)
         log.info("run admitted", run=run.id, host=host)
         if job is not None:
@@ -236,6 +234,8 @@ class RunExecutor:
     # -- the end of a run ------------------------------------------------------------
 
     def _finished(self, run_id: str) -> None:
+        with self._locks_guard:
+            self._locks.pop(run_id, None)
         run = self.state.run(run_id)
         self.ledger.set_progress(run_id, 0, 0, "")
         log.info("run ended", run=run_id, state=run.state, error=run.error)
