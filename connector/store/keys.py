@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import os
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -100,8 +101,23 @@ class StoreKeys:
             raise ValueError("master key must be 32 bytes")
         self._id_key = _derive(master, b"connector block id v1")
         self._aead = AESGCM(_derive(master, b"connector data v1"))
-        self._cctx = zstandard.ZstdCompressor(level=3)
-        self._dctx = zstandard.ZstdDecompressor()
+        # zstd contexts are not thread-safe: one pair per thread (the daemon packs
+        # several disks at once).
+        self._local = threading.local()
+
+    @property
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=3)
+        return cctx
+
+    @property
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        return dctx
 
     def block_id(self, data: bytes) -> bytes:
         return hmac.digest(self._id_key, data, hashlib.sha256)

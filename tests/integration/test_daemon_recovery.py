@@ -84,8 +84,8 @@ def connector_snapshots(vcsim: Any, uuid: str) -> list[str]:
 
 
 def open_uploads(moto: Any, bucket: str) -> list[Any]:
-    uploads: list[Any] = moto.boto3_client().list_multipart_uploads(Bucket=bucket).get(
-        "Uploads", []
+    uploads: list[Any] = (
+        moto.boto3_client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     )
     return uploads
 
@@ -188,7 +188,9 @@ def test_crash_during_an_incremental_run_resumes_and_both_runs_restore(
     vcsim.write(uuid, first, 40 * MiB, random.Random(8).randbytes(6 * MiB))
     second_shas = disk_shas(vcsim, uuid)
     env.cli_json("jobs", "start", "crash-incremental")
-    crashed = start_daemon(env, "crashed", extra_env={"CONNECTOR_TEST_CRASH_AT": "before-manifest:1"})
+    crashed = start_daemon(
+        env, "crashed", extra_env={"CONNECTOR_TEST_CRASH_AT": "before-manifest:1"}
+    )
     crashed.wait_killed()
     daemon = start_daemon(env, "restarted")
     try:
