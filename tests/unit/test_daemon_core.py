@@ -276,7 +276,7 @@ class World:
 
     def drain(self, limit: int = 200) -> list[float]:
         """Run queued tasks in order (delays are recorded, not waited)."""
-        delays = []
+        delays: list[float] = []
         for _ in range(limit):
             if not self.queue.tasks:
                 return delays
