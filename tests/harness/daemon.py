@@ -41,6 +41,9 @@ class DaemonProcess:
     messages: list[str] = field(default_factory=list)
 
     def read_notifications(self) -> list[str]:
+        """Every notification received so far (kept after the socket is closed)."""
+        if self.notify.fileno() < 0:
+            return self.messages
         while True:
             try:
                 data = self.notify.recv(4096)
@@ -89,6 +92,7 @@ class DaemonProcess:
         self.close()
 
     def close(self) -> None:
+        self.read_notifications()
         self.notify.close()
         self._log.close()
 
