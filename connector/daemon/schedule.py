@@ -74,13 +74,16 @@ class JobScheduler:
         )
         self.scheduler.start()
 
-    def add_periodic(self, name: str, fn: Callable[[], Any], seconds: float) -> None:
-        """Run `fn` now and every `seconds` on the scheduler's thread pool."""
+    def add_periodic(
+        self, name: str, fn: Callable[[], Any], seconds: float, first_after: float
+    ) -> None:
+        """Run `fn` after `first_after` seconds, then every `seconds`, on the scheduler's
+        thread pool."""
         self.scheduler.add_job(
             fn,
             IntervalTrigger(seconds=seconds, timezone=dt.UTC),
             id=name,
-            next_run_time=self.clock(),
+            next_run_time=self.clock() + dt.timedelta(seconds=first_after),
         )
 
     def shutdown(self) -> None:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 HEALTH_CHECK_INTERVAL = 10.0
+DISCOVERY_FIRST_AFTER = 60.0
+SWEEP_INTERVAL = 300.0
 
 
 class ApiServer(Protocol):
@@ -127,8 +129,15 @@ class Daemon:
                     uploads_before=started_at,
                 )
 
-            scheduler.add_periodic("discovery", discovery.poll, cfg.discovery_interval)
-            scheduler.add_periodic("sweep", periodic_sweep, max(60.0, cfg.discovery_interval))
+            # Recovery and queued runs go first; the inventory follows within a minute.
+            scheduler.add_periodic(
+                "discovery",
+                discovery.poll,
+                cfg.discovery_interval,
+                first_after=min(cfg.discovery_interval, DISCOVERY_FIRST_AFTER),
+            )
+            every = max(SWEEP_INTERVAL, cfg.discovery_interval)
+            scheduler.add_periodic("sweep", periodic_sweep, every, first_after=every)
             scheduler.start()
             if self.api is not None:
                 self.api.start()
