@@ -25,6 +25,7 @@ from typing import Protocol
 
 from connector.adapters.ledger import MULTIPART, SNAPSHOT, RunLedger
 from connector.adapters.state import StateStore
+from connector.daemon.runner import Enqueue
 from connector.domain.jobs import RUN_ACTIVE, RUN_PENDING
 from connector.errors import ConnectorError, NotFoundError
 from connector.logging import get_logger, scrub
@@ -38,10 +39,6 @@ class UploadAborter(Protocol):
     def abort_upload(self, key: str, upload_id: str) -> bool: ...
 
     def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int: ...
-
-
-class Enqueue(Protocol):
-    def enqueue(self, run_id: str, seq: int, delay: float = 0.0) -> None: ...
 
 
 @dataclass
