@@ -376,3 +376,45 @@ def test_sigkill_test_hook_is_inert_without_the_variable() -> None:
         check=False,
     )
     assert killed.returncode == -signal.SIGKILL
+
+
+def test_discovery_keeps_the_catalog_current_while_the_daemon_runs(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    env = write_config(
+        tmp_path / "c",
+        vcsim,
+        moto,
+        s3_bucket,
+        extra=FAST.replace("discovery_interval = 3600", "discovery_interval = 1"),
+    )
+    daemon = start_daemon(env)
+    try:
+        daemon.wait_ready()
+        name = f"disc-{os.urandom(3).hex()}"
+        uuid = vcsim.add_vm(name, [64 * MiB], cbt=False)
+
+        def catalog() -> dict[str, Any] | None:
+            app = App(load_config(env.config_file))
+            try:
+                rows = app.state.find_servers(uuid)
+            finally:
+                app.close()
+            return rows[0].__dict__ if rows else None
+
+        row = wait_for("the new VM in the catalog", catalog, timeout=90, every=0.5)
+        assert row["name"] == name and row["cbt_enabled"] is False
+        app = App(load_config(env.config_file))
+        try:
+            app.vsphere.enable_cbt(uuid)
+        finally:
+            app.close()
+        wait_for(
+            "the catalog to show CBT on",
+            lambda: (r := catalog()) is not None and r["cbt_enabled"] is True,
+            timeout=90,
+            every=0.5,
+        )
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+    assert "new VM in the inventory" in daemon.log()
