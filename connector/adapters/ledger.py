@@ -261,15 +261,14 @@ class RunLedger:
 
     def snapshot_intent(self, run_id: str, vm_uuid: str, name: str) -> Effect:
         """Record (once) that this run is about to create snapshot `name` on the VM."""
+        mine = sa.select(side_effects).where(
+            side_effects.c.run_id == run_id,
+            side_effects.c.kind == SNAPSHOT,
+            side_effects.c.name == name,
+            side_effects.c.state == PENDING,
+        )
         with self._tx() as c:
-            row = c.execute(
-                sa.select(side_effects).where(
-                    side_effects.c.run_id == run_id,
-                    side_effects.c.kind == SNAPSHOT,
-                    side_effects.c.name == name,
-                    side_effects.c.state == PENDING,
-                )
-            ).first()
+            row = c.execute(mine).first()
             if row is None:
                 now = _now()
                 c.execute(
@@ -285,14 +284,7 @@ class RunLedger:
                         updated_at=now,
                     )
                 )
-                row = c.execute(
-                    sa.select(side_effects).where(
-                        side_effects.c.run_id == run_id,
-                        side_effects.c.kind == SNAPSHOT,
-                        side_effects.c.name == name,
-                        side_effects.c.state == PENDING,
-                    )
-                ).first()
+                row = c.execute(mine).first()
         assert row is not None
         return _effect(row)
 

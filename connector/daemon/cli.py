@@ -29,6 +29,7 @@ from connector.domain.jobs import (
     JOB_DELETING,
     ON_DEMAND,
     RUN_PENDING,
+    SCHEDULED_STATES,
     make_spec,
     next_run_time,
     on_demand_refusal,
@@ -98,15 +99,14 @@ def run_command(config: ConfigOpt = None) -> None:
 # -- jobs ------------------------------------------------------------------------------
 
 
-def _job_doc(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]:
+def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]:
     server = a.state.server(job.server_id)
     ran = a.jobs.count_runs(job.id, run_type=AUTOMATIC) > 0
-    scheduled = job.state not in (JOB_DELETING, JOB_DELETED) and not job.paused
     nxt = (
         next_run_time(
             job.seed, job.frequency_hours, _now(), ran, a.config.daemon.schedule_unit_seconds
         )
-        if scheduled and job.state in ("PENDING", "ACTIVE", "FAILING")
+        if not job.paused and job.state in SCHEDULED_STATES
         else None
     )
     doc: dict[str, Any] = asdict(job)
@@ -143,7 +143,7 @@ def _run_docs(a: App, rows: list[RunRow]) -> list[dict[str, Any]]:
 
 
 def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
-    docs = [_job_doc(a, j) for j in rows]
+    docs = [job_document(a, j) for j in rows]
     if as_json:
         print(json.dumps(docs, indent=2))
         return
@@ -166,7 +166,7 @@ def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
 
 
 def _print_job(a: App, job: JobRow, as_json: bool) -> None:
-    doc = _job_doc(a, job, with_runs=True)
+    doc = job_document(a, job, with_runs=True)
     if as_json:
         print(json.dumps(doc, indent=2))
         return

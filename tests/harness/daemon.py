@@ -131,10 +131,10 @@ def job_doc(env: ConnectorEnv, job: str) -> dict[str, Any]:
     """What `connector jobs show JOB --json` prints, read in-process (a CLI start costs ~2 s)."""
     from connector.app import App
     from connector.config import load_config
-    from connector.daemon.cli import _job_doc
+    from connector.daemon.cli import job_document
 
     app = App(load_config(env.config_file))
     try:
-        return _job_doc(app, app.jobs.find(job), with_runs=True)
+        return job_document(app, app.jobs.find(job), with_runs=True)
     finally:
         app.close()
