@@ -72,6 +72,7 @@ class RunExecutor:
         limits: RunLimits,
         retention: Retention,
         stopping: threading.Event,
+        on_run_end: Callable[[str], object] = lambda _run_id: None,
     ) -> None:
         self.pipeline = pipeline
         self.hv = hv
@@ -82,6 +83,7 @@ class RunExecutor:
         self.limits = limits
         self.retention = retention
         self.stopping = stopping
+        self.on_run_end = on_run_end
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._admission = threading.Lock()
@@ -95,7 +97,13 @@ class RunExecutor:
         with self._locks_guard:
             lock = self._locks.setdefault(run_id, threading.Lock())
         with lock:  # a duplicate of the current task waits, then finds the token moved on
-            self._handle(run_id, seq)
+            try:
+                self._handle(run_id, seq)
+            except Exception:
+                # A fault of the connector itself (the state database, a bug): the run
+                # keeps its state and token, and startup recovery takes it up again.
+                log.exception("a queue task failed", run=run_id, seq=seq)
+                raise
 
     def _handle(self, run_id: str, seq: int) -> None:
         if self.stopping.is_set():
@@ -238,6 +246,7 @@ class RunExecutor:
             self._locks.pop(run_id, None)
         run = self.state.run(run_id)
         self.ledger.set_progress(run_id, 0, 0, "")
+        self.on_run_end(run_id)
         log.info("run ended", run=run_id, state=run.state, error=run.error)
         job = self.jobs.job_of_run(run_id)
         if job is None:
@@ -289,6 +298,12 @@ class LedgerReporter:
             sums = self._sums(run_id)
             detail = self._detail.get(run_id, "transfer")
         self.ledger.set_progress(run_id, sums[0], sums[1], detail)
+
+    def forget(self, run_id: str) -> None:
+        """Drop what is kept of a run that ended."""
+        with self._lock:
+            for kept in (self._disks, self._last, self._detail):
+                kept.pop(run_id, None)
 
     def _sums(self, run_id: str) -> tuple[int, int]:
         disks = self._disks.get(run_id, {})

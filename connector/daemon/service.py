@@ -81,6 +81,7 @@ class Daemon:
         consumer = None
         try:
             self.notifier.status("recovering unfinished runs")
+            reporter = LedgerReporter(app.ledger)
             pipeline = RunPipeline(
                 hv=app.vsphere,
                 source=app.disk_source(),
@@ -88,7 +89,7 @@ class Daemon:
                 state=app.state,
                 ledger=app.ledger,
                 settings=app.pipeline_settings(),
-                reporter=LedgerReporter(app.ledger),
+                reporter=reporter,
                 should_stop=self.stopping.is_set,
             )
             executor = RunExecutor(
@@ -109,6 +110,7 @@ class Daemon:
                 ),
                 retention=self.retention,
                 stopping=self.stopping,
+                on_run_end=reporter.forget,
             )
             queue.set_handler(executor.handle)
             report = recover(

@@ -227,6 +227,7 @@ class World:
         self.s3_down = 0  # how many more repository opens fail
         self.retained: list[tuple[str, int]] = []
         self.stopping = threading.Event()
+        self.reporter = LedgerReporter(self.ledger)
         self.pipeline = RunPipeline(
             self.hv,
             FakeDiskSource(self.hv),
@@ -234,7 +235,7 @@ class World:
             self.state,
             self.ledger,
             PipelineSettings(pack_size=2 * MiB, max_disks_per_vm=2),
-            LedgerReporter(self.ledger),
+            self.reporter,
             self.stopping.is_set,
         )
         defaults = {"stage_retries": 2, "retry_backoff": 0.5, "retry_backoff_max": 10.0}
@@ -256,6 +257,7 @@ class World:
             self.limits,
             retention,
             self.stopping,
+            on_run_end=self.reporter.forget,
         )
         self.scheduler = JobScheduler(self.jobs, self.queue, unit_seconds=1, sync_interval=1)
 
@@ -298,6 +300,9 @@ def test_a_scheduled_run_completes_and_retention_is_applied(tmp_path: Path) -> N
     assert w.jobs.get(job_id).state == J.JOB_ACTIVE
     assert w.retained and w.retained[-1][1] == 2
     assert all(not s for v in w.hv.vms.values() for s in v.snapshots)
+    ctl = w.ledger.control(runs[-1].id)
+    assert ctl is not None and ctl.detail == "" and ctl.attempts == 0
+    assert w.reporter._disks == {}  # nothing kept of ended runs
 
 
 def test_a_fire_during_an_active_run_is_missed_not_queued(tmp_path: Path) -> None:
