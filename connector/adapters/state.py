@@ -389,21 +389,30 @@ class StateStore:
     def add(self, refs: list[BlockRef]) -> None:
         if not refs:
             return
+        rows = [
+            {"block_id": r.block_id, "pack_id": r.pack_id, "offset": r.offset, "length": r.length}
+            for r in refs
+        ]
+        # The first ref of a block wins; concurrent writers (disks packed in parallel)
+        # may store the same block twice, and neither insert may fail for it.
         with self._tx() as c:
-            for r in refs:
-                stmt = sa.select(blocks.c.block_id).where(blocks.c.block_id == r.block_id).limit(1)
-                if c.execute(stmt).first() is None:
-                    c.execute(
-                        blocks.insert().values(
-                            block_id=r.block_id, pack_id=r.pack_id, offset=r.offset, length=r.length
-                        )
-                    )
+            c.execute(_insert_ignoring_duplicates(self.engine, blocks), rows)
 
     def record_pack(self, pack_id: str, size: int, run_id: str | None) -> None:
         with self._tx() as c:
             c.execute(
                 packs.insert().values(id=pack_id, size=size, run_id=run_id, created_at=_now())
             )
+
+
+def _insert_ignoring_duplicates(engine: Engine, table: sa.Table) -> Any:
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -437,3 +437,27 @@ def test_recovery_resumes_an_active_run_and_removes_leftovers(tmp_path: Path) ->
     w.drain()
     assert w.state.run(run_id).state == "COMPLETED"
     assert all(not v.snapshots for v in w.hv.vms.values())
+
+
+def test_the_block_index_takes_the_same_block_from_concurrent_writers(tmp_path: Path) -> None:
+    from connector.domain.manifest import BlockRef
+
+    state = StateStore.at_path(tmp_path / "state.db")
+    shared = [bytes([n]) * 32 for n in range(50)]
+    errors: list[BaseException] = []
+
+    def writer(pack: str) -> None:
+        try:
+            for n in range(0, 50, 5):
+                state.add([BlockRef(b, pack, i, 1) for i, b in enumerate(shared[n : n + 5])])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f"pack-{t}",)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    found = [state.lookup(b) for b in shared]
+    assert all(ref is not None and ref.pack_id.startswith("pack-") for ref in found)
