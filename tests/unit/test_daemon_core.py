@@ -461,3 +461,18 @@ def test_the_block_index_takes_the_same_block_from_concurrent_writers(tmp_path: 
     assert errors == []
     found = [state.lookup(b) for b in shared]
     assert all(ref is not None and ref.pack_id.startswith("pack-") for ref in found)
+
+
+def test_admission_limits_runs_per_esxi_host(tmp_path: Path) -> None:
+    w = World(tmp_path, max_concurrent_runs=4, max_runs_per_host=1, admission_interval=1.0)
+    a, b = w.vm_with_job("vm-j"), w.vm_with_job("vm-k")  # the fakes' VMs share one host
+    run_a, run_b = w.scheduler.fire(a), w.scheduler.fire(b)
+    assert run_a and run_b
+    w.queue.tasks.clear()
+    w.executor.handle(run_a, 0)
+    w.executor.handle(run_b, 0)
+    ctl = w.ledger.control(run_b)
+    assert w.state.run(run_b).state == "PENDING"
+    assert ctl is not None and "max_runs_per_host" in ctl.detail
+    w.drain()
+    assert w.state.run(run_b).state == "COMPLETED"
