@@ -287,12 +287,15 @@ def collect_garbage(
 
     if settings.dry_run:
         referenced = referenced_packs(repo, set(exclude_runs))
+        live = {i.run_id for i in infos if not (settings.break_stale_locks and i.stale)}
         pending_packs = {p for rec in records for p in rec.packs}
-        live = {i.run_id for i in infos}
-        candidates = set(repo.pack_ids()) - referenced - state.packs_of_runs(live)
-        result.deleted = sorted(candidates | (pending_packs - referenced))
+        ready_packs = {p for rec in records if not set(rec.locks) & live for p in rec.packs}
+        candidates = set(repo.pack_ids()) - referenced - pending_packs - state.packs_of_runs(live)
+        if live:  # new condemned packs wait for the runs in flight
+            candidates = set()
+        result.deleted = sorted(candidates | (ready_packs - referenced))
         result.bytes_freed = sum(repo.objects.stat(pack_key(p)) or 0 for p in result.deleted)
-        result.pending = _pending(records, {i.run_id for i in infos if not i.removed})
+        result.pending = _pending(records, live)
         return result
 
     # Phase 1: condemn.

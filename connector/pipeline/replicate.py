@@ -71,6 +71,8 @@ class Replicator:
             vm = self.hv.get_vm(vm_uuid)
         validate(vm, self.settings.needs_no_foreign_snapshots)
         repo = self.open_repo()
+        for name in swept:  # the run that left it behind is dead: so is its lock
+            _release_lock(repo, name.removeprefix(SNAPSHOT_PREFIX))
         run_id = new_run_id()
         self.state.create_run(run_id, server.id, run_type)
         log.info("run started", run=run_id, server=server.id, vm=vm.uuid)

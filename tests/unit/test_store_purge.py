@@ -56,6 +56,33 @@ def test_a_run_holds_a_lock_while_it_runs_and_drops_it_after(env: Env) -> None:
     assert not [k for k in env.objects.objects if k.startswith("locks/")]
 
 
+def test_the_lock_of_a_killed_run_goes_with_its_leftover_snapshot(env: Env) -> None:
+    uuid = env.hv.add_vm("app", [8 * MiB])
+    env.write_blocks(uuid, blocks(random.Random(1), 0))
+    first = env.replicate(uuid)
+    # a run killed mid-way leaves its snapshot and its lock behind
+    killed = "r-20260101T000000000Z-0badc0de"
+    env.hv.create_snapshot(uuid, f"connector-{killed}", "")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    env.repo().write_lock(RunLock(killed, first.server_id, now, "elsewhere", 7))
+    other = "r-20260101T000000000Z-00c0ffee"  # a live run of another VM keeps its lock
+    env.repo().write_lock(RunLock(other, "s-other", now, "elsewhere", 8))
+    env.write_blocks(uuid, blocks(random.Random(2), 1))
+    env.replicate(uuid)
+    assert env.repo().lock_ids() == [other]
+
+
+def test_dry_run_counts_only_what_a_purge_would_delete_now(env: Env) -> None:
+    _uuid, runs, _ = three_runs(env)
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    env.repo().write_lock(RunLock("r-live", "s-other", now, "elsewhere", 8))
+    dry = purge(env.repo(), env.state, {runs[0].server_id: 1}, PurgeSettings(dry_run=True))
+    assert dry.retention[0].deleted == [runs[0].id, runs[1].id]
+    assert dry.gc.deleted == []  # a run is in flight: condemned packs would wait
+    real = purge(env.repo(), env.state, {runs[0].server_id: 1})
+    assert real.gc.deleted == [] and len(real.gc.condemned) == 2
+
+
 def test_lock_is_sealed_and_names_the_runs_it_builds_on(env: Env) -> None:
     uuid = env.hv.add_vm("app", [8 * MiB])
     env.write_blocks(uuid, blocks(random.Random(1), 0))
