@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import os
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from connector.adapters.vsphere import VSphereClient
 from connector.config import Config
 from connector.errors import ConfigError, NotFoundError, PermanentError
 from connector.logging import register_secret
+from connector.pipeline.purge import PurgeReport, PurgeSettings, purge
 from connector.pipeline.replicate import ReplicationSettings, Replicator, Reporter
 from connector.secrets import Secret
 from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
@@ -147,6 +149,18 @@ class App:
         """Runs to keep per server: its own setting, else the [retention] keep default."""
         settings = self.state.retention_settings()
         return {sid: settings.get(sid, self.config.retention.keep) for sid in sorted(server_ids)}
+
+    def apply_retention(self, server_id: str, keep: int, dry_run: bool = False) -> PurgeReport:
+        """Keep a server's `keep` most recent runs (0: all), then purge unused packs.
+
+        What a job's retention setting calls after a run; safe beside runs in flight.
+        """
+        settings = PurgeSettings(
+            stale_lock_age=dt.timedelta(hours=self.config.retention.stale_lock_hours),
+            dry_run=dry_run,
+        )
+        with self.purge_guard():
+            return purge(self.repository(), self.state, {server_id: keep}, settings)
 
     @contextmanager
     def purge_guard(self) -> Iterator[None]:

@@ -99,16 +99,17 @@ def test_retention_keeps_one_run_and_purge_removes_the_others_unique_packs(
     assert res["sha256"] == disk_sha(vcsim, uuid, key)
 
 
-def test_zero_keeps_every_run(env: ConnectorEnv, vcsim: Any, moto: Any) -> None:
+def test_zero_keeps_every_run(env: ConnectorEnv, vcsim: Any, moto: Any, tmp_path: Path) -> None:
     rng = random.Random(42)
     name = "store-retention-all"
     uuid = vcsim.add_vm(name, [8 * MiB])
     (key,) = vcsim.disk_keys(uuid)
     app = app_for(env)
     try:
-        for _ in range(2):
-            write_blocks(vcsim, uuid, key, {0: rng.randbytes(MiB)})
-            replicate(app, uuid)
+        write_blocks(vcsim, uuid, key, {0: rng.randbytes(MiB)})
+        first = replicate(app, uuid)
+        write_blocks(vcsim, uuid, key, {0: rng.randbytes(MiB)})
+        run = replicate(app, uuid)
     finally:
         app.close()
     before = objects(moto, env.bucket)
@@ -116,6 +117,15 @@ def test_zero_keeps_every_run(env: ConnectorEnv, vcsim: Any, moto: Any) -> None:
     report = env.cli_json("purge")
     assert report["retention"][0]["deleted"] == [] and report["gc"]["deleted"] == []
     assert objects(moto, env.bucket) == before
+    # what a job with "keep 1" calls after its run
+    app = app_for(env)
+    try:
+        done = app.apply_retention(run.server_id, 1)
+        assert done.retention[0].deleted == [first.id] and len(done.gc.deleted) == 1
+        out = tmp_path / "kept.img"
+        assert restore_sha(app, run, key, out) == disk_sha(vcsim, uuid, key)
+    finally:
+        app.close()
 
 
 def test_removed_server_loses_all_its_staging_data(
