@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from connector.adapters.state import RunRow
+from connector.pipeline.verify import verify_store
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.integration.store_helpers import (
     MiB,
@@ -25,6 +26,7 @@ from tests.integration.store_helpers import (
     objects,
     packs,
     replicate,
+    restore_sha,
     write_blocks,
 )
 
@@ -135,7 +137,9 @@ def test_purge_while_a_run_uploads_leaves_that_run_restorable(
     assert not set(report["gc"]["deleted"]) & x_packs
     assert x_packs <= set(packs(moto, env.bucket))
     assert not [k for k in objects(moto, env.bucket) if "/condemned/" in f"/{k}"]
-    out = tmp_path / "run3.img"
-    res = env.cli_json("restore", name, "--run", run3.id, "--disk", str(key), "--to", str(out))
-    assert res["sha256"] == expected
-    assert env.cli("verify", name, "--deep").returncode == 0
+    app = app_for(env)
+    try:
+        assert restore_sha(app, run3, key, tmp_path / "run3.img") == expected
+        assert verify_store(app.repository(), {run3.server_id: None}, deep=True).ok
+    finally:
+        app.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from connector.pipeline.verify import verify_store
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.integration.store_helpers import (
     MiB,
@@ -53,8 +54,7 @@ def test_retention_keeps_one_run_and_purge_removes_the_others_unique_packs(
     # run 1's pack also holds block 9, which every run still uses
     first, second, third = pack_sets
 
-    env.cli("retention", name, "1", check=True)
-    shown = env.cli_json("retention", name)
+    shown = env.cli_json("retention", name, "1")
     assert shown == [{"vm": name, "server_id": runs[0].server_id, "keep": 1, "source": "vm"}]
 
     dry = env.cli("purge", name, "--dry-run", check=True).stdout
@@ -80,23 +80,22 @@ def test_retention_keeps_one_run_and_purge_removes_the_others_unique_packs(
     assert res["sha256"] == shas[2]
     gone = env.cli("restore", name, "--run", runs[0].id, "--disk", str(key), "--to", str(out) + "x")
     assert gone.returncode == 1 and "not committed" in gone.stderr
-    states = {r["id"]: r["state"] for r in env.cli_json("runs", name)}
-    assert states == {runs[0].id: "DELETED", runs[1].id: "DELETED", runs[2].id: "COMPLETED"}
-    assert env.cli("verify", name).returncode == 0
 
-    # a next run that rewrites block 0 and 1 frees run 1's pack no more: block 9 is in it
     app = app_for(env)
     try:
+        states = {r.id: r.state for r in app.state.runs(runs[0].server_id)}
+        assert states == {runs[0].id: "DELETED", runs[1].id: "DELETED", runs[2].id: "COMPLETED"}
+        assert verify_store(app.repository(), {runs[0].server_id: None}).ok
+        # a next run rewrites blocks 0 and 1: run 3's pack goes, run 1's stays (block 9)
         write_blocks(vcsim, uuid, key, {0: rng.randbytes(MiB), 1: rng.randbytes(MiB)})
         run4 = replicate(app, uuid)
+        report2 = app.apply_retention(run4.server_id, 1)
+        assert set(report2.gc.deleted) == third
+        assert first <= set(packs(moto, env.bucket))
+        out4 = tmp_path / "run4.img"
+        assert restore_sha(app, run4, key, out4) == disk_sha(vcsim, uuid, key)
     finally:
         app.close()
-    report = env.cli_json("purge", name)
-    assert set(report["gc"]["deleted"]) == third
-    assert first <= set(packs(moto, env.bucket))
-    out4 = tmp_path / "run4.img"
-    res = env.cli_json("restore", name, "--run", run4.id, "--disk", str(key), "--to", str(out4))
-    assert res["sha256"] == disk_sha(vcsim, uuid, key)
 
 
 def test_zero_keeps_every_run(env: ConnectorEnv, vcsim: Any, moto: Any, tmp_path: Path) -> None:
