@@ -452,16 +452,10 @@ class StateStore:
                     runs.update().where(runs.c.id.in_(ids[i : i + _CHUNK])).values(state="DELETED")
                 )
 
-    def forget_disks(self, server_id: str, run_ids: set[str] | None = None) -> None:
-        """Drop the CBT state of a server's disks whose last run was deleted (None: all disks).
-
-        The next run of such a disk reads it without a base run.
-        """
+    def forget_disks(self, server_id: str) -> None:
+        """Drop the CBT state of a server's disks: its next run reads them without a base run."""
         with self._tx() as c:
-            q = disk_state.delete().where(disk_state.c.server_id == server_id)
-            if run_ids is not None:
-                q = q.where(disk_state.c.last_run_id.in_(sorted(run_ids)))
-            c.execute(q)
+            c.execute(disk_state.delete().where(disk_state.c.server_id == server_id))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
