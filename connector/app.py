@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
 from connector.adapters.datastore_reader import DatastoreHttpsSource
+from connector.adapters.kms import KmsKeyProvider
 from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.state import ServerRow, StateStore
 from connector.adapters.vsphere import VSphereClient
 from connector.config import Config
-from connector.errors import ConfigError, NotFoundError
+from connector.errors import ConfigError, NotFoundError, PermanentError
 from connector.logging import register_secret
+from connector.pipeline.purge import PurgeReport, PurgeSettings, purge
 from connector.pipeline.replicate import ReplicationSettings, Replicator, Reporter
 from connector.secrets import Secret
-from connector.store.keys import LocalKeyProvider, generate_key_file
+from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
 
 
@@ -60,7 +65,28 @@ class App:
             use_fips_endpoint=s3.use_fips_endpoint,
         )
 
-    def key_provider(self, create: bool) -> LocalKeyProvider:
+    @cached_property
+    def kms_provider(self) -> KmsKeyProvider:
+        """[store] kms_key_id: region, endpoint and trust default to those of [s3]."""
+        st, s3 = self.config.store, self.config.s3
+        assert st.kms_key_id is not None
+        secret = self.config.s3_secret_key()
+        if secret is not None:
+            register_secret(secret)
+        own_endpoint = st.kms_endpoint_url is not None
+        return KmsKeyProvider(
+            st.kms_key_id,
+            region=st.kms_region or s3.region,
+            endpoint_url=st.kms_endpoint_url if own_endpoint else s3.endpoint_url,
+            ca_file=st.kms_ca_file if own_endpoint else (st.kms_ca_file or s3.ca_file),
+            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
+            secret_access_key=secret,
+            use_fips_endpoint=s3.use_fips_endpoint,
+        )
+
+    def key_provider(self, create: bool) -> KeyProvider:
+        if self.config.store.kms_key_id is not None:
+            return self.kms_provider
         path = self.config.key_file
         if create and not path.exists():
             if self.objects.stat("config") is not None:
@@ -119,7 +145,43 @@ class App:
         self.state.mark_removed({vm.uuid for vm in vms})
         return rows
 
+    def retention_policies(self, server_ids: set[str]) -> dict[str, int]:
+        """Runs to keep per server: its own setting, else the [retention] keep default."""
+        settings = self.state.retention_settings()
+        return {sid: settings.get(sid, self.config.retention.keep) for sid in sorted(server_ids)}
+
+    def apply_retention(self, server_id: str, keep: int, dry_run: bool = False) -> PurgeReport:
+        """Keep a server's `keep` most recent runs (0: all), then purge unused packs.
+
+        What a job's retention setting calls after a run; safe beside runs in flight.
+        """
+        settings = PurgeSettings(
+            stale_lock_age=dt.timedelta(hours=self.config.retention.stale_lock_hours),
+            dry_run=dry_run,
+        )
+        with self.purge_guard():
+            return purge(self.repository(), self.state, {server_id: keep}, settings)
+
+    @contextmanager
+    def purge_guard(self) -> Iterator[None]:
+        """One purge at a time on this state database (an advisory lock beside it)."""
+        path = self.config.state.path.parent / "purge.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PermanentError(
+                    "another purge is running against this state database; wait for it to end"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
+        if "kms_provider" in self.__dict__:
+            self.kms_provider.close()
         if "vsphere" in self.__dict__:
             self.vsphere.close()
         if "state" in self.__dict__:

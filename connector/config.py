@@ -109,6 +109,34 @@ class StateConfig(_Section):
 
 class StoreConfig(_Section):
     key_file: Path | None = None  # default: key.b64 beside the state database
+    # AWS KMS instead of a key file: the master key is a KMS data key, stored wrapped.
+    kms_key_id: str | None = None
+    kms_region: str | None = None  # default: [s3] region
+    kms_endpoint_url: str | None = None  # default: [s3] endpoint_url
+    kms_ca_file: Path | None = None  # default: [s3] ca_file
+
+    @field_validator("kms_endpoint_url")
+    @classmethod
+    def _kms_endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else _no_userinfo(v, "[store] kms_endpoint_url")
+
+    @model_validator(mode="after")
+    def _one_provider(self) -> StoreConfig:
+        if self.kms_key_id is not None and not self.kms_key_id.strip():
+            raise ValueError("[store] kms_key_id is empty; give a KMS key id, ARN or alias")
+        if self.kms_key_id is not None and self.key_file is not None:
+            raise ValueError("[store] takes key_file or kms_key_id, not both")
+        kms_only = (self.kms_region, self.kms_endpoint_url, self.kms_ca_file)
+        if self.kms_key_id is None and any(v is not None for v in kms_only):
+            raise ValueError("[store] kms_region, kms_endpoint_url and kms_ca_file need kms_key_id")
+        return self
+
+
+class RetentionConfig(_Section):
+    # Runs to keep per VM when no per-VM setting exists (`connector retention`); 0 keeps all.
+    keep: int = Field(default=0, ge=0)
+    # A run lock older than this is reported as stale (`connector purge --break-stale-locks`).
+    stale_lock_hours: float = Field(default=24.0, gt=0)
 
 
 class TransportConfig(_Section):
@@ -128,6 +156,7 @@ class Config(_Section):
     store: StoreConfig = StoreConfig()
     transport: TransportConfig = TransportConfig()
     log: LogConfig = LogConfig()
+    retention: RetentionConfig = RetentionConfig()
     source: Path | None = Field(default=None, exclude=True)
 
     @property
@@ -177,7 +206,7 @@ _PATH_KEYS = {
     "vcenter": ("password_file", "ca_file"),
     "s3": ("ca_file", "secret_access_key_file"),
     "state": ("path",),
-    "store": ("key_file",),
+    "store": ("key_file", "kms_ca_file"),
 }
 
 

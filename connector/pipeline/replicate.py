@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,7 +24,7 @@ from connector.pipeline.commit import DiskCommit, build_manifest
 from connector.pipeline.snapshot import SNAPSHOT_PREFIX, snapshot_name, sweep_leftovers, validate
 from connector.pipeline.transfer import transfer_disk
 from connector.ports import DiskSource, Hypervisor
-from connector.store.repository import DEFAULT_PACK_SIZE, Repository
+from connector.store.repository import DEFAULT_PACK_SIZE, Repository, RunLock
 
 log = get_logger(__name__)
 
@@ -70,17 +71,38 @@ class Replicator:
             vm = self.hv.get_vm(vm_uuid)
         validate(vm, self.settings.needs_no_foreign_snapshots)
         repo = self.open_repo()
+        for name in swept:  # the run that left it behind is dead: so is its lock
+            _release_lock(repo, name.removeprefix(SNAPSHOT_PREFIX))
         run_id = new_run_id()
         self.state.create_run(run_id, server.id, run_type)
         log.info("run started", run=run_id, server=server.id, vm=vm.uuid)
         try:
+            # Before any dedup lookup: purge keeps what this run may reference (docs/format.md).
+            repo.write_lock(self._lock(server.id, run_id, vm))
             self._run(repo, vm, server.id, run_id)
         except BaseException as exc:
             message = scrub(str(exc)) if isinstance(exc, ConnectorError) else _describe(exc)
             self.state.fail_run(run_id, message)
             log.error("run failed", run=run_id, error=message)
             raise
+        finally:
+            _release_lock(repo, run_id)
         return self.state.run(run_id)
+
+    def _lock(self, server_id: str, run_id: str, vm: VmInfo) -> RunLock:
+        bases = set()
+        for disk in vm.disks:
+            row = self.state.disk_state(server_id, disk.key)
+            if row is not None:
+                bases.add(row.last_run_id)
+        return RunLock(
+            run_id=run_id,
+            server_id=server_id,
+            started_at=_now(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            base_runs=tuple(sorted(bases)),
+        )
 
     def _fail_interrupted(self, snapshot_names: list[str]) -> None:
         """Runs whose snapshot was left behind died with their process: record why."""
@@ -242,6 +264,17 @@ def _run_disk_row(run_id: str, plan: DiskPlan, bytes_read: int, zero: int) -> Ru
         bytes_read=bytes_read,
         blocks_zero=zero,
     )
+
+
+def _release_lock(repo: Repository, run_id: str) -> None:
+    try:
+        repo.remove_lock(run_id)
+    except ConnectorError as exc:
+        log.warning(
+            "the run's lock could not be removed; purge reports it as stale",
+            run=run_id,
+            error=scrub(str(exc)),
+        )
 
 
 def new_run_id() -> str:

@@ -23,12 +23,18 @@ from connector.errors import ConfigError, IntegrityError, PermanentError
 
 NONCE_SIZE = 12
 KEY_SIZE = 32
+# The context a master key is wrapped under is this prefix followed by the store id.
+KEY_CONTEXT_PREFIX = b"connector store master key:"
 
 
 class KeyProvider(Protocol):
     """Wraps and unwraps a store's master key (local key file, AWS KMS)."""
 
     kind: str
+
+    def new_master(self, context: bytes) -> tuple[bytes, dict[str, Any]]:
+        """A new random master key and its wrapped record, for a new store."""
+        ...
 
     def wrap(self, master: bytes, context: bytes) -> dict[str, Any]: ...
 
@@ -45,6 +51,10 @@ class LocalKeyProvider:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._kek = load_key_file(path)
+
+    def new_master(self, context: bytes) -> tuple[bytes, dict[str, Any]]:
+        master = os.urandom(KEY_SIZE)
+        return master, self.wrap(master, context)
 
     def wrap(self, master: bytes, context: bytes) -> dict[str, Any]:
         nonce = os.urandom(NONCE_SIZE)
