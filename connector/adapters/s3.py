@@ -25,7 +25,9 @@ import contextlib
 import datetime as dt
 import re
 import ssl
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -353,6 +355,16 @@ def _build_client(
 # ---------------------------------------------------------------------- the store
 
 
+@dataclass(frozen=True)
+class PermissionProbe:
+    """One request of `S3ObjectStore.probe_permissions` and what it showed."""
+
+    request: str
+    permissions: tuple[str, ...]  # the IAM actions the request needs
+    status: str  # ok, denied, error, skipped
+    message: str
+
+
 class S3ObjectStore:
     """Objects under `prefix` in one bucket; every put is server-side encrypted."""
 
@@ -546,6 +558,106 @@ class S3ObjectStore:
             raise self._map_error(exc, "check access to", None) from exc
         except BotoCoreError as exc:
             raise self._map_error(exc, "check access to", None) from exc
+
+    def probe_permissions(self) -> builtins.list[PermissionProbe]:
+        """Harmless requests that show which IAM permissions the credentials lack.
+
+        Under the prefix, one probe object (an opaque name) is written with the
+        configured server-side encryption, read, checked for that encryption and
+        deleted; one multipart upload is started and aborted. Each probe names the
+        permission it needs; a denied one is reported, never raised.
+        """
+        probes: builtins.list[PermissionProbe] = []
+        key = f"{self._prefix}connector-check/{uuid.uuid4().hex}"
+        kms = ("kms:GenerateDataKey",) if self._sse == "aws:kms" else ()
+        kms_read = ("kms:Decrypt",) if self._sse == "aws:kms" else ()
+
+        def attempt(name: str, permissions: tuple[str, ...], call: Callable[[], Any]) -> Any | None:
+            try:
+                result = call()
+            except ClientError as exc:
+                code, status = _code(exc), _status(exc)
+                message = self._scrub(exc.response.get("Error", {}).get("Message") or code)
+                if code in _AUTH_CODES or status == 403 or code.startswith("KMS."):
+                    probes.append(
+                        PermissionProbe(name, permissions, "denied", f"{code}: {message}")
+                    )
+                else:
+                    probes.append(PermissionProbe(name, permissions, "error", f"{code}: {message}"))
+                return None
+            except BotoCoreError as exc:
+                error = self._map_error(exc, name, None)
+                probes.append(PermissionProbe(name, permissions, "error", str(error)))
+                return None
+            probes.append(PermissionProbe(name, permissions, "ok", ""))
+            return result if result is not None else True
+
+        def skip(name: str, permissions: tuple[str, ...], why: str) -> None:
+            probes.append(PermissionProbe(name, permissions, "skipped", why))
+
+        client, bucket = self._client, self._bucket
+        attempt("HeadBucket", ("s3:ListBucket",), lambda: client.head_bucket(Bucket=bucket))
+        attempt(
+            "ListObjectsV2",
+            ("s3:ListBucket",),
+            lambda: client.list_objects_v2(Bucket=bucket, Prefix=self._prefix, MaxKeys=1),
+        )
+        put = attempt(
+            "PutObject",
+            ("s3:PutObject", *kms),
+            lambda: client.put_object(Bucket=bucket, Key=key, Body=b"check", **self._sse_args()),
+        )
+        if put is None:
+            for name, perms in (
+                ("GetObject", ("s3:GetObject", *kms_read)),
+                ("DeleteObject", ("s3:DeleteObject",)),
+            ):
+                skip(name, perms, "no probe object (PutObject failed)")
+        else:
+            head = attempt(
+                "HeadObject", ("s3:GetObject",), lambda: client.head_object(Bucket=bucket, Key=key)
+            )
+            if isinstance(head, dict) and head.get("ServerSideEncryption") != self._sse:
+                probes.append(
+                    PermissionProbe(
+                        "ServerSideEncryption",
+                        (),
+                        "error",
+                        f"the probe object reports encryption {head.get('ServerSideEncryption')!r}"
+                        f", not {self._sse!r}",
+                    )
+                )
+            attempt(
+                "GetObject",
+                ("s3:GetObject", *kms_read),
+                lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(),
+            )
+            attempt(
+                "DeleteObject",
+                ("s3:DeleteObject",),
+                lambda: client.delete_object(Bucket=bucket, Key=key),
+            )
+        created = attempt(
+            "CreateMultipartUpload",
+            ("s3:PutObject", *kms),
+            lambda: client.create_multipart_upload(Bucket=bucket, Key=key, **self._sse_args()),
+        )
+        if isinstance(created, dict):
+            attempt(
+                "AbortMultipartUpload",
+                ("s3:AbortMultipartUpload",),
+                lambda: client.abort_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=created["UploadId"]
+                ),
+            )
+        else:
+            skip("AbortMultipartUpload", ("s3:AbortMultipartUpload",), "no upload to abort")
+        attempt(
+            "ListMultipartUploads",
+            ("s3:ListBucketMultipartUploads",),
+            lambda: client.list_multipart_uploads(Bucket=bucket, Prefix=self._prefix),
+        )
+        return probes
 
     def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
         """Abort multipart uploads under the prefix started more than `older_than` ago.

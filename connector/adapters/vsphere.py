@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -846,6 +846,53 @@ class VSphereClient:
             )
 
         return self._invoke(what, run)
+
+    # --------------------------------------------------------------- privileges
+
+    def missing_privileges(self, needed: Mapping[str, str]) -> dict[str, list[str]]:
+        """{privilege: [objects it is missing on]} for the logged-in user.
+
+        `needed` maps a privilege to where it applies: "vcenter" (the root
+        folder), "vm" (every VM) or "datastore" (every datastore). Uses
+        AuthorizationManager.HasPrivilegeOnEntities (vSphere 6.5 and later).
+        """
+
+        def run(content: Any) -> dict[str, list[str]]:
+            root = content.rootFolder
+            targets: dict[str, list[tuple[Any, str]]] = {
+                "vcenter": [(root, "the vCenter root folder")],
+                "vm": [
+                    (obj, f"VM {props.get('name', obj._moId)}")
+                    for obj, props in self._view_contents(
+                        content, root, vim.VirtualMachine, ["name"]
+                    )
+                ],
+                "datastore": [
+                    (obj, f"datastore {props.get('name', obj._moId)}")
+                    for obj, props in self._view_contents(content, root, vim.Datastore, ["name"])
+                ],
+            }
+            session_key = content.sessionManager.currentSession.key
+            missing: dict[str, list[str]] = {}
+            for kind in ("vcenter", "vm", "datastore"):
+                privileges = sorted(p for p, where in needed.items() if where == kind)
+                entities = targets[kind]
+                for start in range(0, len(entities) if privileges else 0, 200):
+                    batch = entities[start : start + 200]
+                    names = {obj._moId: name for obj, name in batch}
+                    answers = content.authorizationManager.HasPrivilegeOnEntities(
+                        entity=[obj for obj, _ in batch],
+                        sessionId=session_key,
+                        privId=privileges,
+                    )
+                    for answer in answers or ():
+                        name = names.get(answer.entity._moId, answer.entity._moId)
+                        for availability in answer.privAvailability or ():
+                            if not availability.isGranted:
+                                missing.setdefault(str(availability.privId), []).append(name)
+            return missing
+
+        return self._invoke("checking the vCenter user's privileges", run)
 
     # ---------------------------------------------------------------- datastore
 
