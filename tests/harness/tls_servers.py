@@ -77,12 +77,17 @@ def _relay(a: socket.socket, b: socket.socket, idle: float = 60.0) -> int:
                 return total
         for src in ready:
             dst = b if src is a else a
+            # Non-blocking read: a readable TLS socket may hold only a handshake
+            # message (a TLS 1.3 session ticket) and no application data.
+            src.setblocking(False)
             try:
                 data = src.recv(65536)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                 continue
             except OSError:
                 return total
+            finally:
+                src.settimeout(30)
             if not data:
                 return total
             try:
