@@ -23,8 +23,8 @@ from connector.audit import SUCCESS
 from connector.audit import verify as verify_audit
 from connector.check import run_checks
 from connector.config import config_path, load_config
-from connector.daemon.api import start_api
-from connector.errors import ConfigError, ConnectorError, PermanentError
+from connector.daemon.api import probe_health, start_api
+from connector.errors import ConfigError, ConnectorError, PermanentError, UnreachableError
 from connector.logging import configure, scrub
 from connector.pipeline.restore import restore_disk
 from connector.policies import bucket_policy, iam_policy, is_kms_key_arn
@@ -365,6 +365,26 @@ def api_cmd(config: ConfigOpt = None) -> None:
             a.audit.record("api.stop", server.url, SUCCESS)
 
     _run(config, go)
+
+
+@app.command("health")
+def health_cmd(config: ConfigOpt = None) -> None:
+    """Exit 0 when the local HTTPS API answers /healthz (the container health check)."""
+
+    def go(a: App) -> None:
+        if a.config.api is None:
+            raise ConfigError("the API is not configured (no api section): nothing to check")
+        try:
+            status = probe_health(a.config.api)
+        except (OSError, ValueError) as exc:
+            raise UnreachableError(
+                f"the API at {a.config.api.listen} does not answer: {exc}"
+            ) from None
+        if status != "ok":
+            raise PermanentError(f"the API at {a.config.api.listen} reports {status!r}")
+        out.print("ok")
+
+    _run(config, go, audit_load=False)
 
 
 def _size(n: int) -> str:

@@ -25,6 +25,7 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -41,6 +42,7 @@ from connector.tls import server_context
 
 if TYPE_CHECKING:
     from connector.app import App
+    from connector.config import ApiConfig
 
 log = get_logger(__name__)
 
@@ -262,3 +264,50 @@ def start_api(app: App, on_start: Callable[[ApiServer], None] | None = None) -> 
     if on_start is not None:
         on_start(server)
     return server
+
+
+def probe_health(cfg: ApiConfig, timeout: float = 5.0) -> str:
+    """GET /healthz of the local API over verified TLS; the answer's status, or raise.
+
+    For container health checks: it connects to the listen address and trusts
+    exactly the API's own certificate (the one in cert_file), checked against a
+    name the certificate carries, so no CA and no DNS are needed.
+    """
+    from cryptography import x509
+
+    try:
+        pem = Path(cfg.cert_file).read_bytes()
+        cert = x509.load_pem_x509_certificate(pem)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the API certificate {cfg.cert_file}: {exc}") from None
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+        names += sans.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        raise ConfigError(f"the API certificate {cfg.cert_file} names no host (no subjectAltName)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=pem.decode("ascii", errors="replace"))
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    # A wildcard listen address is probed on the loopback address.
+    wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+    host = wildcard.get(cfg.host, cfg.host)
+    with (
+        socket.create_connection((host, cfg.port), timeout=timeout) as raw,
+        ctx.wrap_socket(raw, server_hostname=names[0]) as tls,
+    ):
+        tls.sendall(
+            f"GET /healthz HTTP/1.1\r\nHost: {names[0]}\r\nConnection: close\r\n\r\n".encode()
+        )
+        response = b""
+        while chunk := tls.recv(4096):
+            response += chunk
+    status_line = response.split(b"\r\n", 1)[0].decode("latin-1")
+    body = response.partition(b"\r\n\r\n")[2]
+    if " 200 " not in f"{status_line} ":
+        raise ConfigError(f"the API answered {status_line!r} to /healthz")
+    status: str = json.loads(body).get("status", "")
+    return status

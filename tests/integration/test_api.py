@@ -240,6 +240,8 @@ token_file = "credential:api-token"
         )
         conn.request("GET", "/v1/servers", headers={"Authorization": f"Bearer {TOKEN}"})
         assert conn.getresponse().status == 200
+        health = health_check(cfg, env)
+        assert health.returncode == 0 and health.stdout.strip() == "ok", health.stderr
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     finally:
@@ -248,5 +250,19 @@ token_file = "credential:api-token"
             proc.wait()
     assert proc.returncode == 0, stderr
     assert TOKEN not in stderr
+    down = health_check(cfg, env)
+    assert down.returncode == 1 and "does not answer" in down.stderr
+    # health checks are not audited (they run every few seconds)
     actions = [r["action"] for r in read_records(tmp_path / "state" / "audit.jsonl")]
     assert actions == ["config.load", "api.start", "api.stop"]
+
+
+def health_check(cfg: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "connector", "health", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
