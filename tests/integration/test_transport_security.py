@@ -367,3 +367,10 @@ def test_bad_proxy_urls_are_refused(url: str, expected: str) -> None:
         make_proxy(url)
     assert expected in str(info.value)
     assert "Pr0xyS3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("service", AWS_SERVICES)
+def test_fips_endpoints_for_every_aws_client(service: str) -> None:
+    client = make_aws_client(service, region="us-east-1", use_fips_endpoint=True)
+    assert client.meta.endpoint_url == f"https://{service}-fips.us-east-1.amazonaws.com"
+    assert tls_minimum_of(client) == TLS12
