@@ -31,17 +31,20 @@ def testssl_binary() -> str:
     return exe
 
 
-def run_testssl(port: int, workdir: Path, timeout: float = 180) -> list[dict[str, Any]]:
-    """Protocols (-p), cipher categories (-s) and forward secrecy (-f) of 127.0.0.1:port."""
+def run_testssl(
+    port: int,
+    workdir: Path,
+    checks: tuple[str, ...] = ("-p", "-s"),
+    timeout: float = 180,
+) -> list[dict[str, Any]]:
+    """By default the protocols (-p) and cipher categories (-s) of 127.0.0.1:port."""
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / f"testssl-{port}.json"
     out.unlink(missing_ok=True)
     subprocess.run(
         [
             testssl_binary(),
-            "-p",
-            "-s",
-            "-f",
+            *checks,
             "--quiet",
             "--color",
             "0",

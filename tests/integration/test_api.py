@@ -95,7 +95,7 @@ def test_testssl_finds_no_old_protocol_and_no_weak_cipher(api: ApiServer, tmp_pa
     assert weak_findings(findings) == []
     by_id = {f["id"]: f["finding"] for f in findings}
     assert by_id["TLS1_2"].startswith("offered") and by_id["TLS1_3"].startswith("offered")
-    assert by_id["PFS"].startswith("offered")
+    assert by_id["cipherlist_STRONG"].startswith("offered")
 
 
 def test_testssl_judgement_flags_a_weak_server(tls11_server: TLSServer, tmp_path: Path) -> None:
