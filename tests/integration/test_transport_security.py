@@ -374,3 +374,41 @@ def test_fips_endpoints_for_every_aws_client(service: str) -> None:
     client = make_aws_client(service, region="us-east-1", use_fips_endpoint=True)
     assert client.meta.endpoint_url == f"https://{service}-fips.us-east-1.amazonaws.com"
     assert tls_minimum_of(client) == TLS12
+
+
+def test_clients_ignore_proxy_variables_the_config_did_not_pass(
+    vcsim: Simulator,
+    moto: MotoServer,
+    s3_bucket: str,
+    connect_proxy: ConnectProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The config (connector.config.Config.proxy) reads the environment once; the
+    # clients themselves only use the proxy they are given.
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, connect_proxy.proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    s3_store(moto, s3_bucket).put("direct", b"x")
+    with vsphere(vcsim) as client:
+        client.list_vms()
+    assert connect_proxy.tunnels == []
+
+
+def test_configured_proxy_carries_a_whole_replication(
+    vcsim: Simulator, moto: MotoServer, s3_bucket: str, connect_proxy: ConnectProxy, tmp_path: Path
+) -> None:
+    from tests.harness.connector_env import write_config
+
+    env = write_config(
+        tmp_path / "c",
+        vcsim,
+        moto,
+        s3_bucket,
+        extra=f'[network]\nhttps_proxy = "{connect_proxy.proxy_url}"\n',
+    )
+    uuid_ = vcsim.add_vm(f"proxied-{uuid.uuid4().hex[:6]}", [2 * MiB])
+    (key,) = vcsim.disk_keys(uuid_)
+    vcsim.write(uuid_, key, 0, b"through the proxy" * 100)
+    env.cli("replicate", uuid_, check=True)
+    assert {f"127.0.0.1:{vcsim.port}", f"127.0.0.1:{moto.port}"} <= set(connect_proxy.tunnels)
