@@ -36,7 +36,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from connector import __version__
 from connector.adapters.state import StateStore
 from connector.errors import ConfigError
-from connector.logging import get_logger
+from connector.logging import get_logger, register_secret
 from connector.secrets import Secret
 from connector.tls import server_context
 
@@ -193,6 +193,7 @@ class ApiServer:
                 f"the API token is too short: use at least {MIN_TOKEN_LENGTH} random characters "
                 "(e.g. `openssl rand -hex 32`)"
             )
+        register_secret(token)  # scrubbed from logs, even if a client sends it in a URL
         self.token = token
         self.state = state
         self.registry = CollectorRegistry()
@@ -248,7 +249,6 @@ class ApiServer:
 
 def start_api(app: App, on_start: Callable[[ApiServer], None] | None = None) -> ApiServer:
     """Build the API from the app's config and start serving it."""
-    from connector.logging import register_secret
     from connector.secrets import resolve_secret_path
 
     cfg = app.config.api
@@ -258,7 +258,6 @@ def start_api(app: App, on_start: Callable[[ApiServer], None] | None = None) -> 
             "and token_file (see docs/security.md)"
         )
     token = app.config.api_token()
-    register_secret(token)
     ctx = server_context(cfg.cert_file, resolve_secret_path(cfg.key_file, "API private key"))
     server = ApiServer(cfg.host, cfg.port, ctx, token, app.state).start()
     if on_start is not None:
