@@ -9,18 +9,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from connector.adapters.datastore_reader import DatastoreHttpsSource
 from connector.adapters.kms import KmsKeyProvider
 from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.state import ServerRow, StateStore
 from connector.adapters.vsphere import VSphereClient
+from connector.audit import FAILURE, SUCCESS, AuditLog
 from connector.config import Config
-from connector.errors import ConfigError, NotFoundError, PermanentError
-from connector.logging import register_secret
+from connector.errors import ConfigError, ConnectorError, NotFoundError, PermanentError
+from connector.logging import register_secret, scrub
+from connector.network import Proxy
 from connector.pipeline.purge import PurgeReport, PurgeSettings, purge
 from connector.pipeline.replicate import ReplicationSettings, Replicator, Reporter
-from connector.secrets import Secret
+from connector.secrets import Secret, is_credential
 from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
 
@@ -34,6 +37,30 @@ class App:
         return StateStore.at_path(self.config.state.path)
 
     @cached_property
+    def audit(self) -> AuditLog:
+        """The append-only audit log ([audit] path, default beside the state database)."""
+        return AuditLog(self.config.audit_path)
+
+    @cached_property
+    def proxy(self) -> Proxy | None:
+        return self.config.proxy()
+
+    @contextmanager
+    def audited(self, action: str, obj: str, **details: Any) -> Iterator[dict[str, Any]]:
+        """Record `action` on `obj` in the audit log with its outcome when the block ends.
+
+        The block may add details (a result) to the yielded dict.
+        """
+        extra: dict[str, Any] = {}
+        try:
+            yield extra
+        except BaseException as exc:
+            error = scrub(str(exc)) if isinstance(exc, ConnectorError) else type(exc).__name__
+            self.audit.record(action, obj, FAILURE, **details, **extra, error=error)
+            raise
+        self.audit.record(action, obj, SUCCESS, **details, **extra)
+
+    @cached_property
     def vsphere(self) -> VSphereClient:
         vc = self.config.vcenter
         password = self.config.vcenter_password()
@@ -44,6 +71,7 @@ class App:
             password=password,
             ca_file=vc.ca_file,
             thumbprint=vc.thumbprint,
+            proxy=self.proxy,
         )
 
     @cached_property
@@ -52,6 +80,8 @@ class App:
         secret = self.config.s3_secret_key()
         if secret is not None:
             register_secret(secret)
+        if s3.access_key_id:
+            register_secret(Secret(s3.access_key_id))
         return S3ObjectStore(
             bucket=s3.bucket,
             prefix=s3.prefix,
@@ -63,6 +93,7 @@ class App:
             access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
             secret_access_key=secret,
             use_fips_endpoint=s3.use_fips_endpoint,
+            proxy=self.proxy,
         )
 
     @cached_property
@@ -82,26 +113,42 @@ class App:
             access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
             secret_access_key=secret,
             use_fips_endpoint=s3.use_fips_endpoint,
+            proxy=self.proxy,
         )
 
     def key_provider(self, create: bool) -> KeyProvider:
         if self.config.store.kms_key_id is not None:
             return self.kms_provider
+        from_env = self.config.store_key_text()
+        if from_env is not None:
+            register_secret(from_env)
+            return LocalKeyProvider.from_text(from_env.reveal(), f"${self.config.store.key_env}")
         path = self.config.key_file
+        configured = self.config.store.key_file
         if create and not path.exists():
+            if configured is not None and is_credential(configured):
+                raise ConfigError(
+                    f"the store key credential {path.name} is missing from "
+                    "$CREDENTIALS_DIRECTORY; create the key file (32 random bytes, base64) "
+                    "and load it with LoadCredential="
+                )
             if self.objects.stat("config") is not None:
                 raise ConfigError(
                     f"the store key file {path} is missing but the bucket already holds a "
                     "replica store; restore the key file from your backup"
                 )
             generate_key_file(path)
+        if path.is_file():
+            register_secret(Secret(path.read_text(encoding="utf-8", errors="replace").strip()))
         return LocalKeyProvider(path)
 
     def repository(self, create: bool = False) -> Repository:
         return Repository.open(self.objects, self.key_provider(create), create=create)
 
     def replicator(self, reporter: Reporter | None = None) -> Replicator:
-        source = DatastoreHttpsSource(self.vsphere, max_request=self.config.transport.max_request)
+        source = DatastoreHttpsSource(
+            self.vsphere, max_request=self.config.transport.max_request, proxy=self.proxy
+        )
         settings = ReplicationSettings(
             enable_cbt=self.config.vcenter.enable_cbt,
             max_read=self.config.transport.max_request,
@@ -112,6 +159,7 @@ class App:
             open_repo=self._open_for_write,
             state=self.state,
             settings=settings,
+            audit=self.audit,
         )
         if reporter is not None:
             rep.reporter = reporter

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -17,8 +20,12 @@ from rich.table import Table
 
 from connector import __version__
 from connector.app import App, build
+from connector.audit import SUCCESS
+from connector.audit import verify as verify_audit
+from connector.check import run_checks
 from connector.config import config_path, load_config
-from connector.errors import ConfigError, ConnectorError, PermanentError
+from connector.daemon.api import probe_health, start_api
+from connector.errors import ConfigError, ConnectorError, PermanentError, UnreachableError
 from connector.logging import configure, scrub
 from connector.pipeline.purge import (
     GcResult,
@@ -32,6 +39,7 @@ from connector.pipeline.purge import (
 )
 from connector.pipeline.restore import restore_disk
 from connector.pipeline.verify import VerifyReport, verify_store
+from connector.policies import bucket_policy, iam_policy, is_kms_key_arn
 
 app = typer.Typer(
     add_completion=False,
@@ -54,12 +62,18 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def _run(config: Path | None, fn: Callable[[App], T]) -> T:
-    """Load the config, build the app, run `fn`; turn our errors into clear messages."""
+def _run(config: Path | None, fn: Callable[[App], T], audit_load: bool = True) -> T:
+    """Load the config, build the app, run `fn`; turn our errors into clear messages.
+
+    Every config load is recorded in the audit log (with the file's SHA-256, so a
+    changed config shows), unless `audit_load` is False.
+    """
     try:
         cfg = load_config(config_path(config))
-        configure(cfg.log.level, cfg.log.json_format)
+        configure(cfg.log.level, cfg.log.json_format, cfg.log.library_level)
         with build(cfg) as a:
+            if audit_load:
+                _audit_config_load(a)
             return fn(a)
     except ConfigError as exc:
         err.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False, soft_wrap=True)
@@ -198,8 +212,11 @@ def restore(
         server = a.resolve_server(vm, refresh=False)
         if to.exists() and to.is_file():
             raise PermanentError(f"{to} already exists; remove it or choose another path")
-        repo = a.repository()
-        with Progress(console=err, disable=as_json) as progress:
+        with (
+            a.audited("restore", f"vm {server.vm_uuid}", run=run, disk=disk, target=str(to)) as rec,
+            Progress(console=err, disable=as_json) as progress,
+        ):
+            repo = a.repository()
             task = progress.add_task(f"restore disk {disk}", total=None)
             res = restore_disk(
                 repo,
@@ -209,6 +226,7 @@ def restore(
                 to,
                 lambda done, total: progress.update(task, completed=done, total=total),
             )
+            rec["sha256"] = res.sha256
         result = {"path": str(res.path), "size": res.size, "sha256": res.sha256}
         if as_json:
             print(json.dumps(result))
@@ -351,6 +369,146 @@ def retention(
             )
         out.print(t)
 
+
+def _audit_config_load(a: App) -> None:
+    source = a.config.source
+    digest = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    a.audit.record("config.load", str(source), SUCCESS, sha256=digest, command=command)
+
+
+# ------------------------------------------------------------------- audit log
+
+audit_app = typer.Typer(no_args_is_help=True, help="The append-only audit log.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="Audit log to check (default: the configured one)."),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Check the hash chain; name the first line that was changed or removed."""
+
+    def check(path: Path) -> None:
+        result = verify_audit(path)
+        if result.ok:
+            out.print(f"{path}: {result.records} records, chain intact")
+            return
+        for problem in result.problems:
+            err.print(f"[red]broken:[/red] {problem}", highlight=False, soft_wrap=True)
+        err.print(f"{path}: the chain breaks at line {result.first_bad_line}", highlight=False)
+        raise typer.Exit(1)
+
+    if file is not None:
+        try:
+            check(file)
+        except ConfigError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        return
+    _run(config, lambda a: check(a.config.audit_path), audit_load=False)
+
+
+# -------------------------------------------------------------- policies, check
+
+
+@app.command("bucket-policy")
+def bucket_policy_cmd(config: ConfigOpt = None) -> None:
+    """Print a policy for the staging bucket that denies plain HTTP, old TLS and unencrypted puts.
+
+    The three denials: requests without TLS (aws:SecureTransport), TLS below 1.2
+    (s3:TlsVersion), and PutObject without the configured server-side encryption.
+    """
+
+    def go(a: App) -> None:
+        s3 = a.config.s3
+        if s3.sse == "aws:kms" and s3.kms_key_id and not is_kms_key_arn(s3.kms_key_id):
+            err.print(
+                "note: kms_key_id is not a key ARN, so the policy cannot pin the KMS key; "
+                "it still requires aws:kms",
+                highlight=False,
+            )
+        policy = bucket_policy(s3.bucket, s3.region, s3.sse, s3.kms_key_id)
+        print(json.dumps(policy, indent=2))
+
+    _run(config, go, audit_load=False)
+
+
+@app.command("iam-policy")
+def iam_policy_cmd(
+    config: ConfigOpt = None,
+    landing: Annotated[
+        bool, typer.Option("--landing", help="Add the EBS and EC2 actions of the landing stage.")
+    ] = False,
+) -> None:
+    """Print the least-privilege IAM policy for the connector's AWS credentials."""
+
+    def go(a: App) -> None:
+        s3 = a.config.s3
+        kms = s3.kms_key_id if s3.sse == "aws:kms" and is_kms_key_arn(s3.kms_key_id) else None
+        policy = iam_policy(s3.bucket, s3.prefix, s3.region, kms, landing=landing)
+        print(json.dumps(policy, indent=2))
+
+    _run(config, go, audit_load=False)
+
+
+@app.command("check")
+def check_cmd(
+    config: ConfigOpt = None,
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Run only this check (repeatable).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a live setup and name every missing permission.
+
+    Secrets, vCenter (TLS, login, privileges), S3 (permissions, encryption), the
+    audit log.
+    """
+
+    def go(a: App) -> int:
+        try:
+            results = run_checks(a, only or ())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if as_json:
+            print(json.dumps([asdict(r) for r in results], indent=2))
+        else:
+            marks = {"ok": "[green]ok[/green]", "failed": "[red]FAILED[/red]", "skipped": "skipped"}
+            for r in results:
+                out.print(f"{marks[r.status]:>8}  {r.name}: {r.summary}", highlight=False)
+                for line in r.details:
+                    out.print(f"            {line}", highlight=False, soft_wrap=True)
+        return sum(r.status == "failed" for r in results)
+
+    if _run(config, go):
+        raise typer.Exit(1)
+
+
+@app.command("api")
+def api_cmd(config: ConfigOpt = None) -> None:
+    """Serve the HTTPS API (the config's api section) until SIGTERM or Ctrl-C."""
+
+    def go(a: App) -> None:
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        server = start_api(a)
+        a.audit.record("api.start", server.url, SUCCESS)
+        err.print(f"serving the API on {server.url}", highlight=False)
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, previous)
+            a.audit.record("api.stop", server.url, SUCCESS)
+
     _run(config, go)
 
 
@@ -467,6 +625,26 @@ def _print_purge(results: list[RetentionResult], gc: GcResult, names: dict[str, 
             )
     for fault in gc.faults:
         err.print(f"fault: {fault}", highlight=False)
+
+
+@app.command("health")
+def health_cmd(config: ConfigOpt = None) -> None:
+    """Exit 0 when the local HTTPS API answers /healthz (the container health check)."""
+
+    def go(a: App) -> None:
+        if a.config.api is None:
+            raise ConfigError("the API is not configured (no api section): nothing to check")
+        try:
+            status = probe_health(a.config.api)
+        except (OSError, ValueError) as exc:
+            raise UnreachableError(
+                f"the API at {a.config.api.listen} does not answer: {exc}"
+            ) from None
+        if status != "ok":
+            raise PermanentError(f"the API at {a.config.api.listen} reports {status!r}")
+        out.print("ok")
+
+    _run(config, go, audit_load=False)
 
 
 def _size(n: int) -> str:

@@ -6,7 +6,7 @@ No SDK type (pyvmomi, boto3) crosses these boundaries.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from connector.domain.model import ChangedAreas, DiskInfo, SnapshotInfo, VmInfo
 
@@ -84,3 +84,17 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None:
         """Delete; deleting an absent key is not an error."""
         ...
+
+
+class Auditor(Protocol):
+    """The append-only audit log (connector.audit.AuditLog)."""
+
+    def record(
+        self,
+        action: str,
+        object: str,
+        outcome: str,
+        *,
+        actor: str | None = None,
+        **details: Any,
+    ) -> dict[str, Any]: ...

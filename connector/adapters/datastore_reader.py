@@ -33,6 +33,7 @@ from connector.errors import (
     TransientError,
     UnsupportedSourceError,
 )
+from connector.network import Proxy, https_connection
 from connector.tls import describe_ssl_error
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class DatastoreHttpsReader:
         retry: RetryPolicy | None = None,
         timeout: float = 120.0,
         description: str = "disk",
+        proxy: Proxy | None = None,
     ) -> None:
         if max_request <= 0:
             raise ValueError("max_request must be positive")
@@ -147,6 +149,7 @@ class DatastoreHttpsReader:
         self._retry = retry or RetryPolicy()
         self._timeout = timeout
         self._what = description
+        self._proxy = proxy
         self._conn: http.client.HTTPSConnection | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -218,11 +221,8 @@ class DatastoreHttpsReader:
 
     def _connection(self) -> http.client.HTTPSConnection:
         if self._conn is None:
-            self._conn = http.client.HTTPSConnection(
-                self._host,
-                self._port,
-                context=self._session.ssl_context(),
-                timeout=self._timeout,
+            self._conn = https_connection(
+                self._host, self._port, self._session.ssl_context(), self._timeout, self._proxy
             )
         return self._conn
 
@@ -332,11 +332,13 @@ class DatastoreHttpsSource:
         max_request: int = DEFAULT_MAX_REQUEST,
         retry: RetryPolicy | None = None,
         timeout: float = 120.0,
+        proxy: Proxy | None = None,
     ) -> None:
         self._session = session
         self._max_request = max_request
         self._retry = retry or RetryPolicy()
         self._timeout = timeout
+        self._proxy = proxy
 
     def open(self, vm: VmInfo, snapshot: SnapshotInfo, disk: DiskInfo) -> DatastoreHttpsReader:
         who = f"VM {vm.name!r} ({vm.uuid})"
@@ -392,6 +394,7 @@ class DatastoreHttpsSource:
             retry=self._retry,
             timeout=self._timeout,
             description=f"{flat} of {who}",
+            proxy=self._proxy,
         )
         self._check_file(reader, refuse, flat, frozen.capacity)
         return reader

@@ -41,6 +41,7 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
+from connector.network import Proxy
 from connector.secrets import Secret
 from connector.store.keys import KEY_CONTEXT_PREFIX, KEY_SIZE
 from connector.tls import describe_ssl_error
@@ -82,6 +83,7 @@ class KmsKeyProvider:
         access_key_id: Secret | None = None,
         secret_access_key: Secret | None = None,
         use_fips_endpoint: bool = False,
+        proxy: Proxy | None = None,
     ) -> None:
         if not key_id.strip():
             raise ConfigError("[store] kms_key_id is empty; give a KMS key id, ARN or alias")
@@ -95,6 +97,7 @@ class KmsKeyProvider:
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
             use_fips_endpoint=use_fips_endpoint,
+            proxy=proxy,
         )
         self.endpoint: str = self._client.meta.endpoint_url
 

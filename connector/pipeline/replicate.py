@@ -23,7 +23,7 @@ from connector.pipeline.changes import DiskPlan, plan_disk
 from connector.pipeline.commit import DiskCommit, build_manifest
 from connector.pipeline.snapshot import SNAPSHOT_PREFIX, snapshot_name, sweep_leftovers, validate
 from connector.pipeline.transfer import transfer_disk
-from connector.ports import DiskSource, Hypervisor
+from connector.ports import Auditor, DiskSource, Hypervisor
 from connector.store.repository import DEFAULT_PACK_SIZE, Repository, RunLock
 
 log = get_logger(__name__)
@@ -61,6 +61,7 @@ class Replicator:
     state: StateStore
     settings: ReplicationSettings = field(default_factory=ReplicationSettings)
     reporter: Reporter = field(default_factory=NullReporter)
+    audit: Auditor | None = None
 
     def replicate(self, vm_uuid: str, run_type: str = "ON_DEMAND") -> RunRow:
         vm = self.hv.get_vm(vm_uuid)
@@ -76,6 +77,9 @@ class Replicator:
         run_id = new_run_id()
         self.state.create_run(run_id, server.id, run_type)
         log.info("run started", run=run_id, server=server.id, vm=vm.uuid)
+        what = f"vm {vm.uuid}"
+        if self.audit is not None:
+            self.audit.record("run.start", what, "started", run=run_id, type=run_type)
         try:
             # Before any dedup lookup: purge keeps what this run may reference (docs/format.md).
             repo.write_lock(self._lock(server.id, run_id, vm))
@@ -84,10 +88,22 @@ class Replicator:
             message = scrub(str(exc)) if isinstance(exc, ConnectorError) else _describe(exc)
             self.state.fail_run(run_id, message)
             log.error("run failed", run=run_id, error=message)
+            if self.audit is not None:
+                self.audit.record("run.finish", what, "failure", run=run_id, error=message)
             raise
         finally:
             _release_lock(repo, run_id)
-        return self.state.run(run_id)
+        run = self.state.run(run_id)
+        if self.audit is not None:
+            self.audit.record(
+                "run.finish",
+                what,
+                "success",
+                run=run_id,
+                state=run.state,
+                bytes_read=sum(d.bytes_read for d in run.disks),
+            )
+        return run
 
     def _lock(self, server_id: str, run_id: str, vm: VmInfo) -> RunLock:
         bases = set()

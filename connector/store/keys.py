@@ -56,6 +56,14 @@ class LocalKeyProvider:
         master = os.urandom(KEY_SIZE)
         return master, self.wrap(master, context)
 
+    @classmethod
+    def from_text(cls, text: str, origin: str) -> LocalKeyProvider:
+        """A provider whose key is given as base64 text (from the environment)."""
+        provider = cls.__new__(cls)
+        provider.path = Path(origin)
+        provider._kek = parse_key(text, origin)
+        return provider
+
     def wrap(self, master: bytes, context: bytes) -> dict[str, Any]:
         nonce = os.urandom(NONCE_SIZE)
         ct = AESGCM(self._kek).encrypt(nonce, master, context)
@@ -93,12 +101,17 @@ def load_key_file(path: Path) -> bytes:
             f"the store key file {path} does not exist; without it the store cannot be read. "
             "Restore it from your backup, or create a new store with a new key"
         )
+    return parse_key(path.read_text(), f"the store key file {path}")
+
+
+def parse_key(text: str, origin: str) -> bytes:
+    """32 key bytes from base64 text; ConfigError naming `origin` (never the text)."""
     try:
-        key = base64.b64decode(path.read_text().strip(), validate=True)
+        key = base64.b64decode(text.strip(), validate=True)
     except ValueError:
-        raise ConfigError(f"the store key file {path} is not base64 text") from None
+        raise ConfigError(f"{origin} is not base64 text") from None
     if len(key) != KEY_SIZE:
-        raise ConfigError(f"the store key file {path} must hold 32 bytes (base64), not {len(key)}")
+        raise ConfigError(f"{origin} must hold 32 bytes (base64), not {len(key)}")
     return key
 
 
