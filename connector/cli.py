@@ -369,6 +369,8 @@ def retention(
             )
         out.print(t)
 
+    _run(config, go)
+
 
 def _audit_config_load(a: App) -> None:
     source = a.config.source
