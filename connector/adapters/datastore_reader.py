@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from connector.domain.model import DiskInfo, SnapshotInfo, VmInfo
+from connector.domain.model import DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.errors import (
     ConnectorError,
     NotFoundError,
@@ -29,7 +29,8 @@ from connector.errors import (
     TLSTrustError,
     UnsupportedSourceError,
 )
-from connector.retry import Retryable, RetryPolicy
+from connector.retry import Retryable
+from connector.retry import RetryPolicy as RetryPolicy  # re-exported: its old home
 from connector.tls import describe_ssl_error
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,10 @@ class DatastoreHttpsReader:
                 chunks.append(self._get(position, count))
                 position += count
         return b"".join(chunks)
+
+    def allocated_extents(self) -> list[Extent] | None:
+        """The datastore browser cannot tell which ranges are allocated."""
+        return None
 
     def close(self) -> None:
         with self._lock:
