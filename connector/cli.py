@@ -11,11 +11,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from connector import __version__
 from connector.app import App, build
+from connector.checks import run_checks
 from connector.config import config_path, load_config
 from connector.errors import ConfigError, ConnectorError, PermanentError
 from connector.logging import configure, scrub
@@ -205,6 +207,26 @@ def restore(
         return result
 
     _run(config, go)
+
+
+@app.command()
+def check(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Check that this connector can do its job with this config (VDDK present, ...)."""
+
+    def go(a: App) -> bool:
+        results = run_checks(a.config)
+        if as_json:
+            print(json.dumps([asdict(r) for r in results], indent=2))
+        else:
+            t = Table("check", "status", "detail")
+            colours = {"ok": "green", "fail": "red", "skip": "dim"}
+            for r in results:
+                t.add_row(escape(r.check), f"[{colours[r.status]}]{r.status}[/]", escape(r.detail))
+            out.print(t)
+        return all(r.status != "fail" for r in results)
+
+    if not _run(config, go):
+        raise typer.Exit(1)
 
 
 def _size(n: int) -> str:

@@ -50,3 +50,11 @@ def read_secret_file(path: Path, what: str) -> Secret:
                 raise ConfigError(f"the {what} file {candidate} is empty")
             return Secret(value)
     raise ConfigError(f"the {what} file {path} does not exist; create it (mode 0600)")
+
+
+def secret_file_path(path: Path) -> Path:
+    """Where `read_secret_file` finds the secret (for programs that read the file themselves)."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and not path.is_absolute() and (Path(cred_dir) / path).is_file():
+        return Path(cred_dir) / path
+    return path
