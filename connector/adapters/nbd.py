@@ -317,7 +317,10 @@ class NbdConnection:
             conn._handshake(block_status)
         except ssl.SSLError as exc:
             conn._drop()
-            raise TLSTrustError(describe_ssl_error(str(address.host), exc)) from exc
+            raise TLSTrustError(
+                f"{describe_ssl_error(str(address.host), exc)} (for NBD exports: "
+                "[transport] nbd_ca_file)"
+            ) from exc
         except OSError as exc:
             conn._drop()
             raise NbdConnectionLost(f"handshake with {address} failed: {exc}") from exc
