@@ -60,6 +60,34 @@ def nbdkit_command(
     ]
 
 
+def sweep_stale(run_dir: Path) -> list[Path]:
+    """Remove the directories of nbdkit processes that are gone (a connector killed mid-run).
+
+    nbdkit itself exits with its parent; only its socket and pid file remain.
+    """
+    removed: list[Path] = []
+    for workdir in sorted(run_dir.glob("nbdkit-*")):
+        try:
+            pid = int((workdir / PIDFILE_NAME).read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+                continue  # still running: another connector's, or not stale yet
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif time.time() - workdir.stat().st_mtime < 3600:
+            continue  # no pid file yet: maybe starting right now
+        shutil.rmtree(workdir, ignore_errors=True)
+        removed.append(workdir)
+    if removed:
+        log.info("removed %d stale nbdkit directories under %s", len(removed), run_dir)
+    return removed
+
+
 class NbdkitServer:
     """One nbdkit process serving one export on a private Unix socket."""
 
@@ -86,6 +114,7 @@ class NbdkitServer:
         """Start nbdkit and wait until it accepts connections; clean up if it does not."""
         self._run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self._run_dir, 0o700)
+        sweep_stale(self._run_dir)
         self.workdir = Path(tempfile.mkdtemp(prefix="nbdkit-", dir=self._run_dir))
         self.socket_path = self.workdir / SOCKET_NAME
         pidfile = self.workdir / PIDFILE_NAME
