@@ -210,6 +210,9 @@ class NbdkitServer:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def __enter__(self) -> NbdkitServer:
+        """Start (if not started yet); `__exit__` stops."""
+        if self.proc is None:
+            self.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -156,8 +156,6 @@ def dump_vddk_plugin(nbdkit: str, libdir: Path, timeout: float = 60.0) -> tuple[
 
 # ----------------------------------------------------------------------------- source
 
-CommandFor = Callable[[VmInfo, SnapshotInfo, DiskInfo, Path], list[str]]
-
 
 class VddkSource:
     """Serves each disk of a run through nbdkit's vddk plugin; implements `DiskSource`."""
@@ -172,12 +170,13 @@ class VddkSource:
         max_request: int = 8 * MiB,
         in_flight: int = DEFAULT_IN_FLIGHT,
         start_timeout: float = 120.0,
-        command: CommandFor | None = None,
+        rewrite: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         """`params` is called once, at the first disk (it may fetch the thumbprint).
 
-        `command` replaces the vddk command line (tests run the same lifecycle
-        with nbdkit's file plugin, since VDDK cannot be shipped).
+        `rewrite` turns the vddk command line into the one that is run: tests
+        swap the plugin for one that serves a local file, since VDDK cannot be
+        shipped, and keep the rest of the lifecycle.
         """
         self._params_factory = params
         self._params: VddkParams | None = None
@@ -187,17 +186,16 @@ class VddkSource:
         self._max_request = max_request
         self._in_flight = in_flight
         self._start_timeout = start_timeout
-        self._command = command
+        self._rewrite = rewrite
         self.servers: list[NbdkitServer] = []  # every server started (for tests and metrics)
 
     def _build(self, vm: VmInfo, snapshot: SnapshotInfo, disk: DiskInfo, sock: Path) -> list[str]:
-        if self._command is not None:
-            return self._command(vm, snapshot, disk, sock)
         if self._params is None:
             self._params = self._params_factory()
-        return vddk_command(
+        argv = vddk_command(
             self._params, vm.ref, snapshot.ref, disk.file_name, sock, self._password_file
         )
+        return self._rewrite(argv) if self._rewrite is not None else argv
 
     def open(self, vm: VmInfo, snapshot: SnapshotInfo, disk: DiskInfo) -> NbdReader:
         who = f"VM {vm.name!r} ({vm.uuid})"
