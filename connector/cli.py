@@ -52,10 +52,10 @@ def _run(config: Path | None, fn: Callable[[App], T]) -> T:
         with build(cfg) as a:
             return fn(a)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(scrub(str(exc)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ConnectorError as exc:
-        err.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(scrub(str(exc)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
