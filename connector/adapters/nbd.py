@@ -760,8 +760,8 @@ class NbdReader:
                     if unsent:
                         piece = unsent.popleft()
                         piece.buf = self._take_buffer()
-                        self._send(piece, by_handle)
                         window.append(piece)
+                        self._submit(piece, window, by_handle)
                         continue
                     extent = None if exhausted else next(source, None)
                     if extent is None:
@@ -882,6 +882,10 @@ class NbdReader:
         )
         self.retries += 1
         self._sleep(pause)
+        self._submit(piece, window, by_handle)
+
+    def _submit(self, piece: _Piece, window: deque[_Piece], by_handle: dict[int, _Piece]) -> None:
+        """Send a piece that is in the window; if the connection is gone, reconnect."""
         try:
             self._send(piece, by_handle)
         except NbdConnectionLost as exc:
@@ -891,23 +895,26 @@ class NbdReader:
         self, window: deque[_Piece], by_handle: dict[int, _Piece], exc: NbdConnectionLost
     ) -> None:
         """Open a new connection and send again every piece still waiting for data."""
-        if self._conn is not None:
-            self._conn._drop()
-            self._conn = None
-        by_handle.clear()
-        waiting = [p for p in window if not p.received]
-        worst = max((p.attempts for p in waiting), default=0)
-        if worst >= self._retry.attempts:
-            first = min(waiting, key=lambda p: p.offset)
-            raise self._failure(first, exc)
-        pause = self._retry.delay(max(worst, 1))
-        log.info(
-            "the connection to %s broke (%s); reconnecting in %.2f s", self.address, exc, pause
-        )
-        self.retries += 1
-        self._sleep(pause)
-        for piece in waiting:
-            self._send(piece, by_handle)
+        while True:
+            if self._conn is not None:
+                self._conn._drop()
+                self._conn = None
+            by_handle.clear()
+            waiting = [p for p in window if not p.received]
+            worst = max((p.attempts for p in waiting), default=0)
+            if worst >= self._retry.attempts:
+                first = min(waiting, key=lambda p: p.offset)
+                raise self._failure(first, exc)
+            pause = self._retry.delay(max(worst, 1))
+            log.info("connection to %s lost (%s); reconnecting in %.2f s", self.address, exc, pause)
+            self.retries += 1
+            self._sleep(pause)
+            try:
+                for piece in waiting:
+                    self._send(piece, by_handle)
+                return
+            except NbdConnectionLost as again:
+                exc = again
 
     def _failure(self, piece: _Piece, error: Exception) -> Exception:
         text = (

@@ -172,7 +172,8 @@ def test_a_lost_connection_is_reopened(image, tmp_path, nbd_servers):
     r = NbdReader(address, description="disk 2000", retry=FAST, max_request=MiB, in_flight=4)
     stream = r.read_extents(Extent(o, MiB) for o in range(0, 16 * MiB, MiB))
     got = [next(stream)[1]]
-    first.stop()  # the server goes away with requests in flight
+    first.proc.kill()  # the server dies with requests in flight
+    first.proc.wait()
     first.socket_path.unlink(missing_ok=True)
     second = start_nbdkit(image, tmp_path, extra=[])
     nbd_servers.append(second)

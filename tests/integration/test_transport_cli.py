@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from typer.testing import CliRunner
 
 from connector.app import App
@@ -39,6 +40,17 @@ def s3_section(moto: Any, bucket: str, workdir: Path) -> str:
         "secret_access_key_file": str(secret),
     }
     return "[s3]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items())
+
+
+@pytest.fixture
+def in_process_cli() -> Any:
+    """typer's runner; the CLI configures logging to the runner's stream, so the
+    logging configuration is put back afterwards."""
+    saved = structlog.get_config()
+    try:
+        yield CliRunner()
+    finally:
+        structlog.configure(**saved)
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -99,10 +111,12 @@ def test_cli_replicates_and_restores_a_local_vm(
     assert out.stat().st_size == 8 * MiB
 
 
-def test_cli_rejects_a_config_whose_transport_does_not_fit(tmp_path: Path) -> None:
+def test_cli_rejects_a_config_whose_transport_does_not_fit(
+    tmp_path: Path, in_process_cli: CliRunner
+) -> None:
     config = tmp_path / "connector.toml"
     config.write_text('[s3]\nbucket = "b-1-2"\n[transport]\nkind = "local"\n')
-    result = CliRunner().invoke(cli_app, ["vms", "--config", str(config)])
+    result = in_process_cli.invoke(cli_app, ["vms", "--config", str(config)])
     assert result.exit_code == 2
     # the message keeps its [section] names (they are not taken for markup)
     assert "[transport] kind = 'local' reads the VMs of [local]" in result.stderr
@@ -134,7 +148,7 @@ def test_check_says_vddk_is_missing_and_replicate_refuses_before_any_snapshot(
         app.close()
 
 
-def test_check_passes_with_nothing_to_check(tmp_path: Path) -> None:
+def test_check_passes_with_nothing_to_check(tmp_path: Path, in_process_cli: CliRunner) -> None:
     image = tmp_path / "vda.img"
     write_sparse_image(image, MiB, [])
     config = tmp_path / "connector.toml"
@@ -142,6 +156,6 @@ def test_check_passes_with_nothing_to_check(tmp_path: Path) -> None:
         '[s3]\nbucket = "b-1-2"\n[transport]\nkind = "local"\n'
         '[[local.vms]]\nname = "v"\nquiescent = true\n[[local.vms.disks]]\npath = "vda.img"\n'
     )
-    result = CliRunner().invoke(cli_app, ["check", "--config", str(config)])
+    result = in_process_cli.invoke(cli_app, ["check", "--config", str(config)])
     assert result.exit_code == 0, result.stderr
     assert "skip" in result.stdout and "transport is 'local'" in result.stdout
