@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from connector.adapters.nbd import NbdAddress, NbdConnection, NbdReader
+from connector.adapters.nbd import NbdAddress, NbdConnection, NbdConnectionLost, NbdReader
 from connector.domain.model import ChangedAreas, DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.errors import (
     ChangeIdRefused,
@@ -37,6 +37,7 @@ from connector.errors import (
     NotFoundError,
     PermanentError,
     TransientError,
+    UnreachableError,
 )
 from connector.logging import scrub
 from connector.retry import Retryable, RetryPolicy
@@ -211,11 +212,17 @@ class LocalHypervisor:
     """The `Hypervisor` port over VMs defined in config (no vCenter, no CBT)."""
 
     def __init__(
-        self, vms: Sequence[LocalVmSpec], state_dir: Path, *, nbd_timeout: float = 30.0
+        self,
+        vms: Sequence[LocalVmSpec],
+        state_dir: Path,
+        *,
+        nbd_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._vms = {vm.uuid: vm for vm in vms}
         self._markers = state_dir / "local-snapshots"
         self._nbd_timeout = nbd_timeout
+        self._retry = retry or RetryPolicy()
 
     def spec(self, uuid: str) -> LocalVmSpec:
         try:
@@ -304,12 +311,21 @@ class LocalHypervisor:
         )
 
     def _measure(self, disk: LocalDiskSpec, path: Path | None) -> int:
-        if disk.nbd is not None:
-            conn = NbdConnection.open(disk.nbd, timeout=self._nbd_timeout, block_status=False)
-            try:
-                return conn.size
-            finally:
-                conn.close()
+        nbd = disk.nbd
+        if nbd is not None:
+
+            def size() -> int:
+                conn = NbdConnection.open(nbd, timeout=self._nbd_timeout, block_status=False)
+                try:
+                    return conn.size
+                finally:
+                    conn.close()
+
+            return self._retry.call(
+                size,
+                f"disk {disk.key}: reaching the NBD export {nbd}",
+                retryable=(UnreachableError, NbdConnectionLost),
+            )
         assert path is not None
         try:
             return local_size(path)
