@@ -13,17 +13,28 @@ from typing import Any
 
 from connector.adapters.datastore_reader import DatastoreHttpsSource
 from connector.adapters.kms import KmsKeyProvider
+from connector.adapters.local import (
+    LocalDiskSource,
+    LocalDiskSpec,
+    LocalHypervisor,
+    LocalVmSpec,
+    local_vm_uuid,
+)
+from connector.adapters.nbd import parse_nbd_uri
 from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.state import ServerRow, StateStore
+from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
 from connector.audit import FAILURE, SUCCESS, AuditLog
+from connector.checks import check_vddk
 from connector.config import Config
 from connector.errors import ConfigError, ConnectorError, NotFoundError, PermanentError
 from connector.logging import register_secret, scrub
 from connector.network import Proxy
 from connector.pipeline.purge import PurgeReport, PurgeSettings, purge
 from connector.pipeline.replicate import ReplicationSettings, Replicator, Reporter
-from connector.secrets import Secret, is_credential
+from connector.ports import DiskSource, Hypervisor
+from connector.secrets import Secret, is_credential, secret_file_path
 from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
 
@@ -62,7 +73,7 @@ class App:
 
     @cached_property
     def vsphere(self) -> VSphereClient:
-        vc = self.config.vcenter
+        vc = self.config.require_vcenter()
         password = self.config.vcenter_password()
         register_secret(password)
         return VSphereClient(
@@ -145,16 +156,85 @@ class App:
     def repository(self, create: bool = False) -> Repository:
         return Repository.open(self.objects, self.key_provider(create), create=create)
 
-    def replicator(self, reporter: Reporter | None = None) -> Replicator:
-        source = DatastoreHttpsSource(
-            self.vsphere, max_request=self.config.transport.max_request, proxy=self.proxy
+    @cached_property
+    def hypervisor(self) -> Hypervisor:
+        """vCenter, or the VMs of [local] for the local and nbd transports."""
+        if self.config.transport.kind in ("local", "nbd"):
+            return self.local
+        return self.vsphere
+
+    @cached_property
+    def local(self) -> LocalHypervisor:
+        return LocalHypervisor(local_specs(self.config), self.config.state_dir)
+
+    def disk_source(self) -> DiskSource:
+        """The transport of the config: how disks are read."""
+        t = self.config.transport
+        kind = t.kind
+        if kind in ("local", "nbd"):
+            return LocalDiskSource(self.local, max_request=t.max_request, in_flight=t.in_flight)
+        if kind == "vddk":
+            return self.vddk_source()
+        return DatastoreHttpsSource(self.vsphere, max_request=t.max_request, proxy=self.proxy)
+
+    def vddk_source(self) -> VddkSource:
+        t = self.config.transport
+        vddk = t.vddk
+        assert vddk is not None
+        failed = [r for r in check_vddk(self.config) if r.status == "fail"]
+        if failed:
+            raise ConfigError(
+                "the vddk transport cannot run: "
+                + "; ".join(f"{r.check}: {r.detail}" for r in failed)
+                + " (see `connector check` and docs/transports.md)"
+            )
+        vc = self.config.require_vcenter()
+        register_secret(self.config.vcenter_password())
+        if vc.password_file is None:
+            raise ConfigError(
+                "the vddk transport hands the vCenter password to nbdkit as a file "
+                "(password=+FILE): set [vcenter] password_file (a file or credential:NAME) "
+                "instead of password_env"
+            )
+
+        def params() -> VddkParams:
+            client = self.vsphere
+            thumbprint = vddk.thumbprint
+            if thumbprint is None:
+                thumbprint = sha1_thumbprint(client.host, client.port, client.ssl_context())
+            return VddkParams(
+                libdir=vddk.libdir,
+                server=vddk.server or client.host,
+                port=vddk.port or client.port,
+                user=vc.user,
+                thumbprint=thumbprint,
+                transports=tuple(vddk.transports),
+                config_file=vddk.config_file,
+                nbdkit=vddk.nbdkit,
+            )
+
+        return VddkSource(
+            params,
+            secret_file_path(vc.password_file),
+            self.config.state_dir / "nbd",
+            max_request=t.max_request,
+            in_flight=t.in_flight,
+            start_timeout=vddk.start_timeout,
         )
+
+    def replicator(self, reporter: Reporter | None = None) -> Replicator:
+        kind = self.config.transport.kind
+        source = self.disk_source()
+        vcenter = self.config.vcenter
         settings = ReplicationSettings(
-            enable_cbt=self.config.vcenter.enable_cbt,
+            enable_cbt=vcenter.enable_cbt
+            if vcenter is not None and kind in ("datastore-https", "vddk")
+            else False,
             max_read=self.config.transport.max_request,
+            needs_no_foreign_snapshots=kind == "datastore-https",
         )
         rep = Replicator(
-            hv=self.vsphere,
+            hv=self.hypervisor,
             source=source,
             open_repo=self._open_for_write,
             state=self.state,
@@ -188,7 +268,7 @@ class App:
         return matches[0]
 
     def refresh_catalog(self) -> list[ServerRow]:
-        vms = self.vsphere.list_vms()
+        vms = self.hypervisor.list_vms()
         rows = [self.state.upsert_server(vm) for vm in vms]
         self.state.mark_removed({vm.uuid for vm in vms})
         return rows
@@ -230,6 +310,8 @@ class App:
     def close(self) -> None:
         if "kms_provider" in self.__dict__:
             self.kms_provider.close()
+        if "local" in self.__dict__:
+            self.local.close()
         if "vsphere" in self.__dict__:
             self.vsphere.close()
         if "state" in self.__dict__:
@@ -243,3 +325,27 @@ def build(config: Config) -> Iterator[App]:
         yield app
     finally:
         app.close()
+
+
+def local_specs(config: Config) -> list[LocalVmSpec]:
+    """The VMs of [local], as the local adapter takes them."""
+    ca_file = config.transport.nbd_ca_file
+    specs = []
+    for vm in config.local.vms:
+        disks = []
+        for disk, key in zip(vm.disks, vm.disk_keys(), strict=True):
+            nbd = parse_nbd_uri(disk.nbd, ca_file) if disk.nbd is not None else None
+            label = disk.label or str(disk.path if disk.path is not None else disk.nbd)
+            disks.append(LocalDiskSpec(key, label, disk.path, disk.snapshot_path, nbd))
+        specs.append(
+            LocalVmSpec(
+                name=vm.name,
+                uuid=vm.uuid or local_vm_uuid(vm.name),
+                disks=tuple(disks),
+                quiescent=vm.quiescent,
+                snapshot_command=tuple(vm.snapshot_command) if vm.snapshot_command else None,
+                release_command=tuple(vm.release_command) if vm.release_command else None,
+                hook_timeout=vm.hook_timeout,
+            )
+        )
+    return specs

@@ -109,6 +109,8 @@ def _secrets(app: App) -> CheckResult:
 
 @register("vcenter.connect", "vCenter is reachable over verified TLS 1.2+ and accepts the login")
 def _vcenter_connect(app: App) -> CheckResult:
+    if app.config.vcenter is None:
+        return CheckResult("skipped", f"no [vcenter] (transport {app.config.transport.kind!r})")
     vms = app.vsphere.list_vms()
     ctx = app.vsphere.ssl_context()
     via = f" through the proxy {app.vsphere.proxy.url}" if app.vsphere.proxy else ""
@@ -121,6 +123,8 @@ def _vcenter_connect(app: App) -> CheckResult:
 
 @register("vcenter.privileges", "the vCenter user holds the connector's privileges")
 def _vcenter_privileges(app: App) -> CheckResult:
+    if app.config.vcenter is None:
+        return CheckResult("skipped", f"no [vcenter] (transport {app.config.transport.kind!r})")
     needed = vcenter_privileges(app.config.vcenter.enable_cbt, app.config.transport.kind)
     missing = app.vsphere.missing_privileges({p: where for p, (where, _) in needed.items()})
     if not missing:
@@ -186,3 +190,19 @@ def _audit(app: App) -> CheckResult:
             details=result.problems[1:],
         )
     return CheckResult("ok", f"{path}: {result.records} records, chain intact")
+
+
+@register("transport.vddk", "nbdkit, its vddk plugin and the VDDK library are present and load")
+def _vddk(app: App) -> CheckResult:
+    from connector.checks import check_vddk
+
+    results = check_vddk(app.config)
+    if all(r.status == "skip" for r in results):
+        return CheckResult("skipped", "; ".join(r.detail for r in results))
+    failed = [r for r in results if r.status == "fail"]
+    lines = [f"{r.check}: {r.status}: {r.detail}" for r in results]
+    if failed:
+        return CheckResult(
+            "failed", "; ".join(f"{r.check}: {r.detail}" for r in failed), details=lines
+        )
+    return CheckResult("ok", "VDDK is present and loads", details=lines)

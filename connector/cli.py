@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -76,10 +77,10 @@ def _run(config: Path | None, fn: Callable[[App], T], audit_load: bool = True) -
                 _audit_config_load(a)
             return fn(a)
     except ConfigError as exc:
-        err.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(scrub(str(exc)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ConnectorError as exc:
-        err.print(f"[red]error:[/red] {scrub(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(scrub(str(exc)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

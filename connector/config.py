@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -216,9 +217,117 @@ class AuditConfig(_Section):
     path: Path | None = None  # default: audit.jsonl beside the state database
 
 
+TransportKind = Literal["datastore-https", "vddk", "nbd", "local"]
+VddkTransportMode = Literal["file", "san", "hotadd", "nbdssl"]
+_SHA1_THUMB_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){19}$")
+
+
+class VddkConfig(_Section):
+    """How nbdkit's vddk plugin reaches vCenter (see docs/transports.md)."""
+
+    libdir: Path  # the unpacked VDDK distribution (holds lib64/libvixDiskLib.so.*)
+    server: str | None = None  # default: the host of [vcenter] url
+    port: int | None = Field(default=None, ge=1, le=65535)  # default: the port of that url
+    thumbprint: str | None = None  # SHA-1; default: from vCenter's verified certificate
+    transports: tuple[VddkTransportMode, ...] = Field(
+        default=("file", "san", "hotadd", "nbdssl"), min_length=1
+    )
+    config_file: Path | None = None  # a VDDK config file (log levels, timeouts)
+    nbdkit: str = "nbdkit"  # the nbdkit program
+    start_timeout: float = Field(default=120.0, gt=0)
+
+    @field_validator("transports", mode="before")
+    @classmethod
+    def _no_plain_nbd(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.split(":")
+        if isinstance(v, list | tuple) and "nbd" in v:
+            raise ValueError(
+                "[transport.vddk] transports must not include plain 'nbd': it sends disk data "
+                "unencrypted; use 'nbdssl'"
+            )
+        return v
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _sha1(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA1_THUMB_RE.match(v.strip()):
+            raise ValueError(
+                "[transport.vddk] thumbprint is the SHA-1 fingerprint VDDK expects: 20 hex "
+                "pairs separated by colons (leave it out to take it from vCenter's verified "
+                "certificate)"
+            )
+        return None if v is None else v.strip().upper()
+
+
 class TransportConfig(_Section):
-    kind: Literal["datastore-https"] = "datastore-https"
+    kind: TransportKind = "datastore-https"
     max_request: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
+    in_flight: int = Field(default=8, ge=1, le=64)  # NBD requests in flight (nbd, vddk)
+    nbd_ca_file: Path | None = None  # CA bundle for nbds:// exports; default: system store
+    vddk: VddkConfig | None = None
+
+
+class LocalDiskConfig(_Section):
+    key: int | None = Field(default=None, ge=0)  # default: 2000 + position
+    label: str | None = None
+    path: Path | None = None  # raw image or block device (transport "local")
+    snapshot_path: Path | None = None  # read this while the snapshot exists
+    nbd: str | None = None  # NBD URI (transport "nbd")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LocalDiskConfig:
+        if (self.path is None) == (self.nbd is None):
+            raise ValueError("a disk takes either path (a file or block device) or nbd (a URI)")
+        if self.snapshot_path is not None and self.path is None:
+            raise ValueError("snapshot_path goes with path, not with nbd")
+        if self.nbd is not None:
+            from connector.adapters.nbd import parse_nbd_uri
+
+            try:
+                parse_nbd_uri(self.nbd)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+
+class LocalVmConfig(_Section):
+    name: str = Field(min_length=1)
+    uuid: str | None = None  # default: derived from the name
+    quiescent: bool = False  # nothing writes to the disks during a run: read them as they are
+    snapshot_command: list[str] | None = Field(default=None, min_length=1)
+    release_command: list[str] | None = Field(default=None, min_length=1)
+    hook_timeout: float = Field(default=600.0, gt=0)
+    disks: list[LocalDiskConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LocalVmConfig:
+        if not self.quiescent and self.snapshot_command is None:
+            raise ValueError(
+                f"local VM {self.name!r} needs a snapshot_command, or quiescent = true when "
+                "nothing writes to its disks during a run"
+            )
+        keys = self.disk_keys()
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"local VM {self.name!r} has two disks with the same key")
+        return self
+
+    def disk_keys(self) -> list[int]:
+        return [d.key if d.key is not None else 2000 + i for i, d in enumerate(self.disks)]
+
+
+class LocalConfig(_Section):
+    vms: list[LocalVmConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> LocalConfig:
+        names = [vm.name for vm in self.vms]
+        if len(set(names)) != len(names):
+            raise ValueError("[local] has two VMs with the same name")
+        uuids = [vm.uuid for vm in self.vms if vm.uuid]
+        if len(set(uuids)) != len(uuids):
+            raise ValueError("[local] has two VMs with the same uuid")
+        return self
 
 
 class LogConfig(_Section):
@@ -229,17 +338,56 @@ class LogConfig(_Section):
 
 
 class Config(_Section):
-    vcenter: VCenterConfig
+    vcenter: VCenterConfig | None = None  # required by the datastore-https and vddk transports
     s3: S3Config
     state: StateConfig = StateConfig()
     store: StoreConfig = StoreConfig()
     transport: TransportConfig = TransportConfig()
+    local: LocalConfig = LocalConfig()
     log: LogConfig = LogConfig()
     retention: RetentionConfig = RetentionConfig()
     network: NetworkConfig = NetworkConfig()
     api: ApiConfig | None = None
     audit: AuditConfig = AuditConfig()
     source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _transport_fits(self) -> Config:
+        kind = self.transport.kind
+        if kind in ("datastore-https", "vddk"):
+            if self.vcenter is None:
+                raise ValueError(f"[transport] kind = {kind!r} reads from vCenter: add [vcenter]")
+            if self.local.vms:
+                raise ValueError(
+                    "[local] vms are read only by the 'local' and 'nbd' transports; set "
+                    "[transport] kind to one of them, or remove [local]"
+                )
+        if kind == "vddk" and self.transport.vddk is None:
+            raise ValueError(
+                "[transport] kind = 'vddk' needs [transport.vddk] with libdir (the unpacked "
+                "VDDK); see docs/transports.md"
+            )
+        if kind != "vddk" and self.transport.vddk is not None:
+            raise ValueError("[transport.vddk] is used only with [transport] kind = 'vddk'")
+        if kind in ("local", "nbd"):
+            if not self.local.vms:
+                raise ValueError(
+                    f"[transport] kind = {kind!r} reads the VMs of [local]; define at least "
+                    "one [[local.vms]] with its [[local.vms.disks]]"
+                )
+            field_name = "path" if kind == "local" else "nbd"
+            for vm in self.local.vms:
+                for i, disk in enumerate(vm.disks):
+                    if getattr(disk, field_name) is None:
+                        raise ValueError(
+                            f"local VM {vm.name!r} disk {i + 1}: [transport] kind = {kind!r} "
+                            f"reads each disk from its {field_name!r}"
+                        )
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state.path.parent
 
     @property
     def key_file(self) -> Path:
@@ -252,8 +400,16 @@ class Config(_Section):
         return self.audit.path or self.state.path.parent / "audit.jsonl"
 
     def vcenter_password(self) -> Secret:
-        vc = self.vcenter
+        vc = self.require_vcenter()
         return load_secret(vc.password_file, vc.password_env, "vCenter password")
+
+    def require_vcenter(self) -> VCenterConfig:
+        if self.vcenter is None:
+            raise ConfigError(
+                f"this needs vCenter, but the config has no [vcenter] (transport "
+                f"{self.transport.kind!r})"
+            )
+        return self.vcenter
 
     def s3_secret_key(self) -> Secret | None:
         s3 = self.s3
@@ -309,6 +465,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     base = path.parent
     _resolve_paths(raw, base)
+    _resolve_nested_paths(raw, base)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -365,3 +522,26 @@ def _resolve_paths(raw: dict[str, object], base: Path) -> None:
                     f"[{section}] {key} cannot be a systemd credential; give a file path"
                 )
             sec[key] = str(base / value)
+
+
+def _resolve_nested_paths(raw: dict[str, object], base: Path) -> None:
+    """Relative paths in [transport.vddk] and [[local.vms.disks]], like the others."""
+
+    def fix(section: object, keys: tuple[str, ...]) -> None:
+        if not isinstance(section, dict):
+            return
+        for key in keys:
+            value = section.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                section[key] = str(base / value)
+
+    transport = raw.get("transport")
+    if isinstance(transport, dict):
+        fix(transport, ("nbd_ca_file",))
+        fix(transport.get("vddk"), ("libdir", "config_file"))
+    local = raw.get("local")
+    vms = local.get("vms") if isinstance(local, dict) else None
+    for vm in vms if isinstance(vms, list) else []:
+        disks = vm.get("disks") if isinstance(vm, dict) else None
+        for disk in disks if isinstance(disks, list) else []:
+            fix(disk, ("path", "snapshot_path"))

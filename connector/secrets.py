@@ -118,3 +118,14 @@ def load_secret(file: Path | str | None, env: str | None, what: str) -> Secret:
     if env is not None:
         return read_secret_env(env, what)
     raise ConfigError(f"no source is configured for the {what}")
+
+
+def secret_file_path(path: Path | str) -> Path:
+    """Where `read_secret_file` finds the secret (for programs that read the file themselves)."""
+    if is_credential(path):
+        return resolve_secret_path(path, "secret")
+    path = Path(path)
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and not path.is_absolute() and (Path(cred_dir) / path).is_file():
+        return Path(cred_dir) / path
+    return path

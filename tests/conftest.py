@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.harness.fixtures_vcsim",
     "tests.harness.fixtures_s3",
     "tests.harness.fixtures_tls",
+    "tests.harness.nbd",
 ]

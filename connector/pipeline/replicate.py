@@ -19,10 +19,10 @@ from connector.adapters.state import DiskStateRow, RunDiskRow, RunRow, StateStor
 from connector.domain.model import SnapshotInfo, VmInfo
 from connector.errors import ConnectorError, NotFoundError
 from connector.logging import get_logger, scrub
-from connector.pipeline.changes import DiskPlan, plan_disk
+from connector.pipeline.changes import DiskPlan, plan_disk, skip_unallocated
 from connector.pipeline.commit import DiskCommit, build_manifest
 from connector.pipeline.snapshot import SNAPSHOT_PREFIX, snapshot_name, sweep_leftovers, validate
-from connector.pipeline.transfer import transfer_disk
+from connector.pipeline.transfer import allocated_extents, transfer_disk
 from connector.ports import Auditor, DiskSource, Hypervisor
 from connector.store.repository import DEFAULT_PACK_SIZE, Repository, RunLock
 
@@ -183,6 +183,11 @@ class Replicator:
             new_before, dedup_before = writer.blocks_new, writer.blocks_dedup
             reader = self.source.open(vm, snap, disk)
             try:
+                plan = skip_unallocated(plan, allocated_extents(reader))
+                compare_with = None
+                if plan.mode == "compare" and plan.base_run is not None:
+                    base = repo.read_manifest(server_id, plan.base_run, disk.key)
+                    compare_with = repo.resolve_map(base)
                 result = transfer_disk(
                     reader,
                     writer,
@@ -191,10 +196,13 @@ class Replicator:
                     repo.block_size,
                     self.settings.max_read,
                     functools.partial(rep.disk_progress, run_id, disk.key),
+                    compare_with=compare_with,
                 )
             finally:
                 reader.close()
             row = _run_disk_row(run_id, plan, result.bytes_read, result.blocks_zero)
+            if compare_with is not None:
+                row.bytes_changed = result.bytes_changed
             row.blocks_new = writer.blocks_new - new_before
             row.blocks_dedup = writer.blocks_dedup - dedup_before
             row.bytes_uploaded = writer.bytes_stored - stored_before

@@ -33,7 +33,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, GOOD))
-    assert cfg.vcenter.password_file == tmp_path / "vc.password"
+    assert cfg.require_vcenter().password_file == tmp_path / "vc.password"
     assert cfg.state.path == tmp_path / "state" / "state.db"
     assert cfg.key_file == tmp_path / "state" / "store.key"
     assert cfg.s3.sse == "AES256"

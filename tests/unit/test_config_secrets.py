@@ -59,7 +59,7 @@ pytestmark = pytest.mark.usefixtures("no_proxy_env")
 def test_password_from_a_file_relative_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "vc.password").write_text(PASSWORD + "\n")
     cfg = load_config(write(tmp_path, 'password_file = "vc.password"'))
-    assert cfg.vcenter.password_file == tmp_path / "vc.password"
+    assert cfg.require_vcenter().password_file == tmp_path / "vc.password"
     assert cfg.vcenter_password() == Secret(PASSWORD)
 
 

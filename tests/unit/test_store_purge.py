@@ -170,7 +170,7 @@ def test_keep_zero_keeps_every_run(env: Env) -> None:
 
 def test_a_full_manifest_releases_the_bases_before_it(env: Env) -> None:
     uuid, _runs, _shas = three_runs(env)
-    env.hv.vms[uuid].disks[2000].cbt = False  # the next run reads in full, with no base
+    env.hv.vms[uuid].disks[2000].uuid = "replaced-disk"  # a full read, with no base
     env.write_blocks(uuid, blocks(random.Random(9), 5))
     run4 = env.replicate(uuid)
     assert run4.disks[0].mode == "full"
