@@ -129,12 +129,14 @@ def test_check_says_vddk_is_missing_and_replicate_refuses_before_any_snapshot(
     libdir = tmp_path / "vmware-vix-disklib-distrib"
     extra = f'[transport]\nkind = "vddk"\n[transport.vddk]\nlibdir = {_toml(str(libdir))}\n'
     env = write_config(tmp_path / "connector", vcsim, moto, s3_bucket, extra=extra)
-    proc = env.cli("check")
+    proc = env.cli("check", "--only", "transport.vddk")
     assert proc.returncode == 1
     assert "VDDK is missing" in proc.stdout and str(libdir) in proc.stdout.replace("\n", "")
-    results = {r["check"]: r for r in json.loads(env.cli("check", "--json").stdout)}
-    assert results["vddk: VDDK library"]["status"] == "fail"
-    assert results["vddk: nbdkit"]["status"] == "ok"
+    results = {r["name"]: r for r in json.loads(env.cli("check", "--json").stdout)}
+    vddk = results["transport.vddk"]
+    assert vddk["status"] == "failed"
+    assert any(d.startswith("vddk: VDDK library: fail") for d in vddk["details"])
+    assert any(d.startswith("vddk: nbdkit: ok") for d in vddk["details"])
 
     uuid = vcsim.add_vm("vddk-missing", [4 * MiB])
     proc = env.cli("replicate", "vddk-missing")
@@ -156,6 +158,8 @@ def test_check_passes_with_nothing_to_check(tmp_path: Path, in_process_cli: CliR
         '[s3]\nbucket = "b-1-2"\n[transport]\nkind = "local"\n'
         '[[local.vms]]\nname = "v"\nquiescent = true\n[[local.vms.disks]]\npath = "vda.img"\n'
     )
-    result = in_process_cli.invoke(cli_app, ["check", "--config", str(config)])
+    result = in_process_cli.invoke(
+        cli_app, ["check", "--only", "transport.vddk", "--config", str(config)]
+    )
     assert result.exit_code == 0, result.stderr
-    assert "skip" in result.stdout and "transport is 'local'" in result.stdout
+    assert "skipped" in result.stdout and "transport is 'local'" in result.stdout
