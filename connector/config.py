@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -11,7 +12,15 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from connector.errors import ConfigError
-from connector.secrets import Secret, read_secret_file
+from connector.network import Proxy, make_proxy, parse_proxy_url, split_no_proxy
+from connector.secrets import (
+    CREDENTIAL_PREFIX,
+    Secret,
+    is_credential,
+    load_secret,
+    read_secret_env,
+    resolve_secret_path,
+)
 from connector.tls import normalize_thumbprint
 
 DEFAULT_CONFIG = Path("/etc/connector/connector.toml")
@@ -38,7 +47,8 @@ def _no_userinfo(url: str, field_name: str) -> str:
 class VCenterConfig(_Section):
     url: str
     user: str
-    password_file: Path
+    password_file: Path | None = None  # a file, or credential:NAME (systemd LoadCredential=)
+    password_env: str | None = None  # or the name of an environment variable
     ca_file: Path | None = None
     thumbprint: str | None = None
     enable_cbt: bool = True
@@ -63,6 +73,11 @@ class VCenterConfig(_Section):
     def _trust(self) -> VCenterConfig:
         if self.ca_file is not None and self.thumbprint is not None:
             raise ValueError("[vcenter] takes ca_file or thumbprint, not both")
+        if (self.password_file is None) == (self.password_env is None):
+            raise ValueError(
+                "[vcenter] needs exactly one of password_file (a file or credential:NAME) "
+                "and password_env (an environment variable name)"
+            )
         return self
 
 
@@ -76,9 +91,10 @@ class S3Config(_Section):
     kms_key_id: str | None = None
     use_fips_endpoint: bool = False
     access_key_id: str | None = None
-    secret_access_key_file: Path | None = None
     multipart_threshold: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
     multipart_part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    secret_access_key_file: Path | None = None  # a file, or credential:NAME
+    secret_access_key_env: str | None = None  # or an environment variable name
 
     @field_validator("endpoint_url")
     @classmethod
@@ -95,10 +111,13 @@ class S3Config(_Section):
 
     @model_validator(mode="after")
     def _keys(self) -> S3Config:
-        if (self.access_key_id is None) != (self.secret_access_key_file is None):
+        if self.secret_access_key_file is not None and self.secret_access_key_env is not None:
+            raise ValueError("[s3] takes secret_access_key_file or secret_access_key_env, not both")
+        has_secret = (self.secret_access_key_file or self.secret_access_key_env) is not None
+        if (self.access_key_id is None) == has_secret:
             raise ValueError(
-                "[s3] access_key_id and secret_access_key_file go together (or leave both "
-                "out to use the AWS default credential chain)"
+                "[s3] access_key_id and secret_access_key_file (or secret_access_key_env) go "
+                "together (or leave both out to use the AWS default credential chain)"
             )
         if self.sse == "aws:kms" and not self.kms_key_id:
             raise ValueError("[s3] sse = 'aws:kms' needs kms_key_id")
@@ -112,12 +131,207 @@ class StateConfig(_Section):
 
 
 class StoreConfig(_Section):
-    key_file: Path | None = None  # default: key.b64 beside the state database
+    key_file: Path | None = None  # default: store.key beside the state database
+    key_env: str | None = None  # or the key's base64 text in an environment variable
+    # AWS KMS instead of a key file: the master key is a KMS data key, stored wrapped.
+    kms_key_id: str | None = None
+    kms_region: str | None = None  # default: [s3] region
+    kms_endpoint_url: str | None = None  # default: [s3] endpoint_url
+    kms_ca_file: Path | None = None  # default: [s3] ca_file
+
+    @field_validator("kms_endpoint_url")
+    @classmethod
+    def _kms_endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else _no_userinfo(v, "[store] kms_endpoint_url")
+
+    @model_validator(mode="after")
+    def _one_provider(self) -> StoreConfig:
+        if self.key_file is not None and self.key_env is not None:
+            raise ValueError("[store] takes key_file or key_env, not both")
+        if self.kms_key_id is not None and not self.kms_key_id.strip():
+            raise ValueError("[store] kms_key_id is empty; give a KMS key id, ARN or alias")
+        if self.kms_key_id is not None and self.key_file is not None:
+            raise ValueError("[store] takes key_file or kms_key_id, not both")
+        if self.kms_key_id is not None and self.key_env is not None:
+            raise ValueError("[store] takes key_env or kms_key_id, not both")
+        kms_only = (self.kms_region, self.kms_endpoint_url, self.kms_ca_file)
+        if self.kms_key_id is None and any(v is not None for v in kms_only):
+            raise ValueError("[store] kms_region, kms_endpoint_url and kms_ca_file need kms_key_id")
+        return self
+
+
+class RetentionConfig(_Section):
+    # Runs to keep per VM when no per-VM setting exists (`connector retention`); 0 keeps all.
+    keep: int = Field(default=0, ge=0)
+    # A run lock older than this is reported as stale (`connector purge --break-stale-locks`).
+    stale_lock_hours: float = Field(default=24.0, gt=0)
+
+
+class NetworkConfig(_Section):
+    """The corporate proxy. Unset: the https_proxy/no_proxy environment variables."""
+
+    https_proxy: str | None = None  # http://proxy.example.com:3128 (CONNECT)
+    no_proxy: list[str] | None = None  # hosts, .domains, IPs or CIDR networks
+    proxy_ca_file: Path | None = None  # the CA of a TLS-inspecting proxy
+
+    @field_validator("https_proxy")
+    @classmethod
+    def _proxy_url(cls, v: str | None) -> str | None:
+        if v:
+            try:
+                parse_proxy_url(v, "[network] https_proxy")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return v or None
+
+
+class ApiConfig(_Section):
+    """The connector's own HTTPS API (TLS 1.2+, bearer token)."""
+
+    listen: str = "127.0.0.1:8443"
+    cert_file: Path
+    key_file: Path
+    token_file: Path | None = None  # a file, or credential:NAME
+    token_env: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("[api] listen must be host:port, e.g. 127.0.0.1:8443")
+        return v
+
+    @model_validator(mode="after")
+    def _token(self) -> ApiConfig:
+        if (self.token_file is None) == (self.token_env is None):
+            raise ValueError("[api] needs exactly one of token_file and token_env")
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class AuditConfig(_Section):
+    path: Path | None = None  # default: audit.jsonl beside the state database
+
+
+TransportKind = Literal["datastore-https", "vddk", "nbd", "local"]
+VddkTransportMode = Literal["file", "san", "hotadd", "nbdssl"]
+_SHA1_THUMB_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){19}$")
+
+
+class VddkConfig(_Section):
+    """How nbdkit's vddk plugin reaches vCenter (see docs/transports.md)."""
+
+    libdir: Path  # the unpacked VDDK distribution (holds lib64/libvixDiskLib.so.*)
+    server: str | None = None  # default: the host of [vcenter] url
+    port: int | None = Field(default=None, ge=1, le=65535)  # default: the port of that url
+    thumbprint: str | None = None  # SHA-1; default: from vCenter's verified certificate
+    transports: tuple[VddkTransportMode, ...] = Field(
+        default=("file", "san", "hotadd", "nbdssl"), min_length=1
+    )
+    config_file: Path | None = None  # a VDDK config file (log levels, timeouts)
+    nbdkit: str = "nbdkit"  # the nbdkit program
+    start_timeout: float = Field(default=120.0, gt=0)
+
+    @field_validator("transports", mode="before")
+    @classmethod
+    def _no_plain_nbd(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.split(":")
+        if isinstance(v, list | tuple) and "nbd" in v:
+            raise ValueError(
+                "[transport.vddk] transports must not include plain 'nbd': it sends disk data "
+                "unencrypted; use 'nbdssl'"
+            )
+        return v
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _sha1(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA1_THUMB_RE.match(v.strip()):
+            raise ValueError(
+                "[transport.vddk] thumbprint is the SHA-1 fingerprint VDDK expects: 20 hex "
+                "pairs separated by colons (leave it out to take it from vCenter's verified "
+                "certificate)"
+            )
+        return None if v is None else v.strip().upper()
 
 
 class TransportConfig(_Section):
-    kind: Literal["datastore-https"] = "datastore-https"
+    kind: TransportKind = "datastore-https"
     max_request: int = Field(default=8 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
+    in_flight: int = Field(default=8, ge=1, le=64)  # NBD requests in flight (nbd, vddk)
+    nbd_ca_file: Path | None = None  # CA bundle for nbds:// exports; default: system store
+    vddk: VddkConfig | None = None
+
+
+class LocalDiskConfig(_Section):
+    key: int | None = Field(default=None, ge=0)  # default: 2000 + position
+    label: str | None = None
+    path: Path | None = None  # raw image or block device (transport "local")
+    snapshot_path: Path | None = None  # read this while the snapshot exists
+    nbd: str | None = None  # NBD URI (transport "nbd")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LocalDiskConfig:
+        if (self.path is None) == (self.nbd is None):
+            raise ValueError("a disk takes either path (a file or block device) or nbd (a URI)")
+        if self.snapshot_path is not None and self.path is None:
+            raise ValueError("snapshot_path goes with path, not with nbd")
+        if self.nbd is not None:
+            from connector.adapters.nbd import parse_nbd_uri
+
+            try:
+                parse_nbd_uri(self.nbd)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+
+class LocalVmConfig(_Section):
+    name: str = Field(min_length=1)
+    uuid: str | None = None  # default: derived from the name
+    quiescent: bool = False  # nothing writes to the disks during a run: read them as they are
+    snapshot_command: list[str] | None = Field(default=None, min_length=1)
+    release_command: list[str] | None = Field(default=None, min_length=1)
+    hook_timeout: float = Field(default=600.0, gt=0)
+    disks: list[LocalDiskConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LocalVmConfig:
+        if not self.quiescent and self.snapshot_command is None:
+            raise ValueError(
+                f"local VM {self.name!r} needs a snapshot_command, or quiescent = true when "
+                "nothing writes to its disks during a run"
+            )
+        keys = self.disk_keys()
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"local VM {self.name!r} has two disks with the same key")
+        return self
+
+    def disk_keys(self) -> list[int]:
+        return [d.key if d.key is not None else 2000 + i for i, d in enumerate(self.disks)]
+
+
+class LocalConfig(_Section):
+    vms: list[LocalVmConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> LocalConfig:
+        names = [vm.name for vm in self.vms]
+        if len(set(names)) != len(names):
+            raise ValueError("[local] has two VMs with the same name")
+        uuids = [vm.uuid for vm in self.vms if vm.uuid]
+        if len(set(uuids)) != len(uuids):
+            raise ValueError("[local] has two VMs with the same uuid")
+        return self
 
 
 class BandwidthWindow(_Section):
@@ -159,29 +373,118 @@ class DaemonConfig(_Section):
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_format: bool = Field(default=False, alias="json")
+    # botocore, urllib3, pyVmomi...: their debug output is voluminous
+    library_level: Literal["debug", "info", "warning", "error"] = "warning"
 
 
 class Config(_Section):
-    vcenter: VCenterConfig
+    vcenter: VCenterConfig | None = None  # required by the datastore-https and vddk transports
     s3: S3Config
     state: StateConfig = StateConfig()
     store: StoreConfig = StoreConfig()
     transport: TransportConfig = TransportConfig()
     daemon: DaemonConfig = DaemonConfig()
+    local: LocalConfig = LocalConfig()
     log: LogConfig = LogConfig()
+    retention: RetentionConfig = RetentionConfig()
+    network: NetworkConfig = NetworkConfig()
+    api: ApiConfig | None = None
+    audit: AuditConfig = AuditConfig()
     source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _transport_fits(self) -> Config:
+        kind = self.transport.kind
+        if kind in ("datastore-https", "vddk"):
+            if self.vcenter is None:
+                raise ValueError(f"[transport] kind = {kind!r} reads from vCenter: add [vcenter]")
+            if self.local.vms:
+                raise ValueError(
+                    "[local] vms are read only by the 'local' and 'nbd' transports; set "
+                    "[transport] kind to one of them, or remove [local]"
+                )
+        if kind == "vddk" and self.transport.vddk is None:
+            raise ValueError(
+                "[transport] kind = 'vddk' needs [transport.vddk] with libdir (the unpacked "
+                "VDDK); see docs/transports.md"
+            )
+        if kind != "vddk" and self.transport.vddk is not None:
+            raise ValueError("[transport.vddk] is used only with [transport] kind = 'vddk'")
+        if kind in ("local", "nbd"):
+            if not self.local.vms:
+                raise ValueError(
+                    f"[transport] kind = {kind!r} reads the VMs of [local]; define at least "
+                    "one [[local.vms]] with its [[local.vms.disks]]"
+                )
+            field_name = "path" if kind == "local" else "nbd"
+            for vm in self.local.vms:
+                for i, disk in enumerate(vm.disks):
+                    if getattr(disk, field_name) is None:
+                        raise ValueError(
+                            f"local VM {vm.name!r} disk {i + 1}: [transport] kind = {kind!r} "
+                            f"reads each disk from its {field_name!r}"
+                        )
+        return self
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state.path.parent
 
     @property
     def key_file(self) -> Path:
-        return self.store.key_file or self.state.path.parent / "store.key"
+        if self.store.key_file is not None:
+            return resolve_secret_path(self.store.key_file, "store key")
+        return self.state.path.parent / "store.key"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.state.path.parent / "audit.jsonl"
 
     def vcenter_password(self) -> Secret:
-        return read_secret_file(self.vcenter.password_file, "vCenter password")
+        vc = self.require_vcenter()
+        return load_secret(vc.password_file, vc.password_env, "vCenter password")
+
+    def require_vcenter(self) -> VCenterConfig:
+        if self.vcenter is None:
+            raise ConfigError(
+                f"this needs vCenter, but the config has no [vcenter] (transport "
+                f"{self.transport.kind!r})"
+            )
+        return self.vcenter
 
     def s3_secret_key(self) -> Secret | None:
-        if self.s3.secret_access_key_file is None:
+        s3 = self.s3
+        if s3.secret_access_key_file is None and s3.secret_access_key_env is None:
             return None
-        return read_secret_file(self.s3.secret_access_key_file, "S3 secret access key")
+        return load_secret(
+            s3.secret_access_key_file, s3.secret_access_key_env, "S3 secret access key"
+        )
+
+    def store_key_text(self) -> Secret | None:
+        """The store key from the environment, when [store] key_env is set."""
+        if self.store.key_env is None:
+            return None
+        return read_secret_env(self.store.key_env, "store key")
+
+    def api_token(self) -> Secret:
+        if self.api is None:
+            raise ConfigError("the [api] section is missing; see docs/security.md")
+        return load_secret(self.api.token_file, self.api.token_env, "API token")
+
+    def proxy(self) -> Proxy | None:
+        """The proxy from [network], or from https_proxy/no_proxy in the environment."""
+        net = self.network
+        url = net.https_proxy
+        no_proxy = net.no_proxy
+        if url is None:
+            url = os.environ.get("https_proxy") or os.environ.get("HTTPS_PROXY")
+            if url:
+                parse_proxy_url(url, "the https_proxy environment variable")
+        if no_proxy is None:
+            no_proxy = split_no_proxy(
+                os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
+            )
+        return make_proxy(url, no_proxy, net.proxy_ca_file)
 
 
 def config_path(explicit: Path | None) -> Path:
@@ -203,6 +506,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     base = path.parent
     _resolve_paths(raw, base)
+    _resolve_nested_paths(raw, base)
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -218,17 +522,67 @@ _PATH_KEYS = {
     "vcenter": ("password_file", "ca_file"),
     "s3": ("ca_file", "secret_access_key_file"),
     "state": ("path",),
-    "store": ("key_file",),
+    "store": ("key_file", "kms_ca_file"),
+    "network": ("proxy_ca_file",),
+    "api": ("cert_file", "key_file", "token_file"),
+    "audit": ("path",),
+}
+# Keys that name secrets: they may also be systemd credentials.
+_SECRET_KEYS = {
+    ("vcenter", "password_file"),
+    ("s3", "secret_access_key_file"),
+    ("store", "key_file"),
+    ("api", "token_file"),
+    ("api", "key_file"),
 }
 
 
 def _resolve_paths(raw: dict[str, object], base: Path) -> None:
-    """Relative paths in the file are relative to the file's own folder."""
+    """Relative paths in the file are relative to the file's own folder.
+
+    A secret given as `credential:NAME` is left for systemd's
+    $CREDENTIALS_DIRECTORY; so is a relative secret file name that exists there.
+    """
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
     for section, keys in _PATH_KEYS.items():
         sec = raw.get(section)
         if not isinstance(sec, dict):
             continue
         for key in keys:
             value = sec.get(key)
+            if not isinstance(value, str) or not value or os.path.isabs(value):
+                continue
+            if (section, key) in _SECRET_KEYS:
+                if is_credential(value):
+                    continue
+                if cred_dir and (Path(cred_dir) / value).is_file():
+                    sec[key] = CREDENTIAL_PREFIX + value
+                    continue
+            elif is_credential(value):
+                raise ConfigError(
+                    f"[{section}] {key} cannot be a systemd credential; give a file path"
+                )
+            sec[key] = str(base / value)
+
+
+def _resolve_nested_paths(raw: dict[str, object], base: Path) -> None:
+    """Relative paths in [transport.vddk] and [[local.vms.disks]], like the others."""
+
+    def fix(section: object, keys: tuple[str, ...]) -> None:
+        if not isinstance(section, dict):
+            return
+        for key in keys:
+            value = section.get(key)
             if isinstance(value, str) and value and not os.path.isabs(value):
-                sec[key] = str(base / value)
+                section[key] = str(base / value)
+
+    transport = raw.get("transport")
+    if isinstance(transport, dict):
+        fix(transport, ("nbd_ca_file",))
+        fix(transport.get("vddk"), ("libdir", "config_file"))
+    local = raw.get("local")
+    vms = local.get("vms") if isinstance(local, dict) else None
+    for vm in vms if isinstance(vms, list) else []:
+        disks = vm.get("disks") if isinstance(vm, dict) else None
+        for disk in disks if isinstance(disks, list) else []:
+            fix(disk, ("path", "snapshot_path"))

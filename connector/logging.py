@@ -1,4 +1,12 @@
-"""Structured logging with structlog, with a redaction processor for secrets."""
+"""Structured logging with structlog, with a redaction processor for secrets.
+
+The connector's own events (structlog) and the standard-library loggers of the
+libraries it uses (botocore, urllib3, pyVmomi...) go through the same
+processor chain, whose last step before rendering is `redact`: values under
+secret-sounding keys, `Secret` objects, and the text of every registered
+secret (vCenter password, AWS secret key, store key, API token) are replaced
+by a placeholder wherever they appear, exception tracebacks included.
+"""
 
 from __future__ import annotations
 
@@ -15,53 +23,124 @@ _REDACTED = "**********"
 _SECRET_KEYS = ("password", "secret", "token", "key_material", "authorization", "cookie")
 _known_secrets: set[str] = set()
 
+# Library loggers whose level follows [log] library_level rather than [log] level.
+LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "pyVmomi", "pyVim", "sqlalchemy")
+
 
 def register_secret(secret: Secret) -> None:
     """Make the redaction processor scrub this value wherever it appears."""
     value = secret.reveal()
     if len(value) >= 4:
         _known_secrets.add(value)
+        stripped = value.strip()
+        if stripped != value and len(stripped) >= 4:
+            _known_secrets.add(stripped)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a field name says its value is a secret (password, token...)."""
+    lowered = key.lower()
+    return any(s in lowered for s in _SECRET_KEYS)
 
 
 def scrub(text: str) -> str:
-    for value in _known_secrets:
+    for value in sorted(_known_secrets, key=len, reverse=True):
         if value in text:
             text = text.replace(value, _REDACTED)
     return text
 
 
+def _scrub_value(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return _REDACTED
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, BaseException):
+        return scrub(f"{type(value).__name__}: {value}")
+    if isinstance(value, bytes | bytearray):
+        return scrub(repr(bytes(value)))
+    if isinstance(value, dict):
+        return {
+            k: _REDACTED if is_secret_key(str(k)) else _scrub_value(v) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub_value(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return scrub(str(value))
+
+
 def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for k, v in list(event.items()):
-        if (any(s in k.lower() for s in _SECRET_KEYS) and not isinstance(v, bool)) or isinstance(
-            v, Secret
-        ):
+        if k.startswith("_"):  # structlog's bookkeeping (the stdlib record, renderer hints)
+            continue
+        if (is_secret_key(k) and not isinstance(v, bool)) or isinstance(v, Secret):
             event[k] = _REDACTED
-        elif isinstance(v, str):
-            event[k] = scrub(v)
-        elif isinstance(v, BaseException):
-            event[k] = scrub(f"{type(v).__name__}: {v}")
+        else:
+            event[k] = _scrub_value(v)
     return event
 
 
-def configure(level: str = "info", json: bool = False) -> None:
-    processors: list[Any] = [
+class _LoggerName:
+    """Adds the name of a standard-library logger to its event."""
+
+    def __call__(
+        self, _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        record = event.get("_record")
+        if isinstance(record, logging.LogRecord) and "logger" not in event:
+            event["logger"] = record.name
+        return event
+
+
+def configure(level: str = "info", json: bool = False, library_level: str = "warning") -> None:
+    """Set up structlog and route the standard-library loggers through the same chain."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=_plain_traceback)
+    )
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact,
     ]
-    if json:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-    else:
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
+        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_level(level)),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, _LoggerName()],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    handler.set_name("connector")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "connector"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(_level(level))
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(_level(library_level))
+
+
+def _plain_traceback(sio: Any, exc_info: Any) -> None:
+    import traceback
+
+    sio.write("\n" + "".join(traceback.format_exception(*exc_info)))
+
+
+def _level(name: str) -> int:
+    return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
 
 
 def get_logger(name: str) -> Any:

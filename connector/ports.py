@@ -5,10 +5,10 @@ No SDK type (pyvmomi, boto3) crosses these boundaries.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
-from connector.domain.model import ChangedAreas, DiskInfo, SnapshotInfo, VmInfo
+from connector.domain.model import ChangedAreas, DiskInfo, Extent, SnapshotInfo, VmInfo
 
 
 class Hypervisor(Protocol):
@@ -60,6 +60,27 @@ class DiskReader(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class AllocationAware(Protocol):
+    """Optional for a DiskReader: which ranges of the disk may hold data."""
+
+    def allocated_extents(self) -> list[Extent] | None:
+        """Ranges that may hold data, sorted and merged; everything else reads as zeros.
+
+        None when the reader cannot tell (then every range may hold data).
+        """
+        ...
+
+
+@runtime_checkable
+class StreamingReader(Protocol):
+    """Optional for a DiskReader: many reads in order, several in flight at once."""
+
+    def read_extents(self, extents: Iterable[Extent]) -> Iterator[tuple[Extent, bytes]]:
+        """Each extent with its bytes, in the order given; memory stays bounded."""
+        ...
+
+
 class DiskSource(Protocol):
     """Opens readers on the frozen data of a snapshot's disks (one per transport)."""
 
@@ -97,3 +118,17 @@ class UploadJournal(Protocol):
     def upload_started(self, key: str, upload_id: str) -> None: ...
 
     def upload_ended(self, key: str, upload_id: str) -> None: ...
+
+
+class Auditor(Protocol):
+    """The append-only audit log (connector.audit.AuditLog)."""
+
+    def record(
+        self,
+        action: str,
+        object: str,
+        outcome: str,
+        *,
+        actor: str | None = None,
+        **details: Any,
+    ) -> dict[str, Any]: ...

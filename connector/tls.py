@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from connector.errors import ConfigError, TLSTrustError
@@ -28,24 +29,69 @@ def normalize_thumbprint(value: str) -> str:
     return value.replace(":", "").lower()
 
 
-def client_context(ca_file: Path | None = None) -> ssl.SSLContext:
+def client_context(
+    ca_file: Path | None = None, extra_ca_files: Sequence[Path] = ()
+) -> ssl.SSLContext:
     """A verifying client context with TLS 1.2 minimum.
 
     With `ca_file`, only that CA bundle is trusted; otherwise the system store.
+    `extra_ca_files` are trusted in addition (the CA of a TLS-inspecting proxy).
     """
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = True
     if ca_file is not None:
-        if not ca_file.is_file():
-            raise ConfigError(f"CA file {ca_file} does not exist or is not a file")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_verify_locations(cafile=str(ca_file))
-        except ssl.SSLError as exc:
-            raise ConfigError(f"CA file {ca_file} holds no usable PEM certificate: {exc}") from exc
+        load_ca_file(ctx, ca_file)
+    for extra in extra_ca_files:
+        load_ca_file(ctx, extra)
+    return ctx
+
+
+def load_ca_file(ctx: ssl.SSLContext, ca_file: Path) -> None:
+    """Add the certificates of a PEM bundle to a context's trust, or raise ConfigError."""
+    if not Path(ca_file).is_file():
+        raise ConfigError(f"CA file {ca_file} does not exist or is not a file")
+    try:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"CA file {ca_file} holds no usable PEM certificate: {exc}") from exc
+
+
+# TLS 1.2 suites the connector's own HTTPS API offers: forward secrecy (ECDHE) and
+# authenticated encryption (AES-GCM, ChaCha20-Poly1305) only. TLS 1.3 suites are
+# all AEAD with forward secrecy, so OpenSSL's defaults stand for 1.3.
+SERVER_CIPHERS_TLS12 = ":".join(
+    (
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+    )
+)
+
+
+def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A server context: TLS 1.2 minimum, ECDHE + AEAD suites only, no compression or
+    renegotiation, the server's cipher order."""
+    for path, what in ((cert_file, "certificate"), (key_file, "private key")):
+        if not Path(path).is_file():
+            raise ConfigError(f"the API {what} file {path} does not exist or is not a file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(SERVER_CIPHERS_TLS12)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    try:
+        # An encrypted key gets an empty password (and fails) instead of a terminal prompt.
+        ctx.load_cert_chain(str(cert_file), str(key_file), password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot load the API certificate {cert_file} with its key {key_file}: {exc}"
+        ) from None
     return ctx
 
 

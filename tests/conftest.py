@@ -1,4 +1,9 @@
 """Shared pytest wiring: fixture plugins from tests/harness (the simulator's first:
 the S3 fixtures reuse its test CA)."""
 
-pytest_plugins = ["tests.harness.fixtures_vcsim", "tests.harness.fixtures_s3"]
+pytest_plugins = [
+    "tests.harness.fixtures_vcsim",
+    "tests.harness.fixtures_s3",
+    "tests.harness.fixtures_tls",
+    "tests.harness.nbd",
+]

@@ -14,25 +14,24 @@ from __future__ import annotations
 
 import http.client
 import logging
-import random
 import re
 import ssl
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from connector.domain.model import DiskInfo, SnapshotInfo, VmInfo
+from connector.domain.model import DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.errors import (
     ConnectorError,
     NotFoundError,
     PermanentError,
     TLSTrustError,
-    TransientError,
     UnsupportedSourceError,
 )
+from connector.network import Proxy, https_connection
+from connector.retry import Retryable
+from connector.retry import RetryPolicy as RetryPolicy  # re-exported: its old home
 from connector.tls import describe_ssl_error
 
 log = logging.getLogger(__name__)
@@ -73,43 +72,9 @@ class DatastoreSession(Protocol):
 
 # ----------------------------------------------------------------------- retry policy
 
-
-class _Retryable(TransientError):
-    """A failure that the retry policy may try again (connection reset, 5xx)."""
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """A few attempts with capped, jittered exponential backoff."""
-
-    attempts: int = 4
-    base_delay: float = 0.25
-    max_delay: float = 4.0
-
-    def delay(self, attempt: int) -> float:
-        """The pause after failed attempt number `attempt` (1-based)."""
-        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 (jitter, not crypto)
-
-    def call(
-        self,
-        fn: Callable[[], T],
-        what: str,
-        *,
-        retryable: tuple[type[BaseException], ...] = (_Retryable,),
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> T:
-        """`fn()`, retried on `retryable` errors; the last one surfaces as TransientError."""
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return fn()
-            except retryable as exc:
-                if attempt == self.attempts:
-                    raise TransientError(f"{what} failed after {attempt} attempts: {exc}") from exc
-                pause = self.delay(attempt)
-                log.info("%s failed (%s); retrying in %.2f s", what, exc, pause)
-                sleep(pause)
-        raise AssertionError("unreachable")  # pragma: no cover
+# The policy lives in connector.retry, shared by every reader; these names stay
+# importable from here.
+_Retryable = Retryable
 
 
 # ----------------------------------------------------------------------------- reader
@@ -132,6 +97,7 @@ class DatastoreHttpsReader:
         retry: RetryPolicy | None = None,
         timeout: float = 120.0,
         description: str = "disk",
+        proxy: Proxy | None = None,
     ) -> None:
         if max_request <= 0:
             raise ValueError("max_request must be positive")
@@ -147,6 +113,7 @@ class DatastoreHttpsReader:
         self._retry = retry or RetryPolicy()
         self._timeout = timeout
         self._what = description
+        self._proxy = proxy
         self._conn: http.client.HTTPSConnection | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -180,6 +147,10 @@ class DatastoreHttpsReader:
                 chunks.append(self._get(position, count))
                 position += count
         return b"".join(chunks)
+
+    def allocated_extents(self) -> list[Extent] | None:
+        """The datastore browser cannot tell which ranges are allocated."""
+        return None
 
     def close(self) -> None:
         with self._lock:
@@ -218,11 +189,8 @@ class DatastoreHttpsReader:
 
     def _connection(self) -> http.client.HTTPSConnection:
         if self._conn is None:
-            self._conn = http.client.HTTPSConnection(
-                self._host,
-                self._port,
-                context=self._session.ssl_context(),
-                timeout=self._timeout,
+            self._conn = https_connection(
+                self._host, self._port, self._session.ssl_context(), self._timeout, self._proxy
             )
         return self._conn
 
@@ -332,11 +300,13 @@ class DatastoreHttpsSource:
         max_request: int = DEFAULT_MAX_REQUEST,
         retry: RetryPolicy | None = None,
         timeout: float = 120.0,
+        proxy: Proxy | None = None,
     ) -> None:
         self._session = session
         self._max_request = max_request
         self._retry = retry or RetryPolicy()
         self._timeout = timeout
+        self._proxy = proxy
 
     def open(self, vm: VmInfo, snapshot: SnapshotInfo, disk: DiskInfo) -> DatastoreHttpsReader:
         who = f"VM {vm.name!r} ({vm.uuid})"
@@ -392,6 +362,7 @@ class DatastoreHttpsSource:
             retry=self._retry,
             timeout=self._timeout,
             description=f"{flat} of {who}",
+            proxy=self._proxy,
         )
         self._check_file(reader, refuse, flat, frozen.capacity)
         return reader

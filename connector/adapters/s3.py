@@ -25,7 +25,9 @@ import contextlib
 import datetime as dt
 import re
 import ssl
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -63,9 +65,10 @@ from connector.errors import (
     UnreachableError,
 )
 from connector.faults import crash_point
+from connector.network import Proxy
 from connector.ports import UploadJournal
 from connector.secrets import Secret
-from connector.tls import client_context, describe_ssl_error
+from connector.tls import client_context, describe_ssl_error, load_ca_file
 
 log = structlog.get_logger(__name__)
 
@@ -144,18 +147,22 @@ def system_ca_bundle() -> str:
     return bundle
 
 
-def _raise_floor(ctx: ssl.SSLContext) -> None:
+def _raise_floor(ctx: ssl.SSLContext, extra_ca_files: tuple[Path, ...] = ()) -> None:
     if ctx.minimum_version not in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         ctx.minimum_version = TLS_MINIMUM
     if ctx.verify_mode != ssl.CERT_REQUIRED:
         ctx.verify_mode = ssl.CERT_REQUIRED
+    for ca_file in extra_ca_files:
+        load_ca_file(ctx, ca_file)
 
 
-def enforce_tls_minimum(client: Any) -> None:
+def enforce_tls_minimum(client: Any, extra_ca_files: tuple[Path, ...] = ()) -> None:
     """Make every connection of a botocore client refuse TLS older than 1.2.
 
-    Raises ConfigError when the client's HTTP layer is not the one this was
-    written for, so a botocore upgrade cannot silently drop the floor.
+    `extra_ca_files` are trusted in addition to `verify=` (the CA of a
+    TLS-inspecting proxy). Raises ConfigError when the client's HTTP layer is
+    not the one this was written for, so a botocore upgrade cannot silently
+    drop the floor.
     """
     session = getattr(getattr(client, "_endpoint", None), "http_session", None)
     if not isinstance(session, URLLib3Session):
@@ -176,7 +183,7 @@ def enforce_tls_minimum(client: Any) -> None:
         ctx = factory()
         if not isinstance(ctx, ssl.SSLContext):
             raise ConfigError("botocore built no SSLContext; cannot enforce TLS 1.2")
-        _raise_floor(ctx)
+        _raise_floor(ctx, extra_ca_files)
         return ctx
 
     # Contexts botocore builds from now on (proxy managers are created lazily).
@@ -189,7 +196,7 @@ def enforce_tls_minimum(client: Any) -> None:
             raise ConfigError(
                 "cannot enforce TLS 1.2 as a minimum: botocore's pool manager has no SSLContext"
             )
-        _raise_floor(ctx)
+        _raise_floor(ctx, extra_ca_files)
 
 
 def tls_minimum_of(client: Any) -> ssl.TLSVersion:
@@ -241,11 +248,17 @@ def make_aws_client(
     connect_timeout: float = 10.0,
     read_timeout: float = 60.0,
     max_attempts: int = 1,
+    proxy: Proxy | None = None,
 ) -> Any:
     """A boto3 client with explicit trust, TLS 1.2 minimum and no environment endpoints.
 
     Credentials: both keys, or neither (then boto3's default chain: environment,
     shared files, container or instance role).
+
+    Proxy: only the one passed here (from the config's [network] section); the
+    proxy variables of the environment are not read by botocore. Connections
+    through it stay TLS end to end; a TLS-inspecting proxy's CA
+    (`proxy.ca_file`) is trusted for them in addition to `ca_file`.
     """
     if not region or not _REGION_RE.match(region):
         raise ConfigError(f"region {region!r} is not an AWS region name (e.g. eu-central-1)")
@@ -271,6 +284,49 @@ def make_aws_client(
     if max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
 
+    if proxy is not None and proxy.no_proxy:
+        # The endpoint's host decides whether the proxy applies: resolve it first
+        # (no network traffic), then build the client that is used.
+        probe = _build_client(
+            service, region, endpoint_url, ca_file, None, None, use_fips_endpoint, {}
+        )
+        host = urlsplit(probe.meta.endpoint_url).hostname or ""
+        probe.close()
+        if not proxy.applies_to(host):
+            proxy = None
+    options: dict[str, Any] = {
+        "connect_timeout": connect_timeout,
+        "read_timeout": read_timeout,
+        "max_pool_connections": max_pool_connections,
+        "retries": {"mode": "standard", "total_max_attempts": max_attempts},
+        # An explicit (possibly empty) mapping: botocore then ignores the environment.
+        "proxies": {"https": proxy.url} if proxy is not None else {},
+    }
+    client = _build_client(
+        service,
+        region,
+        endpoint_url,
+        ca_file,
+        access_key_id,
+        secret_access_key,
+        use_fips_endpoint,
+        options,
+    )
+    extra = (proxy.ca_file,) if proxy is not None and proxy.ca_file is not None else ()
+    enforce_tls_minimum(client, extra)
+    return client
+
+
+def _build_client(
+    service: str,
+    region: str,
+    endpoint_url: str | None,
+    ca_file: Path | None,
+    access_key_id: Secret | None,
+    secret_access_key: Secret | None,
+    use_fips_endpoint: bool,
+    extra_options: dict[str, Any],
+) -> Any:
     session = boto3.session.Session(
         aws_access_key_id=access_key_id.reveal() if access_key_id else None,
         aws_secret_access_key=secret_access_key.reveal() if secret_access_key else None,
@@ -278,10 +334,6 @@ def make_aws_client(
     )
     options: dict[str, Any] = {
         "region_name": region,
-        "connect_timeout": connect_timeout,
-        "read_timeout": read_timeout,
-        "max_pool_connections": max_pool_connections,
-        "retries": {"mode": "standard", "total_max_attempts": max_attempts},
         "use_fips_endpoint": use_fips_endpoint,
         "ignore_configured_endpoint_urls": True,
         "tcp_keepalive": True,
@@ -293,17 +345,26 @@ def make_aws_client(
     for option in ("request_checksum_calculation", "response_checksum_validation"):
         if option in Config.OPTION_DEFAULTS:  # botocore >= 1.36
             options[option] = "when_supported"
-    client = session.client(
+    options.update(extra_options)
+    return session.client(
         service,
         endpoint_url=endpoint_url,
         verify=str(ca_file) if ca_file is not None else system_ca_bundle(),
         config=Config(**options),
     )
-    enforce_tls_minimum(client)
-    return client
 
 
 # ---------------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class PermissionProbe:
+    """One request of `S3ObjectStore.probe_permissions` and what it showed."""
+
+    request: str
+    permissions: tuple[str, ...]  # the IAM actions the request needs
+    status: str  # ok, denied, error, skipped
+    message: str
 
 
 class S3ObjectStore:
@@ -329,6 +390,7 @@ class S3ObjectStore:
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_part_size: int = DEFAULT_PART_SIZE,
         upload_journal: UploadJournal | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         if not _BUCKET_RE.match(bucket or "") or ".." in bucket:
             raise ConfigError(f"bucket {bucket!r} is not a valid S3 bucket name")
@@ -369,6 +431,7 @@ class S3ObjectStore:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             max_attempts=max_attempts,
+            proxy=proxy,
         )
         self._endpoint: str = self._client.meta.endpoint_url
 
@@ -499,6 +562,106 @@ class S3ObjectStore:
             raise self._map_error(exc, "check access to", None) from exc
         except BotoCoreError as exc:
             raise self._map_error(exc, "check access to", None) from exc
+
+    def probe_permissions(self) -> builtins.list[PermissionProbe]:
+        """Harmless requests that show which IAM permissions the credentials lack.
+
+        Under the prefix, one probe object (an opaque name) is written with the
+        configured server-side encryption, read, checked for that encryption and
+        deleted; one multipart upload is started and aborted. Each probe names the
+        permission it needs; a denied one is reported, never raised.
+        """
+        probes: builtins.list[PermissionProbe] = []
+        key = f"{self._prefix}connector-check/{uuid.uuid4().hex}"
+        kms = ("kms:GenerateDataKey",) if self._sse == "aws:kms" else ()
+        kms_read = ("kms:Decrypt",) if self._sse == "aws:kms" else ()
+
+        def attempt(name: str, permissions: tuple[str, ...], call: Callable[[], Any]) -> Any | None:
+            try:
+                result = call()
+            except ClientError as exc:
+                code, status = _code(exc), _status(exc)
+                message = self._scrub(exc.response.get("Error", {}).get("Message") or code)
+                if code in _AUTH_CODES or status == 403 or code.startswith("KMS."):
+                    probes.append(
+                        PermissionProbe(name, permissions, "denied", f"{code}: {message}")
+                    )
+                else:
+                    probes.append(PermissionProbe(name, permissions, "error", f"{code}: {message}"))
+                return None
+            except BotoCoreError as exc:
+                error = self._map_error(exc, name, None)
+                probes.append(PermissionProbe(name, permissions, "error", str(error)))
+                return None
+            probes.append(PermissionProbe(name, permissions, "ok", ""))
+            return result if result is not None else True
+
+        def skip(name: str, permissions: tuple[str, ...], why: str) -> None:
+            probes.append(PermissionProbe(name, permissions, "skipped", why))
+
+        client, bucket = self._client, self._bucket
+        attempt("HeadBucket", ("s3:ListBucket",), lambda: client.head_bucket(Bucket=bucket))
+        attempt(
+            "ListObjectsV2",
+            ("s3:ListBucket",),
+            lambda: client.list_objects_v2(Bucket=bucket, Prefix=self._prefix, MaxKeys=1),
+        )
+        put = attempt(
+            "PutObject",
+            ("s3:PutObject", *kms),
+            lambda: client.put_object(Bucket=bucket, Key=key, Body=b"check", **self._sse_args()),
+        )
+        if put is None:
+            for name, perms in (
+                ("GetObject", ("s3:GetObject", *kms_read)),
+                ("DeleteObject", ("s3:DeleteObject",)),
+            ):
+                skip(name, perms, "no probe object (PutObject failed)")
+        else:
+            head = attempt(
+                "HeadObject", ("s3:GetObject",), lambda: client.head_object(Bucket=bucket, Key=key)
+            )
+            if isinstance(head, dict) and head.get("ServerSideEncryption") != self._sse:
+                probes.append(
+                    PermissionProbe(
+                        "ServerSideEncryption",
+                        (),
+                        "error",
+                        f"the probe object reports encryption {head.get('ServerSideEncryption')!r}"
+                        f", not {self._sse!r}",
+                    )
+                )
+            attempt(
+                "GetObject",
+                ("s3:GetObject", *kms_read),
+                lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(),
+            )
+            attempt(
+                "DeleteObject",
+                ("s3:DeleteObject",),
+                lambda: client.delete_object(Bucket=bucket, Key=key),
+            )
+        created = attempt(
+            "CreateMultipartUpload",
+            ("s3:PutObject", *kms),
+            lambda: client.create_multipart_upload(Bucket=bucket, Key=key, **self._sse_args()),
+        )
+        if isinstance(created, dict):
+            attempt(
+                "AbortMultipartUpload",
+                ("s3:AbortMultipartUpload",),
+                lambda: client.abort_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=created["UploadId"]
+                ),
+            )
+        else:
+            skip("AbortMultipartUpload", ("s3:AbortMultipartUpload",), "no upload to abort")
+        attempt(
+            "ListMultipartUploads",
+            ("s3:ListBucketMultipartUploads",),
+            lambda: client.list_multipart_uploads(Bucket=bucket, Prefix=self._prefix),
+        )
+        return probes
 
     def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
         """Abort multipart uploads under the prefix started more than `older_than` ago.
@@ -753,50 +916,3 @@ def _map_error(
             f"S3 {operation} of {where} at {endpoint} was interrupted ({exc}); try again later"
         )
     return PermanentError(f"S3 {operation} of {where} failed: {exc}")
-
-
-# ------------------------------------------------------------------------ factory
-
-
-def create_s3_object_store(
-    *,
-    bucket: str,
-    region: str,
-    prefix: str = "",
-    endpoint_url: str | None = None,
-    ca_file: Path | None = None,
-    sse: str = "aws:kms",
-    kms_key_id: str | None = None,
-    access_key_id: Secret | None = None,
-    secret_access_key: Secret | None = None,
-    use_fips_endpoint: bool = False,
-    max_pool_connections: int = 16,
-    connect_timeout: float = 10.0,
-    read_timeout: float = 60.0,
-    max_attempts: int = 1,
-    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
-    multipart_part_size: int = DEFAULT_PART_SIZE,
-    check_access: bool = True,
-) -> S3ObjectStore:
-    """Build the store from configuration values and, by default, prove access right away."""
-    store = S3ObjectStore(
-        bucket,
-        region=region,
-        prefix=prefix,
-        endpoint_url=endpoint_url,
-        ca_file=ca_file,
-        sse=sse,
-        kms_key_id=kms_key_id,
-        access_key_id=access_key_id,
-        secret_access_key=secret_access_key,
-        use_fips_endpoint=use_fips_endpoint,
-        max_pool_connections=max_pool_connections,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        max_attempts=max_attempts,
-        multipart_threshold=multipart_threshold,
-        multipart_part_size=multipart_part_size,
-    )
-    if check_access:
-        store.check_access()
-    return store

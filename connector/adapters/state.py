@@ -105,6 +105,16 @@ packs = sa.Table(
     sa.Column("created_at", sa.String(32), nullable=False),
 )
 
+retention = sa.Table(
+    "retention",
+    metadata,
+    sa.Column("server_id", sa.String(40), primary_key=True),
+    sa.Column("keep", sa.Integer, nullable=False),  # most recent runs to keep; 0 keeps all
+    sa.Column("updated_at", sa.String(32), nullable=False),
+)
+
+_CHUNK = 500  # values per IN (...) list
+
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -275,6 +285,15 @@ class StateStore:
             ).first()
         return None if row is None else DiskStateRow(**row._mapping)
 
+    def disk_states(self, server_id: str) -> list[DiskStateRow]:
+        with self._tx() as c:
+            rows = c.execute(
+                sa.select(disk_state)
+                .where(disk_state.c.server_id == server_id)
+                .order_by(disk_state.c.disk_key)
+            ).all()
+        return [DiskStateRow(**r._mapping) for r in rows]
+
     # -- runs --------------------------------------------------------------------
 
     def create_run(self, run_id: str, server_id: str, run_type: str) -> None:
@@ -403,6 +422,63 @@ class StateStore:
             c.execute(
                 packs.insert().values(id=pack_id, size=size, run_id=run_id, created_at=_now())
             )
+
+    # -- retention and purge -----------------------------------------------------
+
+    def set_retention(self, server_id: str, keep: int | None) -> None:
+        """Keep the `keep` most recent runs of a server (0 keeps all; None: the default)."""
+        with self._tx() as c:
+            c.execute(retention.delete().where(retention.c.server_id == server_id))
+            if keep is not None:
+                c.execute(
+                    retention.insert().values(server_id=server_id, keep=keep, updated_at=_now())
+                )
+
+    def retention_settings(self) -> dict[str, int]:
+        """Per-server retention settings: server id -> runs to keep."""
+        with self._tx() as c:
+            rows = c.execute(sa.select(retention.c.server_id, retention.c.keep)).all()
+        return {r.server_id: r.keep for r in rows}
+
+    def forget_blocks_in_packs(self, pack_ids: set[str]) -> None:
+        """Drop index entries that point into these packs, so no new run dedups against them."""
+        ids = sorted(pack_ids)
+        with self._tx() as c:
+            for i in range(0, len(ids), _CHUNK):
+                c.execute(blocks.delete().where(blocks.c.pack_id.in_(ids[i : i + _CHUNK])))
+
+    def forget_packs(self, pack_ids: set[str]) -> None:
+        """Deleted packs: no index entry and no pack record refers to them any more."""
+        self.forget_blocks_in_packs(pack_ids)
+        ids = sorted(pack_ids)
+        with self._tx() as c:
+            for i in range(0, len(ids), _CHUNK):
+                c.execute(packs.delete().where(packs.c.id.in_(ids[i : i + _CHUNK])))
+
+    def packs_of_runs(self, run_ids: set[str]) -> set[str]:
+        ids = sorted(run_ids)
+        out: set[str] = set()
+        with self._tx() as c:
+            for i in range(0, len(ids), _CHUNK):
+                rows = c.execute(
+                    sa.select(packs.c.id).where(packs.c.run_id.in_(ids[i : i + _CHUNK]))
+                ).all()
+                out.update(r.id for r in rows)
+        return out
+
+    def mark_runs_deleted(self, run_ids: set[str]) -> None:
+        """Runs whose commit was deleted from the store by retention or purge."""
+        ids = sorted(run_ids)
+        with self._tx() as c:
+            for i in range(0, len(ids), _CHUNK):
+                c.execute(
+                    runs.update().where(runs.c.id.in_(ids[i : i + _CHUNK])).values(state="DELETED")
+                )
+
+    def forget_disks(self, server_id: str) -> None:
+        """Drop the CBT state of a server's disks: its next run reads them without a base run."""
+        with self._tx() as c:
+            c.execute(disk_state.delete().where(disk_state.c.server_id == server_id))
 
 
 def _insert_ignoring_duplicates(engine: Engine, table: sa.Table) -> Any:

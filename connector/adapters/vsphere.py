@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +43,7 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
+from connector.network import Proxy, https_connection
 from connector.secrets import Secret
 from connector.tls import client_context, describe_ssl_error, pinned_context
 
@@ -241,6 +242,7 @@ class VSphereClient:
         timeout: float = 60.0,
         *,
         task_timeout: float = 3600.0,
+        proxy: Proxy | None = None,
     ) -> None:
         parts = urlsplit(url if "://" in url else f"https://{url}")
         if parts.scheme != "https":
@@ -266,6 +268,12 @@ class VSphereClient:
         self._thumbprint = thumbprint
         self._timeout = timeout
         self._task_timeout = task_timeout
+        self._proxy = proxy if proxy is not None and proxy.applies_to(self._host) else None
+        if self._proxy is not None and thumbprint:
+            raise ConfigError(
+                f"[vcenter] thumbprint cannot be checked through the proxy {self._proxy.url}: "
+                f"give the vCenter's CA as ca_file, or add {self._host} to [network] no_proxy"
+            )
 
         self._lock = threading.RLock()
         self._ctx: ssl.SSLContext | None = None
@@ -293,6 +301,11 @@ class VSphereClient:
     def user(self) -> str:
         return self._user
 
+    @property
+    def proxy(self) -> Proxy | None:
+        """The proxy connections to this vCenter go through, if any."""
+        return self._proxy
+
     def __repr__(self) -> str:
         return f"VSphereClient({self._url!r}, user={self._user!r})"
 
@@ -316,7 +329,8 @@ class VSphereClient:
                         f"cannot reach vCenter at {self._url}: {_os_error_text(cause)}"
                     ) from cause
                 raise
-        return client_context(self._ca_file)
+        extra = (self._proxy.ca_file,) if self._proxy and self._proxy.ca_file else ()
+        return client_context(self._ca_file, extra)
 
     def _translate(self, exc: BaseException, what: str) -> ConnectorError | None:
         """A ConnectorError for a transport failure or a fault, or None if unknown."""
@@ -336,9 +350,7 @@ class VSphereClient:
 
     def _service_version(self, ctx: ssl.SSLContext) -> str:
         """The newest vim25 API version both pyVmomi and the server speak."""
-        conn = http.client.HTTPSConnection(
-            self._host, self._port, context=ctx, timeout=self._timeout
-        )
+        conn = https_connection(self._host, self._port, ctx, self._timeout, self._proxy)
         try:
             conn.request("GET", f"{self._path}/vimServiceVersions.xml")
             resp = conn.getresponse()
@@ -370,6 +382,10 @@ class VSphereClient:
             return
         ctx = self.ssl_context()
         version = self._service_version(ctx)
+        tunnel: dict[str, Any] = {}
+        if self._proxy is not None:
+            # pyVmomi opens a CONNECT tunnel; TLS inside it is with vCenter (ctx).
+            tunnel = {"httpProxyHost": self._proxy.host, "httpProxyPort": self._proxy.port}
         stub = _SoapStubAdapter(
             host=self._host,
             port=self._port,
@@ -377,6 +393,7 @@ class VSphereClient:
             version=version,
             sslContext=ctx,
             httpConnectionTimeout=self._timeout,
+            **tunnel,
         )
         si = _ServiceInstance("ServiceInstance", stub)
         self._content = si.RetrieveContent()
@@ -829,6 +846,53 @@ class VSphereClient:
             )
 
         return self._invoke(what, run)
+
+    # --------------------------------------------------------------- privileges
+
+    def missing_privileges(self, needed: Mapping[str, str]) -> dict[str, list[str]]:
+        """{privilege: [objects it is missing on]} for the logged-in user.
+
+        `needed` maps a privilege to where it applies: "vcenter" (the root
+        folder), "vm" (every VM) or "datastore" (every datastore). Uses
+        AuthorizationManager.HasPrivilegeOnEntities (vSphere 6.5 and later).
+        """
+
+        def run(content: Any) -> dict[str, list[str]]:
+            root = content.rootFolder
+            targets: dict[str, list[tuple[Any, str]]] = {
+                "vcenter": [(root, "the vCenter root folder")],
+                "vm": [
+                    (obj, f"VM {props.get('name', obj._moId)}")
+                    for obj, props in self._view_contents(
+                        content, root, vim.VirtualMachine, ["name"]
+                    )
+                ],
+                "datastore": [
+                    (obj, f"datastore {props.get('name', obj._moId)}")
+                    for obj, props in self._view_contents(content, root, vim.Datastore, ["name"])
+                ],
+            }
+            session_key = content.sessionManager.currentSession.key
+            missing: dict[str, list[str]] = {}
+            for kind in ("vcenter", "vm", "datastore"):
+                privileges = sorted(p for p, where in needed.items() if where == kind)
+                entities = targets[kind]
+                for start in range(0, len(entities) if privileges else 0, 200):
+                    batch = entities[start : start + 200]
+                    names = {obj._moId: name for obj, name in batch}
+                    answers = content.authorizationManager.HasPrivilegeOnEntities(
+                        entity=[obj for obj, _ in batch],
+                        sessionId=session_key,
+                        privId=privileges,
+                    )
+                    for answer in answers or ():
+                        name = names.get(answer.entity._moId, answer.entity._moId)
+                        for availability in answer.privAvailability or ():
+                            if not availability.isGranted:
+                                missing.setdefault(str(availability.privId), []).append(name)
+            return missing
+
+        return self._invoke("checking the vCenter user's privileges", run)
 
     # ---------------------------------------------------------------- datastore
 

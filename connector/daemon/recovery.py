@@ -20,6 +20,7 @@ so leftovers that could not be removed at startup (vCenter or S3 down) go later.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,6 +68,7 @@ def recover(
     uploads: UploadAborter,
     resume_within: float,
     now: dt.datetime | None = None,
+    release_lock: Callable[[str], None] | None = None,
 ) -> RecoveryReport:
     now = now or dt.datetime.now(dt.UTC)
     report = RecoveryReport()
@@ -92,7 +94,7 @@ def recover(
         seq = ledger.advance(run.id, attempts=0 if run.state == RUN_ACTIVE else None)
         queue.enqueue(run.id, seq)
     keep = {r.id for r in live}
-    sweep(state, ledger, hv, uploads, report, keep)
+    sweep(state, ledger, hv, uploads, report, keep, release_lock=release_lock)
     try:
         report.uploads_aborted += uploads.abort_incomplete_uploads(dt.timedelta(0))
     except ConnectorError as exc:
@@ -111,6 +113,7 @@ def sweep(
     report: RecoveryReport | None = None,
     keep: set[str] | None = None,
     uploads_before: str | None = None,
+    release_lock: Callable[[str], None] | None = None,
 ) -> RecoveryReport:
     """Undo the recorded side effects of runs that are over (or unknown).
 
@@ -132,6 +135,8 @@ def sweep(
         report.snapshots_removed += 1
         if effect.run_id is not None:
             _fail_if_active(state, effect.run_id)
+            if release_lock is not None:  # the run is over: so is its hold on the packs
+                release_lock(effect.run_id)
     for effect in ledger.pending(MULTIPART):
         if effect.ref is None:
             continue

@@ -43,7 +43,7 @@ SWEEP_INTERVAL = 300.0
 class ApiServer(Protocol):
     """A server the daemon starts once it is ready and stops first when stopping."""
 
-    def start(self) -> None: ...
+    def start(self) -> object: ...
 
     def stop(self) -> None: ...
 
@@ -76,14 +76,14 @@ class Daemon:
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         queue = RunQueue(app.queue_path)
-        discovery = Discovery(app.vsphere_client, app.state)
+        discovery = Discovery(app.discovery_hypervisor, app.state)
         scheduler: JobScheduler | None = None
         consumer = None
         try:
             self.notifier.status("recovering unfinished runs")
             reporter = LedgerReporter(app.ledger)
             pipeline = RunPipeline(
-                hv=app.vsphere,
+                hv=app.hypervisor,
                 source=app.disk_source(),
                 open_repo=app.open_repository_for_write,
                 state=app.state,
@@ -91,10 +91,11 @@ class Daemon:
                 settings=app.pipeline_settings(),
                 reporter=reporter,
                 should_stop=self.stopping.is_set,
+                audit=app.audit,
             )
             executor = RunExecutor(
                 pipeline=pipeline,
-                hv=app.vsphere,
+                hv=app.hypervisor,
                 state=app.state,
                 ledger=app.ledger,
                 jobs=app.jobs,
@@ -114,7 +115,13 @@ class Daemon:
             )
             queue.set_handler(executor.handle)
             report = recover(
-                app.state, app.ledger, queue, app.vsphere, app.objects, cfg.resume_within
+                app.state,
+                app.ledger,
+                queue,
+                app.hypervisor,
+                app.objects,
+                cfg.resume_within,
+                release_lock=pipeline.release_lock,
             )
             consumer = queue.consumer(
                 workers=cfg.max_concurrent_runs + 2, shutdown_timeout=cfg.shutdown_deadline
@@ -126,9 +133,10 @@ class Daemon:
                 sweep(
                     app.state,
                     app.ledger,
-                    app.vsphere,
+                    app.hypervisor,
                     app.objects,
                     uploads_before=started_at,
+                    release_lock=pipeline.release_lock,
                 )
 
             # Recovery and queued runs go first; the inventory follows within a minute.

@@ -14,7 +14,9 @@ from connector.ports import Hypervisor
 @dataclass(frozen=True)
 class DiskPlan:
     disk: DiskInfo
-    mode: str  # "incremental": changed areas; "allocated": '*' areas; "full": whole disk
+    # "incremental": changed areas; "allocated": '*' areas; "full": whole disk;
+    # "compare": no CBT, the whole disk is read and compared with the previous run's map
+    mode: str
     reason: str
     extents: tuple[Extent, ...]
     change_id_from: str | None
@@ -62,6 +64,20 @@ def plan_disk(
     """Decide how to read `disk` (the snapshot's view of it) and list the extents."""
     whole = (Extent(0, disk.capacity),)
     if disk.change_id is None:
+        if (
+            previous is not None
+            and previous.disk_uuid == disk.uuid
+            and previous.capacity == disk.capacity
+        ):
+            return DiskPlan(
+                disk,
+                "compare",
+                "CBT is off for this disk: every block is read and compared with the "
+                f"previous run ({previous.last_run_id}); only changed blocks are stored",
+                whole,
+                None,
+                previous.last_run_id,
+            )
         return DiskPlan(disk, "full", "CBT is off for this disk", whole, None, None)
     reason: str | None = None
     if previous is None:
@@ -108,4 +124,24 @@ def plan_disk(
         tuple(areas),
         previous.change_id,
         previous.last_run_id,
+    )
+
+
+def skip_unallocated(plan: DiskPlan, allocated: list[Extent] | None) -> DiskPlan:
+    """A plan that reads the whole disk narrowed to the ranges that may hold data.
+
+    `allocated` comes from the reader (NBD block status, SEEK_DATA); None when
+    it cannot tell. Plans driven by changed block tracking are left as they are.
+    """
+    if allocated is None or plan.mode not in ("full", "compare"):
+        return plan
+    areas = tuple(merge(clip(allocated, plan.disk.capacity)))
+    skipped = plan.disk.capacity - sum(e.length for e in areas)
+    return DiskPlan(
+        plan.disk,
+        plan.mode,
+        f"{plan.reason}; {skipped} unallocated bytes skipped",
+        areas,
+        plan.change_id_from,
+        plan.base_run,
     )

@@ -18,15 +18,16 @@ from connector.adapters.ledger import RunLedger
 from connector.adapters.state import RunRow, StateStore
 from connector.errors import ConnectorError
 from connector.logging import get_logger, scrub
-from connector.pipeline.snapshot import sweep_leftovers, validate
+from connector.pipeline.snapshot import SNAPSHOT_PREFIX, sweep_leftovers, validate
 from connector.pipeline.stages import (
     DONE,
     PipelineSettings,
     Reporter,
     RunPipeline,
     fail_interrupted,
+    release_lock,
 )
-from connector.ports import DiskSource, Hypervisor
+from connector.ports import Auditor, DiskSource, Hypervisor
 from connector.store.repository import DEFAULT_PACK_SIZE, Repository
 
 log = get_logger(__name__)
@@ -69,6 +70,7 @@ class Replicator:
     settings: ReplicationSettings = field(default_factory=ReplicationSettings)
     reporter: Reporter = field(default_factory=NullReporter)
     ledger: RunLedger | None = None
+    audit: Auditor | None = None
 
     def replicate(self, vm_uuid: str, run_type: str = "ON_DEMAND") -> RunRow:
         vm = self.hv.get_vm(vm_uuid)
@@ -81,6 +83,8 @@ class Replicator:
             vm = self.hv.get_vm(vm_uuid)
         validate(vm, self.settings.needs_no_foreign_snapshots)
         repo = self.open_repo()
+        for name in swept:  # the run that left it behind is dead: so is its lock
+            release_lock(repo, name.removeprefix(SNAPSHOT_PREFIX))
         run_id = new_run_id()
         self.state.create_run(run_id, server.id, run_type)
         log.info("run started", run=run_id, server=server.id, vm=vm.uuid)
@@ -92,6 +96,7 @@ class Replicator:
             ledger=ledger,
             settings=self.settings.pipeline(),
             reporter=self.reporter,
+            audit=self.audit,
         )
         stage = "validate"
         try:
@@ -104,8 +109,13 @@ class Replicator:
             except Exception as cleanup_exc:  # the run's own failure is what the caller sees
                 log.error("rollback failed", run=run_id, error=_describe(cleanup_exc))
                 self.state.fail_run(run_id, message)
+                if self.audit is not None:
+                    what = f"vm {vm.uuid}"
+                    self.audit.record("run.finish", what, "failure", run=run_id, error=message)
             log.error("run failed", run=run_id, error=message)
             raise
+        finally:
+            release_lock(repo, run_id)
         return self.state.run(run_id)
 
 

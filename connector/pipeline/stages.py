@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +38,13 @@ from connector.adapters.state import DiskStateRow, RunDiskRow, StateStore
 from connector.domain.model import DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.errors import ConnectorError, NotFoundError, PermanentError
 from connector.faults import crash_point
-from connector.logging import get_logger
-from connector.pipeline.changes import DiskPlan, plan_disk
+from connector.logging import get_logger, scrub
+from connector.pipeline.changes import DiskPlan, plan_disk, skip_unallocated
 from connector.pipeline.commit import DiskCommit, build_manifest
 from connector.pipeline.snapshot import SNAPSHOT_PREFIX, snapshot_name, sweep_leftovers, validate
-from connector.pipeline.transfer import transfer_disk
-from connector.ports import DiskSource, Hypervisor
-from connector.store.repository import DEFAULT_PACK_SIZE, Repository, commit_key
+from connector.pipeline.transfer import allocated_extents, transfer_disk
+from connector.ports import Auditor, DiskSource, Hypervisor
+from connector.store.repository import DEFAULT_PACK_SIZE, Repository, RunLock, commit_key
 
 log = get_logger(__name__)
 
@@ -92,6 +94,7 @@ class RunPipeline:
         settings: PipelineSettings,
         reporter: Reporter,
         should_stop: Callable[[], bool] = lambda: False,
+        audit: Auditor | None = None,
     ) -> None:
         self.hv = hv
         self.source = source
@@ -101,6 +104,7 @@ class RunPipeline:
         self.settings = settings
         self.reporter = reporter
         self.should_stop = should_stop
+        self.audit = audit
         self._repo: Repository | None = None
         self._repo_lock = threading.Lock()
 
@@ -134,6 +138,8 @@ class RunPipeline:
             self.ledger.snapshots_removed(vm_uuid, swept)
             fail_interrupted(self.state, swept, keep=run_id)
             vm = self.hv.get_vm(vm_uuid)
+        else:
+            swept = []
         validate(vm, self.settings.needs_no_foreign_snapshots)
         if not vm.cbt_enabled and self.settings.enable_cbt:
             rep.stage(run_id, "validate", "enabling Changed Block Tracking")
@@ -141,6 +147,11 @@ class RunPipeline:
         # S3 must answer before a snapshot is taken.
         with self._repo_lock:
             self._repo = self.open_repo()
+        for name in swept:  # the run that left it behind is dead: so is its lock
+            release_lock(self._repo, name.removeprefix(SNAPSHOT_PREFIX))
+        self._audit_start(run_id, vm_uuid)
+        # Before any dedup lookup: purge keeps what this run may reference (docs/format.md).
+        self._write_lock(run_id, server_id, vm)
 
     def _snapshot(self, run_id: str, server_id: str, vm_uuid: str) -> None:
         name = snapshot_name(run_id)
@@ -198,6 +209,8 @@ class RunPipeline:
             return
         vm = self.hv.get_vm(vm_uuid)
         repo = self.repo()
+        # Again (it is idempotent): a resumed run may come from a process that has ended.
+        self._write_lock(run_id, server_id, vm)
         workers = min(self.settings.max_disks_per_vm, len(todo))
         if workers <= 1:
             for disk in todo:
@@ -239,6 +252,11 @@ class RunPipeline:
 
         reader = self.source.open(vm, snap, disk)
         try:
+            plan = skip_unallocated(plan, allocated_extents(reader))
+            compare_with = None
+            if plan.mode == "compare" and plan.base_run is not None:
+                base = repo.read_manifest(server_id, plan.base_run, disk.key)
+                compare_with = repo.resolve_map(base)
             result = transfer_disk(
                 reader,
                 writer,
@@ -247,9 +265,11 @@ class RunPipeline:
                 repo.block_size,
                 self.settings.max_read,
                 progress,
+                compare_with=compare_with,
             )
         finally:
             reader.close()
+        bytes_changed = result.bytes_changed if compare_with is not None else plan.bytes_changed
         writer.flush()
         crash_point("before-manifest")
         row = RunDiskRow(
@@ -260,7 +280,7 @@ class RunPipeline:
             capacity=disk.capacity,
             change_id_from=plan.change_id_from,
             change_id_to=disk.change_id,
-            bytes_changed=plan.bytes_changed,
+            bytes_changed=bytes_changed,
             bytes_read=result.bytes_read,
             bytes_uploaded=writer.bytes_stored,
             blocks_new=writer.blocks_new,
@@ -291,7 +311,7 @@ class RunPipeline:
                 "disk_uuid": disk.uuid,
                 "change_id": disk.change_id,
                 "bytes_read": result.bytes_read,
-                "bytes_changed": plan.bytes_changed,
+                "bytes_changed": bytes_changed,
                 "bytes_uploaded": writer.bytes_uploaded,
                 "blocks_new": writer.blocks_new,
                 "blocks_dedup": writer.blocks_dedup,
@@ -363,7 +383,9 @@ class RunPipeline:
     def _cleanup(self, run_id: str, server_id: str, vm_uuid: str) -> None:
         self.reporter.stage(run_id, "cleanup", snapshot_name(run_id))
         self.remove_run_snapshots(run_id)
+        self.release_lock(run_id)
         self.state.finish_run(run_id)
+        self._audit_finish(run_id, vm_uuid)
 
     # -- rollback ------------------------------------------------------------------
 
@@ -385,10 +407,12 @@ class RunPipeline:
             if not best_effort:
                 raise
             note = f"; its snapshot could not be removed ({exc}) and is removed at the next start"
+        self.release_lock(run_id)
         if self.committed(run_id):
             self.state.finish_run(run_id, note=f"replica committed; then: {reason}{note}")
         else:
             self.state.fail_run(run_id, f"{reason}{note}")
+        self._audit_finish(run_id, None, reason)
 
     def remove_run_snapshots(self, run_id: str) -> None:
         for effect in self.ledger.pending(SNAPSHOT, run_id):
@@ -396,6 +420,69 @@ class RunPipeline:
             remove_snapshot_effect(self.hv, effect)
             crash_point("snapshot-removed")
             self.ledger.undone(effect.id)
+
+    # -- run locks and audit ----------------------------------------------------------
+
+    def _write_lock(self, run_id: str, server_id: str, vm: VmInfo) -> None:
+        bases = set()
+        for disk in vm.disks:
+            row = self.state.disk_state(server_id, disk.key)
+            if row is not None:
+                bases.add(row.last_run_id)
+        self.repo().write_lock(
+            RunLock(
+                run_id=run_id,
+                server_id=server_id,
+                started_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                base_runs=tuple(sorted(bases)),
+            )
+        )
+
+    def release_lock(self, run_id: str) -> None:
+        """Remove the run's lock from the store; one left behind purge reports as stale."""
+        try:
+            repo = self.repo()
+        except ConnectorError as exc:
+            log.warning(
+                "the run's lock could not be removed; purge reports it as stale",
+                run=run_id,
+                error=scrub(str(exc)),
+            )
+            return
+        release_lock(repo, run_id)
+
+    def _audit_start(self, run_id: str, vm_uuid: str) -> None:
+        if self.audit is None or self.ledger.step(run_id, "audit") is not None:
+            return
+        run = self.state.run(run_id)
+        self.audit.record("run.start", f"vm {vm_uuid}", "started", run=run_id, type=run.type)
+        self.ledger.step_done(run_id, "audit", NO_DISK, {"started": True})
+
+    def _audit_finish(self, run_id: str, vm_uuid: str | None, error: str | None = None) -> None:
+        if self.audit is None:
+            return
+        run = self.state.run(run_id)
+        if vm_uuid is None:
+            try:
+                vm_uuid = self.state.server(run.server_id).vm_uuid
+            except NotFoundError:
+                vm_uuid = run.server_id
+        what = f"vm {vm_uuid}"
+        if run.state == "FAILED":
+            self.audit.record(
+                "run.finish", what, "failure", run=run_id, error=error or run.error or ""
+            )
+            return
+        self.audit.record(
+            "run.finish",
+            what,
+            "success",
+            run=run_id,
+            state=run.state,
+            bytes_read=sum(d.bytes_read for d in run.disks),
+        )
 
     # -- helpers -------------------------------------------------------------------
 
@@ -408,6 +495,17 @@ class RunPipeline:
     def _check_stop(self) -> None:
         if self.should_stop():
             raise StageInterrupted("the connector is stopping")
+
+
+def release_lock(repo: Repository, run_id: str) -> None:
+    try:
+        repo.remove_lock(run_id)
+    except ConnectorError as exc:
+        log.warning(
+            "the run's lock could not be removed; purge reports it as stale",
+            run=run_id,
+            error=scrub(str(exc)),
+        )
 
 
 def remove_snapshot_effect(hv: Hypervisor, effect: Effect) -> None:

@@ -24,12 +24,18 @@ from connector.errors import ConfigError, IntegrityError, PermanentError
 
 NONCE_SIZE = 12
 KEY_SIZE = 32
+# The context a master key is wrapped under is this prefix followed by the store id.
+KEY_CONTEXT_PREFIX = b"connector store master key:"
 
 
 class KeyProvider(Protocol):
     """Wraps and unwraps a store's master key (local key file, AWS KMS)."""
 
     kind: str
+
+    def new_master(self, context: bytes) -> tuple[bytes, dict[str, Any]]:
+        """A new random master key and its wrapped record, for a new store."""
+        ...
 
     def wrap(self, master: bytes, context: bytes) -> dict[str, Any]: ...
 
@@ -46,6 +52,18 @@ class LocalKeyProvider:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._kek = load_key_file(path)
+
+    def new_master(self, context: bytes) -> tuple[bytes, dict[str, Any]]:
+        master = os.urandom(KEY_SIZE)
+        return master, self.wrap(master, context)
+
+    @classmethod
+    def from_text(cls, text: str, origin: str) -> LocalKeyProvider:
+        """A provider whose key is given as base64 text (from the environment)."""
+        provider = cls.__new__(cls)
+        provider.path = Path(origin)
+        provider._kek = parse_key(text, origin)
+        return provider
 
     def wrap(self, master: bytes, context: bytes) -> dict[str, Any]:
         nonce = os.urandom(NONCE_SIZE)
@@ -84,12 +102,17 @@ def load_key_file(path: Path) -> bytes:
             f"the store key file {path} does not exist; without it the store cannot be read. "
             "Restore it from your backup, or create a new store with a new key"
         )
+    return parse_key(path.read_text(), f"the store key file {path}")
+
+
+def parse_key(text: str, origin: str) -> bytes:
+    """32 key bytes from base64 text; ConfigError naming `origin` (never the text)."""
     try:
-        key = base64.b64decode(path.read_text().strip(), validate=True)
+        key = base64.b64decode(text.strip(), validate=True)
     except ValueError:
-        raise ConfigError(f"the store key file {path} is not base64 text") from None
+        raise ConfigError(f"{origin} is not base64 text") from None
     if len(key) != KEY_SIZE:
-        raise ConfigError(f"the store key file {path} must hold 32 bytes (base64), not {len(key)}")
+        raise ConfigError(f"{origin} must hold 32 bytes (base64), not {len(key)}")
     return key
 
 

@@ -5,6 +5,8 @@ Layout under the configured prefix (see docs/format.md):
     packs/<id[:2]>/<id>                      sealed blocks, then a sealed pack header
     runs/<server id>/<run id>/disk-<key>     sealed disk manifest
     runs/<server id>/<run id>/commit         sealed run record, written last
+    locks/<run id>                           sealed lock of a run in flight
+    condemned/<purge id>                     sealed list of packs a purge means to delete
 
 Objects are written once and never modified. A run exists only when its
 commit object exists; the commit is written after every manifest it names,
@@ -18,13 +20,13 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from connector.domain.manifest import BlockMap, BlockRef, DiskManifest, apply_changes
 from connector.errors import IntegrityError, NotFoundError, StoreFormatError
 from connector.ports import ObjectStore
-from connector.store.keys import KeyProvider, StoreKeys
+from connector.store.keys import KEY_CONTEXT_PREFIX, KeyProvider, StoreKeys
 
 STORE_FORMAT = "connector-replica-store"
 STORE_VERSION = 1
@@ -73,6 +75,73 @@ def manifest_key(server_id: str, run_id: str, disk_key: int) -> str:
 
 def commit_key(server_id: str, run_id: str) -> str:
     return f"runs/{server_id}/{run_id}/commit"
+
+
+def lock_key(run_id: str) -> str:
+    return f"locks/{run_id}"
+
+
+def condemned_key(purge_id: str) -> str:
+    return f"condemned/{purge_id}"
+
+
+@dataclass(frozen=True)
+class RunLock:
+    """Written when a run starts, before its first dedup lookup; removed when it ends."""
+
+    run_id: str
+    server_id: str
+    started_at: str  # ISO 8601 UTC, seconds
+    host: str
+    pid: int
+    base_runs: tuple[str, ...] = ()  # runs whose maps this run may build on
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "server_id": self.server_id,
+            "started_at": self.started_at,
+            "host": self.host,
+            "pid": self.pid,
+            "base_runs": list(self.base_runs),
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RunLock:
+        return cls(
+            run_id=doc["run_id"],
+            server_id=doc["server_id"],
+            started_at=doc["started_at"],
+            host=doc["host"],
+            pid=int(doc["pid"]),
+            base_runs=tuple(doc.get("base_runs", ())),
+        )
+
+
+@dataclass(frozen=True)
+class CondemnedRecord:
+    """Packs that no committed run referenced at `created_at`, and the locks that existed then."""
+
+    purge_id: str
+    created_at: str
+    locks: tuple[str, ...]
+    packs: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "purge_id": self.purge_id,
+            "created_at": self.created_at,
+            "locks": list(self.locks),
+            "packs": list(self.packs),
+        }
+
+
+@dataclass
+class RunObjects:
+    """What the store holds for one run: its commit, and its disk manifests by disk key."""
+
+    commit: bool = False
+    disks: list[int] = field(default_factory=list)
 
 
 def now_iso() -> str:
@@ -127,10 +196,8 @@ class Repository:
     @classmethod
     def _create(cls, objects: ObjectStore, provider: KeyProvider, block_size: int) -> Repository:
         store_id = os.urandom(16).hex()
-        master = os.urandom(32)
-        config = StoreConfig(
-            store_id, block_size, provider.wrap(master, _key_context(store_id)), now_iso()
-        )
+        master, wrapped = provider.new_master(_key_context(store_id))
+        config = StoreConfig(store_id, block_size, wrapped, now_iso())
         doc = {
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
@@ -231,6 +298,77 @@ class Repository:
             if key.endswith("/commit"):
                 yield key[len(prefix) :].split("/", 1)[0]
 
+    def scan_runs(self, server_id: str | None = None) -> dict[str, dict[str, RunObjects]]:
+        """Every run object in the store (or of one server): server id -> run id -> objects."""
+        prefix = "runs/" if server_id is None else f"runs/{server_id}/"
+        out: dict[str, dict[str, RunObjects]] = {}
+        for key in self.objects.list(prefix):
+            parts = key.split("/")
+            if len(parts) != 4:
+                continue
+            _, server, run, name = parts
+            objs = out.setdefault(server, {}).setdefault(run, RunObjects())
+            if name == "commit":
+                objs.commit = True
+            elif name.startswith("disk-") and name[5:].isdigit():
+                objs.disks.append(int(name[5:]))
+        return out
+
+    def delete_commit(self, server_id: str, run_id: str) -> None:
+        """The run stops existing: restore and verify no longer see it."""
+        self.objects.delete(commit_key(server_id, run_id))
+
+    def delete_manifest(self, server_id: str, run_id: str, disk_key: int) -> None:
+        self.objects.delete(manifest_key(server_id, run_id, disk_key))
+
+    def pack_ids(self) -> Iterator[str]:
+        for key in self.objects.list("packs/"):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[1] == parts[2][:2]:
+                yield parts[2]
+
+    # -- locks of runs in flight, and condemned packs ------------------------------
+
+    def write_lock(self, lock: RunLock) -> None:
+        self._put_sealed(lock_key(lock.run_id), lock.to_json())
+
+    def remove_lock(self, run_id: str) -> None:
+        self.objects.delete(lock_key(run_id))
+
+    def lock_ids(self) -> list[str]:
+        return [key.removeprefix("locks/") for key in self.objects.list("locks/")]
+
+    def read_lock(self, run_id: str) -> RunLock:
+        return RunLock.from_json(self._get_sealed(lock_key(run_id), f"lock of run {run_id}"))
+
+    def write_condemned(self, record: CondemnedRecord) -> None:
+        self._put_sealed(condemned_key(record.purge_id), record.to_json())
+
+    def condemned_records(self) -> list[CondemnedRecord]:
+        out = []
+        for key in self.objects.list("condemned/"):
+            doc = self._get_sealed(key, f"purge record {key}")
+            out.append(
+                CondemnedRecord(
+                    purge_id=doc["purge_id"],
+                    created_at=doc["created_at"],
+                    locks=tuple(doc["locks"]),
+                    packs=tuple(doc["packs"]),
+                )
+            )
+        return out
+
+    def remove_condemned(self, purge_id: str) -> None:
+        self.objects.delete(condemned_key(purge_id))
+
+    def _put_sealed(self, key: str, doc: Mapping[str, Any]) -> None:
+        body = json.dumps(dict(doc), sort_keys=True).encode()
+        self.objects.put(key, self.keys.seal(body, key.encode()))
+
+    def _get_sealed(self, key: str, what: str) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.keys.open(self.objects.get(key), key.encode(), what))
+        return doc
+
     def pack_writer(
         self,
         index: BlockIndex,
@@ -319,4 +457,4 @@ def _new_pack_id() -> str:
 
 
 def _key_context(store_id: str) -> bytes:
-    return b"connector store master key:" + store_id.encode()
+    return KEY_CONTEXT_PREFIX + store_id.encode()

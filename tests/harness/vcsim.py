@@ -344,6 +344,22 @@ class Simulator:
     def enable_disk_cbt(self, vm_uuid: str, disk_key: int) -> None:
         self._cbt_file(vm_uuid, disk_key, "nocbt").unlink(missing_ok=True)
 
+    # --- privileges ----------------------------------------------------------
+
+    @property
+    def privileges_file(self) -> Path:
+        return self.workdir / "privileges"
+
+    def grant_only(self, privileges: list[str]) -> None:
+        """From now on, privilege checks grant only these privileges (to every user)."""
+        tmp = self.privileges_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{p}\n" for p in privileges))
+        tmp.replace(self.privileges_file)
+
+    def grant_all(self) -> None:
+        """Privilege checks grant every privilege again (the simulator's default)."""
+        self.privileges_file.unlink(missing_ok=True)
+
     # --- snapshots -----------------------------------------------------------
 
     def snapshot_names(self, vm_uuid: str) -> list[str]:
@@ -465,6 +481,7 @@ def start_simulator(workdir: Path, ca: TestCA, cbt_page: int = 4) -> Simulator:
                 "-user", USER,
                 "-password-file", str(password_file),
                 "-cbt-dir", str(cbt_dir),
+                "-privileges-file", str(workdir / "privileges"),
                 "-cbt-page", str(cbt_page),
                 "-ready-file", str(ready_file),
                 "-exit-with-parent",

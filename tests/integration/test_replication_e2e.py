@@ -240,6 +240,9 @@ def test_snapshot_left_by_a_killed_process_is_removed_at_the_next_start(
         run = app.replicator().replicate(uuid)
         assert run.state == "COMPLETED"
         assert not [s for s in vcsim.snapshot_names(uuid) if s.startswith("connector-")]
+        killed = [r for r in app.state.runs(run.server_id) if r.id != run.id]
+        assert [r.state for r in killed] == ["FAILED"]
+        assert "interrupted" in (killed[0].error or "")
     finally:
         app.close()
 

@@ -11,12 +11,11 @@ import datetime as dt
 import json
 import socket
 import ssl
-import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,9 @@ from connector.errors import (
 )
 from connector.secrets import Secret
 from tests.harness import ca as ca_harness
-from tests.harness.ca import IssuedCert, make_ca
+from tests.harness.ca import make_ca
 from tests.harness.moto import MotoServer, free_port, start_moto
+from tests.harness.tls_servers import TLSServer, legacy_client_context
 
 pytestmark = pytest.mark.integration
 
@@ -74,102 +74,7 @@ def full_text(exc: BaseException) -> str:
 # ------------------------------------------------------------- local TLS servers
 
 
-@dataclass
-class TLSServer:
-    """A tiny HTTPS responder on 127.0.0.1 with a chosen TLS version range."""
-
-    cert: IssuedCert
-    min_version: ssl.TLSVersion
-    max_version: ssl.TLSVersion
-    port: int = 0
-    handshakes: list[str] = field(default_factory=list)
-    _sock: socket.socket | None = None
-    _thread: threading.Thread | None = None
-
-    def start(self) -> TLSServer:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1_1 is deprecated: on purpose
-            # OpenSSL 3 only speaks TLS 1.1 at security level 0.
-            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-            ctx.minimum_version = self.min_version
-            ctx.maximum_version = self.max_version
-        ctx.load_cert_chain(self.cert.cert_file, self.cert.key_file)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        self.port = sock.getsockname()[1]
-        self._sock = sock
-        self._thread = threading.Thread(target=self._serve, args=(sock, ctx), daemon=True)
-        self._thread.start()
-        return self
-
-    def _serve(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return  # stopped
-            conn.settimeout(5)
-            try:
-                with ctx.wrap_socket(conn, server_side=True) as tls:
-                    self.handshakes.append(str(tls.version()))
-                    tls.recv(65536)
-                    tls.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    )
-            except (OSError, ssl.SSLError):
-                conn.close()
-
-    def stop(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                self._sock.close()  # not connected on some kernels: closing wakes accept()
-            self._sock.close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-
-@pytest.fixture(scope="module")
-def tls11_server(test_ca: ca_harness.TestCA) -> Iterator[TLSServer]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        server = TLSServer(
-            test_ca.issue("tls11-only"), ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_1
-        ).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def wrong_name_server(test_ca: ca_harness.TestCA) -> Iterator[TLSServer]:
-    server = TLSServer(
-        test_ca.issue("elsewhere", hosts=("elsewhere.example",)),
-        ssl.TLSVersion.TLSv1_2,
-        ssl.TLSVersion.TLSv1_3,
-    ).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _legacy_client_context(ca_file: Path) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-        ctx.minimum_version = ssl.TLSVersion.TLSv1
-    ctx.load_verify_locations(cafile=str(ca_file))
-    return ctx
+# tls11_server and wrong_name_server: tests/harness/fixtures_tls.py
 
 
 @pytest.fixture
@@ -341,7 +246,7 @@ def test_the_old_server_really_speaks_only_tls_1_1(
     test_ca: ca_harness.TestCA, tls11_server: TLSServer
 ) -> None:
     with socket.create_connection(("127.0.0.1", tls11_server.port), timeout=5) as raw:
-        ctx = _legacy_client_context(test_ca.cert_file)
+        ctx = legacy_client_context(test_ca.cert_file)
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             assert tls.version() == "TLSv1.1"
     modern = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

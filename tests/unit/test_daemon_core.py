@@ -17,7 +17,6 @@ from connector.adapters.ledger import SNAPSHOT, RunLedger
 from connector.adapters.state import StateStore
 from connector.daemon.notify import Notifier
 from connector.daemon.recovery import recover
-from connector.daemon.retention import keep_recent_runs
 from connector.daemon.runner import LedgerReporter, RunExecutor, RunLimits
 from connector.daemon.schedule import JobScheduler
 from connector.decorators.bandwidth import (
@@ -31,6 +30,7 @@ from connector.domain import jobs as J
 from connector.errors import InvalidInputError, UnreachableError
 from connector.fakes import FakeDiskSource, FakeHypervisor, MemoryObjectStore
 from connector.faults import crash_point
+from connector.pipeline.purge import PurgeReport, purge
 from connector.pipeline.stages import PipelineSettings, RunPipeline
 from connector.store.keys import LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
@@ -241,11 +241,10 @@ class World:
         defaults = {"stage_retries": 2, "retry_backoff": 0.5, "retry_backoff_max": 10.0}
         defaults.update(limits)
         self.limits = RunLimits(**defaults)  # type: ignore[arg-type]
-        keep = keep_recent_runs(self.state, self.jobs)
 
-        def retention(server_id: str, n: int) -> list[str]:
+        def retention(server_id: str, n: int) -> PurgeReport:
             self.retained.append((server_id, n))
-            return keep(server_id, n)
+            return purge(self.open_repo(), self.state, {server_id: n})
 
         self.executor = RunExecutor(
             self.pipeline,
@@ -295,7 +294,12 @@ def test_a_scheduled_run_completes_and_retention_is_applied(tmp_path: Path) -> N
         assert w.scheduler.fire(job_id)
         w.drain()
     runs = w.jobs.runs_of(job_id)
-    assert [r.state for r in runs] == ["DELETING", "COMPLETED", "COMPLETED"]
+    assert [r.state for r in runs] == ["DELETED", "COMPLETED", "COMPLETED"]
+    server_id = runs[0].server_id
+    stored = w.open_repo().scan_runs(server_id)[server_id]
+    assert not stored[runs[0].id].commit  # its commit is gone from the store
+    assert stored[runs[2].id].commit
+    assert w.open_repo().lock_ids() == []  # every run removed its lock
     assert all(r.type == "AUTOMATIC" and r.stage == "done" for r in runs)
     assert w.jobs.get(job_id).state == J.JOB_ACTIVE
     assert w.retained and w.retained[-1][1] == 2

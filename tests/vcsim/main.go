@@ -9,7 +9,9 @@
 //     and VirtualMachine.QueryChangedDiskAreas answers from a change log the tests
 //     write (see cbt.go);
 //   - a Fetch of an unset property (vm.snapshot without snapshots) answers "unset"
-//     as vCenter does, instead of dropping the connection (see fetch.go).
+//     as vCenter does, instead of dropping the connection (see fetch.go);
+//   - with -privileges-file, privilege checks grant only the listed privileges
+//     (see privileges.go).
 //
 // It writes {"url", "port", "pid"} as JSON to -ready-file once it is serving, and
 // exits on SIGTERM/SIGINT or, with -exit-with-parent, when its parent process dies.
@@ -54,6 +56,7 @@ func main() {
 	exitWithParent := flag.Bool("exit-with-parent", false, "exit when the parent process dies")
 	trace := flag.Bool("trace", false, "write SOAP traffic to stderr")
 	stockFetch := flag.Bool("stock-fetch", false, "keep the simulator's Fetch, which drops the connection on an unset property")
+	privilegesFile := flag.String("privileges-file", "", "while this file exists, grant only the privileges it lists (see privileges.go)")
 	flag.Parse()
 
 	if *certFile == "" || *keyFile == "" || *passwordFile == "" || *cbtDir == "" {
@@ -69,6 +72,7 @@ func main() {
 		certFile: *certFile, keyFile: *keyFile, user: *user, passwordFile: *passwordFile,
 		listen: *listen, readyFile: *readyFile, cbtDir: *cbtDir, cbtPage: *cbtPage,
 		vms: *vms, exitWithParent: *exitWithParent, trace: *trace, stockFetch: *stockFetch,
+		privilegesFile: *privilegesFile,
 	}); err != nil {
 		log.Fatal(err)
 	}
@@ -76,6 +80,7 @@ func main() {
 
 type options struct {
 	certFile, keyFile, user, passwordFile, listen, readyFile, cbtDir string
+	privilegesFile                                                   string
 	cbtPage, vms                                                     int
 	exitWithParent, trace, stockFetch                                bool
 }
@@ -112,6 +117,7 @@ func run(o options) error {
 	}
 	cbt := newCBT(o.cbtDir, o.cbtPage)
 	cbt.install(model.Service)
+	installPrivileges(*model.ServiceContent.AuthorizationManager, o.privilegesFile)
 
 	model.Service.TLS = &tls.Config{
 		Certificates: []tls.Certificate{cert},

@@ -1,0 +1,208 @@
+"""`connector check`: independent checks of a live setup, in a registry.
+
+Each check is a function `App -> CheckResult`, registered with `@register`.
+A check that raises is reported as failed with the error's message; one check
+failing never stops the others. Checks that need a piece of configuration
+that is absent report `skipped`.
+
+Checks from other parts of the connector add themselves the same way:
+
+    @register("transport.vddk", "VDDK library present and loadable")
+    def _vddk(app: App) -> CheckResult: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from connector.audit import verify as verify_audit
+from connector.errors import ConnectorError
+from connector.logging import scrub
+from connector.policies import vcenter_privileges
+
+if TYPE_CHECKING:
+    from connector.app import App
+
+Status = Literal["ok", "failed", "skipped"]
+
+
+@dataclass
+class CheckResult:
+    status: Status
+    summary: str
+    missing: list[str] = field(default_factory=list)  # missing permissions, by name
+    details: list[str] = field(default_factory=list)
+    name: str = ""
+    title: str = ""
+
+
+CheckFn = Callable[["App"], CheckResult]
+
+
+@dataclass(frozen=True)
+class _Check:
+    name: str
+    title: str
+    fn: CheckFn
+
+
+_REGISTRY: dict[str, _Check] = {}
+
+
+def register(name: str, title: str) -> Callable[[CheckFn], CheckFn]:
+    """Register a check under a unique dotted name (shown and selectable with --only)."""
+
+    def add(fn: CheckFn) -> CheckFn:
+        if name in _REGISTRY:
+            raise ValueError(f"a check named {name!r} is already registered")
+        _REGISTRY[name] = _Check(name, title, fn)
+        return fn
+
+    return add
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def run_checks(app: App, only: Iterable[str] = ()) -> list[CheckResult]:
+    """Run the selected checks (all by default), in registration order."""
+    wanted = list(only)
+    unknown = [n for n in wanted if n not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown check(s): {', '.join(unknown)}; known: {', '.join(_REGISTRY)}")
+    results = []
+    for check in _REGISTRY.values():
+        if wanted and check.name not in wanted:
+            continue
+        try:
+            result = check.fn(app)
+        except ConnectorError as exc:
+            result = CheckResult("failed", scrub(str(exc)))
+        except Exception as exc:  # a check's own bug must not hide the other checks
+            result = CheckResult("failed", scrub(f"{type(exc).__name__}: {exc}"))
+        result.name, result.title = check.name, check.title
+        results.append(result)
+    return results
+
+
+# ------------------------------------------------------------------------- checks
+
+
+@register("secrets", "every configured secret can be read")
+def _secrets(app: App) -> CheckResult:
+    cfg = app.config
+    sources = ["vCenter password"]
+    cfg.vcenter_password()
+    if cfg.s3_secret_key() is not None:
+        sources.append("S3 secret access key")
+    if cfg.store.key_env is not None:
+        cfg.store_key_text()
+        sources.append("store key (environment)")
+    if cfg.api is not None:
+        cfg.api_token()
+        sources.append("API token")
+    return CheckResult("ok", "readable: " + ", ".join(sources))
+
+
+@register("vcenter.connect", "vCenter is reachable over verified TLS 1.2+ and accepts the login")
+def _vcenter_connect(app: App) -> CheckResult:
+    if app.config.vcenter is None:
+        return CheckResult("skipped", f"no [vcenter] (transport {app.config.transport.kind!r})")
+    vms = app.vsphere.list_vms()
+    ctx = app.vsphere.ssl_context()
+    via = f" through the proxy {app.vsphere.proxy.url}" if app.vsphere.proxy else ""
+    return CheckResult(
+        "ok",
+        f"logged in to {app.vsphere.url} as {app.vsphere.user}{via} "
+        f"(minimum {ctx.minimum_version.name}); {len(vms)} VMs visible",
+    )
+
+
+@register("vcenter.privileges", "the vCenter user holds the connector's privileges")
+def _vcenter_privileges(app: App) -> CheckResult:
+    if app.config.vcenter is None:
+        return CheckResult("skipped", f"no [vcenter] (transport {app.config.transport.kind!r})")
+    needed = vcenter_privileges(app.config.vcenter.enable_cbt, app.config.transport.kind)
+    missing = app.vsphere.missing_privileges({p: where for p, (where, _) in needed.items()})
+    if not missing:
+        return CheckResult("ok", f"all {len(needed)} privileges granted")
+    details = []
+    for privilege in sorted(missing):
+        objects = missing[privilege]
+        shown = ", ".join(objects[:5]) + (
+            f" and {len(objects) - 5} more" if len(objects) > 5 else ""
+        )
+        details.append(f"{privilege} ({needed[privilege][1]}): missing on {shown}")
+    return CheckResult(
+        "failed",
+        f"{len(missing)} of {len(needed)} privileges missing; add them to the connector's "
+        "role (docs/permissions.md)",
+        missing=sorted(missing),
+        details=details,
+    )
+
+
+@register("s3.permissions", "the AWS credentials can use the staging bucket with encryption")
+def _s3_permissions(app: App) -> CheckResult:
+    probes = app.objects.probe_permissions()
+    missing: list[str] = []
+    details: list[str] = []
+    failed = False
+    for probe in probes:
+        needs = ", ".join(probe.permissions) or "-"
+        if probe.status == "ok":
+            details.append(f"{probe.request}: ok ({needs})")
+            continue
+        details.append(f"{probe.request}: {probe.status} ({needs}) {probe.message}".rstrip())
+        if probe.status == "denied":
+            failed = True
+            missing += [p for p in probe.permissions if p not in missing]
+        elif probe.status == "error":
+            failed = True
+    if failed:
+        summary = (
+            f"missing permission(s): {', '.join(missing)}; see docs/permissions.md"
+            if missing
+            else "some requests failed (see details)"
+        )
+        return CheckResult("failed", summary, missing=missing, details=details)
+    return CheckResult(
+        "ok",
+        f"s3://{app.objects.bucket}/{app.config.s3.prefix} readable and writable with "
+        f"{app.config.s3.sse} encryption",
+        details=details,
+    )
+
+
+@register("audit.log", "the audit log is writable and its chain verifies")
+def _audit(app: App) -> CheckResult:
+    path = app.config.audit_path
+    if not path.exists():
+        return CheckResult("ok", f"{path} will be created at the first audited action")
+    result = verify_audit(path)
+    if not result.ok:
+        return CheckResult(
+            "failed",
+            f"{path}: {result.problems[0]}",
+            details=result.problems[1:],
+        )
+    return CheckResult("ok", f"{path}: {result.records} records, chain intact")
+
+
+@register("transport.vddk", "nbdkit, its vddk plugin and the VDDK library are present and load")
+def _vddk(app: App) -> CheckResult:
+    from connector.checks import check_vddk
+
+    results = check_vddk(app.config)
+    if all(r.status == "skip" for r in results):
+        return CheckResult("skipped", "; ".join(r.detail for r in results))
+    failed = [r for r in results if r.status == "fail"]
+    lines = [f"{r.check}: {r.status}: {r.detail}" for r in results]
+    if failed:
+        return CheckResult(
+            "failed", "; ".join(f"{r.check}: {r.detail}" for r in failed), details=lines
+        )
+    return CheckResult("ok", "VDDK is present and loads", details=lines)

@@ -1,0 +1,268 @@
+"""The connector's HTTPS API: TLS 1.2+ with strong ciphers only (testssl.sh), a
+required bearer token, read-only endpoints, and `connector api` as a process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connector.adapters.state import StateStore
+from connector.audit import read_records
+from connector.daemon.api import ApiServer
+from connector.domain.model import DiskInfo, VmInfo
+from connector.errors import ConfigError
+from connector.secrets import Secret
+from connector.tls import client_context, server_context
+from tests.harness.ca import TestCA as CA
+from tests.harness.testssl import run_testssl, weak_findings
+from tests.harness.tls_servers import TLSServer
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "api-token-" + "0123456789abcdef" * 2
+
+
+@pytest.fixture(scope="module")
+def api(test_ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    workdir = tmp_path_factory.mktemp("api")
+    state = StateStore.at_path(workdir / "state.db")
+    state.upsert_server(
+        VmInfo(
+            uuid="42000000-0000-0000-0000-000000000001",
+            name="web-01",
+            ref="vm-1",
+            datacenter="DC0",
+            power_state="poweredOn",
+            cbt_enabled=True,
+            disks=(
+                DiskInfo(
+                    key=2000,
+                    label="Hard disk 1",
+                    capacity=1 << 20,
+                    file_name="[ds] a.vmdk",
+                    backing="flat",
+                ),
+            ),
+        )
+    )
+    cert = test_ca.issue("api-server")
+    server = ApiServer(
+        "127.0.0.1", 0, server_context(cert.cert_file, cert.key_file), Secret(TOKEN), state
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        state.close()
+
+
+def request(
+    server: ApiServer,
+    path: str,
+    token: str | None = TOKEN,
+    method: str = "GET",
+    ctx: ssl.SSLContext | None = None,
+    ca_file: Path | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    context = ctx or client_context(ca_file)
+    conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        conn.request(method, path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def test_testssl_finds_no_old_protocol_and_no_weak_cipher(api: ApiServer, tmp_path: Path) -> None:
+    findings = run_testssl(api.port, tmp_path)
+    assert weak_findings(findings) == []
+    by_id = {f["id"]: f["finding"] for f in findings}
+    assert by_id["TLS1_2"].startswith("offered") and by_id["TLS1_3"].startswith("offered")
+    assert by_id["cipherlist_STRONG"].startswith("offered")
+
+
+def test_testssl_judgement_flags_a_weak_server(tls11_server: TLSServer, tmp_path: Path) -> None:
+    # Control: the same judgement on a TLS-1.1-only server with CBC ciphers fails.
+    problems = weak_findings(run_testssl(tls11_server.port, tmp_path))
+    assert any(p.startswith("TLS1_1: offered") for p in problems), problems
+    assert any(p.startswith("cipherlist_AVERAGE: offered") for p in problems), problems
+
+
+def test_old_protocols_and_cbc_ciphers_are_refused(api: ApiServer, test_ca: CA) -> None:
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.load_verify_locations(cafile=str(test_ca.cert_file))
+    with pytest.raises(ssl.SSLError):
+        request(api, "/healthz", ctx=old)
+    cbc = client_context(test_ca.cert_file)
+    cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+    cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA")
+    with pytest.raises(ssl.SSLError):
+        request(api, "/healthz", ctx=cbc)
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = client_context(test_ca.cert_file)
+        ctx.minimum_version = ctx.maximum_version = version
+        assert request(api, "/healthz", ctx=ctx)[0] == 200
+
+
+# ------------------------------------------------------------------------ tokens
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/v1/runs", "/v1/servers", "/anything"])
+@pytest.mark.parametrize("token", [None, "", "wrong-token-0123456789abcdef", TOKEN[:-1]])
+def test_everything_but_health_needs_the_token(
+    api: ApiServer, test_ca: CA, path: str, token: str | None
+) -> None:
+    status, headers, body = request(api, path, token=token, ca_file=test_ca.cert_file)
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert b"web-01" not in body
+
+
+def test_health_is_open_and_reveals_nothing(api: ApiServer, test_ca: CA) -> None:
+    status, headers, body = request(api, "/healthz", token=None, ca_file=test_ca.cert_file)
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+    assert headers["Server"].strip() == "connector"
+    assert headers["Cache-Control"] == "no-store"
+
+
+def test_read_only_endpoints_with_the_token(api: ApiServer, test_ca: CA) -> None:
+    status, _, body = request(api, "/v1/servers", ca_file=test_ca.cert_file)
+    assert status == 200
+    servers = json.loads(body)
+    assert [s["name"] for s in servers] == ["web-01"]
+    status, _, body = request(api, f"/v1/runs?server={servers[0]['id']}", ca_file=test_ca.cert_file)
+    assert status == 200 and json.loads(body) == []
+    status, headers, body = request(api, "/metrics", ca_file=test_ca.cert_file)
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    text = body.decode()
+    assert "connector_servers 1.0" in text
+    assert 'connector_api_requests_total{path="/v1/servers",status="200"}' in text
+    assert request(api, "/v1/servers", method="POST", ca_file=test_ca.cert_file)[0] == 405
+    assert request(api, "/nope", ca_file=test_ca.cert_file)[0] == 404
+
+
+def test_short_tokens_are_refused(test_ca: CA, tmp_path: Path) -> None:
+    cert = test_ca.issue("api-short")
+    ctx = server_context(cert.cert_file, cert.key_file)
+    with pytest.raises(ConfigError, match="too short"):
+        ApiServer("127.0.0.1", 0, ctx, Secret("short"), StateStore.at_path(tmp_path / "s.db"))
+
+
+def test_missing_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="certificate file"):
+        server_context(tmp_path / "nope.crt", tmp_path / "nope.key")
+
+
+# ----------------------------------------------------------- `connector api` process
+
+
+def _wait_healthy(port: int, ca_file: Path, proc: subprocess.Popen[Any]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            conn = http.client.HTTPSConnection(
+                "127.0.0.1", port, context=client_context(ca_file), timeout=2
+            )
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the API did not come up"
+        time.sleep(0.1)
+
+
+def test_connector_api_command_serves_until_sigterm(test_ca: CA, tmp_path: Path) -> None:
+    from tests.harness.moto import free_port
+
+    cert = test_ca.issue("api-cli")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "api-token").write_text(TOKEN + "\n")
+    (tmp_path / "pw").write_text("unused-password")
+    port = free_port()
+    cfg = tmp_path / "connector.toml"
+    cfg.write_text(
+        f"""
+[vcenter]
+url = "https://vc.example/sdk"
+user = "svc"
+password_file = "pw"
+
+[s3]
+bucket = "staging-bucket"
+
+[state]
+path = "state/state.db"
+
+[api]
+listen = "127.0.0.1:{port}"
+cert_file = "{cert.cert_file}"
+key_file = "{cert.key_file}"
+token_file = "credential:api-token"
+"""
+    )
+    env = dict(os.environ, CREDENTIALS_DIRECTORY=str(creds))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "connector", "api", "--config", str(cfg)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_healthy(port, test_ca.cert_file, proc)
+        conn = http.client.HTTPSConnection(
+            "127.0.0.1", port, context=client_context(test_ca.cert_file), timeout=5
+        )
+        conn.request("GET", "/v1/servers", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert conn.getresponse().status == 200
+        health = health_check(cfg, env)
+        assert health.returncode == 0 and health.stdout.strip() == "ok", health.stderr
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert TOKEN not in stderr
+    down = health_check(cfg, env)
+    assert down.returncode == 1 and "does not answer" in down.stderr
+    # health checks are not audited (they run every few seconds)
+    actions = [r["action"] for r in read_records(tmp_path / "state" / "audit.jsonl")]
+    assert actions == ["config.load", "api.start", "api.stop"]
+
+
+def health_check(cfg: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "connector", "health", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

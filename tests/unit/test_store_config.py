@@ -1,0 +1,78 @@
+"""Configuration of the store's key provider and of retention; one purge at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from connector.app import App
+from connector.config import load_config
+from connector.errors import ConfigError, PermanentError
+
+BASE = """
+[vcenter]
+url = "https://vc.example/sdk"
+user = "svc"
+password_file = "vc.password"
+
+[s3]
+bucket = "replicas"
+endpoint_url = "https://s3.example"
+ca_file = "s3-ca.pem"
+
+[state]
+path = "state/state.db"
+"""
+
+
+def config(tmp_path: Path, extra: str) -> Path:
+    path = tmp_path / "connector.toml"
+    path.write_text(BASE + extra)
+    return path
+
+
+def test_kms_settings_default_to_the_s3_endpoint_and_trust(tmp_path: Path) -> None:
+    cfg = load_config(config(tmp_path, '[store]\nkms_key_id = "alias/replicas"\n'))
+    assert cfg.store.kms_key_id == "alias/replicas"
+    assert cfg.retention.keep == 0 and cfg.retention.stale_lock_hours == 24
+    own = load_config(
+        config(
+            tmp_path,
+            '[store]\nkms_key_id = "k"\nkms_endpoint_url = "https://kms.example"\n'
+            'kms_ca_file = "kms-ca.pem"\n[retention]\nkeep = 3\n',
+        )
+    )
+    assert own.store.kms_ca_file == tmp_path / "kms-ca.pem"  # relative to the file
+    assert own.retention.keep == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[store]\nkms_key_id = "k"\nkey_file = "store.key"\n', "key_file or kms_key_id"),
+        ('[store]\nkms_key_id = " "\n', "kms_key_id is empty"),
+        ('[store]\nkms_endpoint_url = "https://kms.example"\n', "need kms_key_id"),
+        ('[store]\nkms_key_id = "k"\nkms_endpoint_url = "http://kms.example"\n', "https://"),
+        ("[retention]\nkeep = -1\n", "retention.keep"),
+        ("[retention]\nstale_lock_hours = 0\n", "stale_lock_hours"),
+    ],
+)
+def test_bad_store_and_retention_settings_are_refused(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(config(tmp_path, extra))
+
+
+def test_a_second_purge_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    cfg = load_config(config(tmp_path, ""))
+    first, second = App(cfg), App(cfg)
+    with (
+        first.purge_guard(),
+        pytest.raises(PermanentError, match="another purge is running"),
+        second.purge_guard(),
+    ):
+        pass
+    with second.purge_guard():  # released
+        assert (tmp_path / "state" / "purge.lock").exists()
