@@ -15,8 +15,9 @@ import pytest
 from connector.adapters.jobstore import JobStore
 from connector.adapters.ledger import SNAPSHOT, RunLedger
 from connector.adapters.state import StateStore
+from connector.audit import AuditLog, read_records
 from connector.daemon.notify import Notifier
-from connector.daemon.recovery import recover
+from connector.daemon.recovery import recover, sweep
 from connector.daemon.runner import LedgerReporter, RunExecutor, RunLimits
 from connector.daemon.schedule import JobScheduler
 from connector.decorators.bandwidth import (
@@ -228,6 +229,7 @@ class World:
         self.retained: list[tuple[str, int]] = []
         self.stopping = threading.Event()
         self.reporter = LedgerReporter(self.ledger)
+        self.audit = AuditLog(tmp_path / "audit.jsonl")
         self.pipeline = RunPipeline(
             self.hv,
             FakeDiskSource(self.hv),
@@ -237,6 +239,7 @@ class World:
             PipelineSettings(pack_size=2 * MiB, max_disks_per_vm=2),
             self.reporter,
             self.stopping.is_set,
+            audit=self.audit,
         )
         defaults = {"stage_retries": 2, "retry_backoff": 0.5, "retry_backoff_max": 10.0}
         defaults.update(limits)
@@ -303,6 +306,10 @@ def test_a_scheduled_run_completes_and_retention_is_applied(tmp_path: Path) -> N
     assert all(r.type == "AUTOMATIC" and r.stage == "done" for r in runs)
     assert w.jobs.get(job_id).state == J.JOB_ACTIVE
     assert w.retained and w.retained[-1][1] == 2
+    records = read_records(w.audit.path)
+    for run in runs:
+        mine = [(r["action"], r["outcome"]) for r in records if r["details"]["run"] == run.id]
+        assert mine == [("run.start", "started"), ("run.finish", "success")]
     assert all(not s for v in w.hv.vms.values() for s in v.snapshots)
     ctl = w.ledger.control(runs[-1].id)
     assert ctl is not None and ctl.detail == "" and ctl.attempts == 0
@@ -367,6 +374,7 @@ def test_a_permanent_error_fails_at_once_and_rolls_back(tmp_path: Path) -> None:
     w.queue.tasks.clear()
     w.executor.handle(run_id, 0)  # admitted
     w.executor.handle(run_id, 1)  # validate
+    assert w.open_repo().lock_ids() == [run_id]  # held before any dedup lookup
     w.executor.handle(run_id, 2)  # snapshot: connector-<run> exists now
     uuid = w.state.server(w.state.run(run_id).server_id).vm_uuid
     assert len(w.hv.vms[uuid].snapshots) == 1
@@ -380,6 +388,9 @@ def test_a_permanent_error_fails_at_once_and_rolls_back(tmp_path: Path) -> None:
     assert not w.hv.vms[uuid].snapshots
     assert w.ledger.pending(SNAPSHOT, run_id) == []
     assert w.queue.tasks == []
+    assert w.open_repo().lock_ids() == []  # the rollback removed the run's lock
+    finish = [r for r in read_records(w.audit.path) if r["action"] == "run.finish"]
+    assert finish[-1]["outcome"] == "failure" and finish[-1]["details"]["run"] == run_id
 
 
 def test_stale_and_duplicate_tasks_do_nothing(tmp_path: Path) -> None:
@@ -441,6 +452,30 @@ def test_recovery_resumes_an_active_run_and_removes_leftovers(tmp_path: Path) ->
     w.drain()
     assert w.state.run(run_id).state == "COMPLETED"
     assert all(not v.snapshots for v in w.hv.vms.values())
+    assert w.open_repo().lock_ids() == []
+
+
+def test_recovery_sweep_removes_the_lock_of_a_run_it_ends(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    job_id = w.vm_with_job("vm-j")
+    run_id = w.scheduler.fire(job_id)
+    assert run_id
+    for seq in range(3):  # admit, validate, snapshot; then the process "dies"
+        w.queue.tasks.clear()
+        w.executor.handle(run_id, seq)
+    assert w.open_repo().lock_ids() == [run_id]
+    w.jobs.mark_run(run_id, "FAILED", "ended elsewhere")  # over, its snapshot still recorded
+
+    class Uploads:
+        def abort_upload(self, key: str, upload_id: str) -> bool:
+            return True
+
+        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+            return 0
+
+    report = sweep(w.state, w.ledger, w.hv, Uploads(), release_lock=w.pipeline.release_lock)
+    assert report.snapshots_removed == 1
+    assert w.open_repo().lock_ids() == []
 
 
 def test_the_block_index_takes_the_same_block_from_concurrent_writers(tmp_path: Path) -> None:
