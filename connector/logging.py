@@ -24,7 +24,17 @@ _SECRET_KEYS = ("password", "secret", "token", "key_material", "authorization", 
 _known_secrets: set[str] = set()
 
 # Library loggers whose level follows [log] library_level rather than [log] level.
-LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "pyVmomi", "pyVim", "sqlalchemy")
+LIBRARY_LOGGERS = (
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+    "pyVmomi",
+    "pyVim",
+    "sqlalchemy",
+    "apscheduler",
+    "huey",
+)
 
 
 def register_secret(secret: Secret) -> None:
