@@ -266,3 +266,54 @@ def health_check(cfg: Path, env: dict[str, str]) -> subprocess.CompletedProcess[
         timeout=60,
         check=False,
     )
+
+
+def test_the_daemon_serves_the_api_when_it_is_configured(test_ca: CA, tmp_path: Path) -> None:
+    from connector.app import App
+    from connector.config import load_config
+    from connector.daemon.api import probe_health
+    from tests.harness.moto import free_port
+
+    cert = test_ca.issue("api-daemon")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "pw").write_text("unused-password")
+    base = """
+[vcenter]
+url = "https://vc.example/sdk"
+user = "svc"
+password_file = "pw"
+
+[s3]
+bucket = "staging-bucket"
+
+[state]
+path = "state/state.db"
+"""
+    plain = tmp_path / "plain.toml"
+    plain.write_text(base)
+    assert App(load_config(plain)).daemon().api is None
+    port = free_port()
+    cfg = tmp_path / "connector.toml"
+    cfg.write_text(
+        base
+        + f"""
+[api]
+listen = "127.0.0.1:{port}"
+cert_file = "{cert.cert_file}"
+key_file = "{cert.key_file}"
+token_file = "token"
+"""
+    )
+    config = load_config(cfg)
+    app = App(config)
+    try:
+        api = app.daemon().api
+        assert isinstance(api, ApiServer) and api.port == port
+        api.start()  # what Daemon.run does once it is ready
+        try:
+            assert config.api is not None
+            assert probe_health(config.api) == "ok"
+        finally:
+            api.stop()
+    finally:
+        app.close()
