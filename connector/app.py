@@ -1,16 +1,21 @@
-"""The composition root: builds every adapter and service from one Config."""
+"""The composition root: builds every adapter, use case and service from one Config.
+
+The only module that knows which adapter implements which port. The daemon,
+the API and the pipeline are each handed the parts they use (narrow ports,
+settings, callables), never the `App` itself; the CLI, outermost, asks the
+`App` for what a command needs.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
-import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from connector.adapters.datastore_reader import DatastoreHttpsSource
 from connector.adapters.jobstore import JobStore
@@ -25,12 +30,21 @@ from connector.adapters.local import (
 )
 from connector.adapters.nbd import parse_nbd_uri
 from connector.adapters.s3 import S3ObjectStore
-from connector.adapters.state import ServerRow, StateStore
+from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
+from connector.application.retention import Retention
+from connector.application.servers import Servers
 from connector.audit import FAILURE, SUCCESS, AuditLog
 from connector.checks import check_vddk
 from connector.config import Config
+from connector.daemon.api import ApiServer
+from connector.daemon.discovery import Discovery
+from connector.daemon.lock import StateLock
+from connector.daemon.queue import RunQueue
+from connector.daemon.recovery import RecoveryReport, recover, sweep
+from connector.daemon.runner import LedgerReporter, RunExecutor, RunLimits
+from connector.daemon.service import Daemon, DaemonParts
 from connector.decorators.bandwidth import (
     BandwidthLimitedStore,
     RateSchedule,
@@ -38,19 +52,17 @@ from connector.decorators.bandwidth import (
     Window,
     parse_hhmm,
 )
-from connector.errors import ConfigError, ConnectorError, NotFoundError, PermanentError
+from connector.errors import ConfigError, ConnectorError
 from connector.logging import register_secret, scrub
 from connector.network import Proxy
-from connector.pipeline.purge import PurgeReport, PurgeSettings, purge
-from connector.pipeline.replicate import ReplicationSettings, Replicator, Reporter
-from connector.pipeline.stages import PipelineSettings
+from connector.pipeline.context import PipelineSettings, Reporter, StageContext
+from connector.pipeline.driver import RunPipeline
+from connector.pipeline.replicate import Replicator
 from connector.ports import DiskSource, Hypervisor, ObjectStore
-from connector.secrets import Secret, is_credential, secret_file_path
+from connector.secrets import Secret, is_credential, resolve_secret_path, secret_file_path
 from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
-
-if TYPE_CHECKING:
-    from connector.daemon.service import ApiServer, Daemon
+from connector.tls import server_context
 
 
 @dataclass
@@ -203,11 +215,11 @@ class App:
     def repository(self, create: bool = False) -> Repository:
         return Repository.open(self.store_objects, self.key_provider(create), create=create)
 
-    def replication_settings(self) -> ReplicationSettings:
+    def pipeline_settings(self) -> PipelineSettings:
         """CBT only where vCenter reads the disks; the transport decides the rest."""
         kind = self.config.transport.kind
         vcenter = self.config.vcenter
-        return ReplicationSettings(
+        return PipelineSettings(
             enable_cbt=vcenter.enable_cbt
             if vcenter is not None and kind in ("datastore-https", "vddk")
             else False,
@@ -215,9 +227,6 @@ class App:
             needs_no_foreign_snapshots=kind == "datastore-https",
             max_disks_per_vm=self.config.daemon.max_disks_per_vm,
         )
-
-    def pipeline_settings(self) -> PipelineSettings:
-        return self.replication_settings().pipeline()
 
     @cached_property
     def hypervisor(self) -> Hypervisor:
@@ -291,99 +300,139 @@ class App:
             start_timeout=vddk.start_timeout,
         )
 
-    def replicator(self, reporter: Reporter | None = None) -> Replicator:
-        source = self.disk_source()
-        settings = self.replication_settings()
-        rep = Replicator(
+    # -- the pipeline ------------------------------------------------------------------
+
+    def stage_context(
+        self,
+        reporter: Reporter | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> StageContext:
+        """The ports, settings and helpers every stage of a run is handed."""
+        ctx = StageContext(
             hv=self.hypervisor,
-            source=source,
-            open_repo=self._open_for_write,
-            state=self.state,
-            settings=settings,
+            source=self.disk_source(),
+            open_repo=self.open_repository_for_write,
+            catalog=self.state,
+            disks=self.state,
+            runs=self.state,
+            blocks=self.state,
             ledger=self.ledger,
+            settings=self.pipeline_settings(),
+            should_stop=should_stop,
             audit=self.audit,
         )
         if reporter is not None:
-            rep.reporter = reporter
-        return rep
+            ctx.reporter = reporter
+        return ctx
 
-    def _open_for_write(self) -> Repository:
-        self.objects.check_access()
-        return self.repository(create=True)
+    def replicator(self, reporter: Reporter | None = None) -> Replicator:
+        """Whole runs in the foreground (`connector replicate`)."""
+        return Replicator(self.stage_context(reporter))
 
     def open_repository_for_write(self) -> Repository:
         """Check S3 access, then open (or create) the replica store for writing."""
-        return self._open_for_write()
+        self.objects.check_access()
+        return self.repository(create=True)
+
+    # -- use cases -------------------------------------------------------------------------
+
+    @cached_property
+    def servers(self) -> Servers:
+        return Servers(self.state, self.hypervisor)
+
+    @cached_property
+    def retention(self) -> Retention:
+        return Retention(
+            open_repo=self.repository,
+            state=self.state,
+            default_keep=self.config.retention.keep,
+            stale_lock_age=dt.timedelta(hours=self.config.retention.stale_lock_hours),
+            guard_path=self.config.state.path.parent / "purge.lock",
+        )
+
+    # -- the API and the daemon ------------------------------------------------------------
+
+    def api_server(self) -> ApiServer:
+        """The API of the [api] section, bound to its address but not yet serving."""
+        cfg = self.config.api
+        if cfg is None:
+            raise ConfigError(
+                "the API is not configured: add an [api] section with listen, cert_file, "
+                "key_file and token_file (see docs/security.md)"
+            )
+        token = self.config.api_token()
+        ctx = server_context(cfg.cert_file, resolve_secret_path(cfg.key_file, "API private key"))
+        return ApiServer(cfg.host, cfg.port, ctx, token, self.state)
 
     def daemon(self, api: ApiServer | None = None) -> Daemon:
         """The long-running connector: a job's retention removes old runs and their packs.
 
         With an [api] section and no `api` given, the HTTPS API is served while it runs.
         """
-        from connector.daemon.api import build_api
-        from connector.daemon.service import Daemon
-
         if api is None and self.config.api is not None:
-            api = build_api(self)
-        return Daemon(self, retention=self.apply_retention, api=api)
-
-    def resolve_server(self, name_or_uuid: str, refresh: bool = True) -> ServerRow:
-        """Find one VM by instance UUID, name or server id (refreshing the catalog first)."""
-        matches = self.state.find_servers(name_or_uuid)
-        if not matches and refresh:
-            self.refresh_catalog()
-            matches = self.state.find_servers(name_or_uuid)
-        if not matches:
-            raise NotFoundError(
-                f"no VM named or with instance UUID {name_or_uuid!r}; list them with "
-                "`connector vms`"
-            )
-        if len(matches) > 1:
-            uuids = ", ".join(m.vm_uuid for m in matches)
-            raise ConfigError(
-                f"{len(matches)} VMs are named {name_or_uuid!r} ({uuids}); use the instance UUID"
-            )
-        return matches[0]
-
-    def refresh_catalog(self) -> list[ServerRow]:
-        vms = self.hypervisor.list_vms()
-        rows = [self.state.upsert_server(vm) for vm in vms]
-        self.state.mark_removed({vm.uuid for vm in vms})
-        return rows
-
-    def retention_policies(self, server_ids: set[str]) -> dict[str, int]:
-        """Runs to keep per server: its own setting, else the [retention] keep default."""
-        settings = self.state.retention_settings()
-        return {sid: settings.get(sid, self.config.retention.keep) for sid in sorted(server_ids)}
-
-    def apply_retention(self, server_id: str, keep: int, dry_run: bool = False) -> PurgeReport:
-        """Keep a server's `keep` most recent runs (0: all), then purge unused packs.
-
-        What a job's retention setting calls after a run; safe beside runs in flight.
-        """
-        settings = PurgeSettings(
-            stale_lock_age=dt.timedelta(hours=self.config.retention.stale_lock_hours),
-            dry_run=dry_run,
+            api = self.api_server()
+        return Daemon(
+            self.config.daemon,
+            StateLock(self.config.state.path, "run"),
+            self._daemon_parts,
+            api=api,
         )
-        with self.purge_guard():
-            return purge(self.repository(), self.state, {server_id: keep}, settings)
 
-    @contextmanager
-    def purge_guard(self) -> Iterator[None]:
-        """One purge at a time on this state database (an advisory lock beside it)."""
-        path = self.config.state.path.parent / "purge.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise PermanentError(
-                    "another purge is running against this state database; wait for it to end"
-                ) from None
-            yield
-        finally:
-            os.close(fd)
+    def _daemon_parts(self, stopping: threading.Event) -> DaemonParts:
+        cfg = self.config.daemon
+        queue = RunQueue(self.queue_path)
+        reporter = LedgerReporter(self.ledger)
+        pipeline = RunPipeline(self.stage_context(reporter, stopping.is_set))
+        executor = RunExecutor(
+            pipeline=pipeline,
+            hv=self.hypervisor,
+            state=self.state,
+            ledger=self.ledger,
+            jobs=self.jobs,
+            queue=queue,
+            limits=RunLimits(
+                max_concurrent_runs=cfg.max_concurrent_runs,
+                max_runs_per_host=cfg.max_runs_per_host,
+                failures_before_pause=cfg.failures_before_pause,
+                stage_retries=cfg.stage_retries,
+                retry_backoff=cfg.retry_backoff,
+                retry_backoff_max=cfg.retry_backoff_max,
+                admission_interval=cfg.admission_interval,
+            ),
+            retention=self.retention.apply,
+            stopping=stopping,
+            on_run_end=reporter.forget,
+        )
+
+        def recover_all() -> RecoveryReport:
+            return recover(
+                self.state,
+                self.ledger,
+                queue,
+                self.hypervisor,
+                self.objects,
+                cfg.resume_within,
+                release_lock=pipeline.release_lock,
+            )
+
+        def sweep_before(started_at: str) -> RecoveryReport:
+            return sweep(
+                self.state,
+                self.ledger,
+                self.hypervisor,
+                self.objects,
+                uploads_before=started_at,
+                release_lock=pipeline.release_lock,
+            )
+
+        return DaemonParts(
+            queue=queue,
+            executor=executor,
+            jobs=self.jobs,
+            discovery=Discovery(self.discovery_hypervisor, self.state),
+            recover=recover_all,
+            sweep=sweep_before,
+        )
 
     def close(self) -> None:
         if "kms_provider" in self.__dict__:

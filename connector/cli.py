@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import signal
@@ -25,7 +24,7 @@ from connector.audit import SUCCESS
 from connector.audit import verify as verify_audit
 from connector.check import run_checks
 from connector.config import config_path, load_config
-from connector.daemon.api import probe_health, start_api
+from connector.daemon.api import probe_health
 from connector.daemon.lock import StateLock
 from connector.errors import (
     ConfigError,
@@ -37,7 +36,6 @@ from connector.errors import (
 from connector.logging import configure, scrub
 from connector.pipeline.purge import (
     GcResult,
-    PurgeSettings,
     RetentionResult,
     collect_garbage,
     remove_server,
@@ -105,7 +103,7 @@ def vms(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Refresh and show the server catalog: the VMs vCenter has."""
 
     def go(a: App) -> None:
-        rows = a.refresh_catalog()
+        rows = a.servers.refresh()
         if as_json:
             print(json.dumps([asdict(r) for r in rows], indent=2))
             return
@@ -148,7 +146,7 @@ def replicate(
     """Run one replication of VM now, in the foreground."""
 
     def go(a: App) -> None:
-        server = a.resolve_server(vm)
+        server = a.servers.resolve(vm)
         with (
             Progress(
                 TextColumn("{task.description}"),
@@ -184,7 +182,7 @@ def runs(
     """Show the history of replication runs."""
 
     def go(a: App) -> None:
-        server_id = a.resolve_server(vm, refresh=False).id if vm else None
+        server_id = a.servers.resolve(vm, refresh=False).id if vm else None
         rows = a.state.runs(server_id)
         if as_json:
             print(json.dumps([asdict(r) for r in rows], indent=2))
@@ -222,7 +220,7 @@ def restore(
     """Write a raw image of one disk as it was at one run, checking every block."""
 
     def go(a: App) -> dict[str, Any]:
-        server = a.resolve_server(vm, refresh=False)
+        server = a.servers.resolve(vm, refresh=False)
         if to.exists() and to.is_file():
             raise PermanentError(f"{to} already exists; remove it or choose another path")
         with (
@@ -267,7 +265,7 @@ def verify(
         repo = a.repository()
         targets: dict[str, list[str] | None]
         if vm is not None:
-            targets = {a.resolve_server(vm, refresh=False).id: [run] if run else None}
+            targets = {a.servers.resolve(vm, refresh=False).id: [run] if run else None}
         elif run is not None:
             targets = {_server_of_run(a, repo.scan_runs(), run): [run]}
         else:
@@ -353,11 +351,11 @@ def retention(
 
     def go(a: App) -> None:
         if vm is not None and (keep is not None or reset):
-            server = a.resolve_server(vm, refresh=False)
+            server = a.servers.resolve(vm, refresh=False)
             a.state.set_retention(server.id, None if reset else keep)
         servers = a.state.servers()
         if vm is not None:
-            servers = [a.resolve_server(vm, refresh=False)]
+            servers = [a.servers.resolve(vm, refresh=False)]
         own = a.state.retention_settings()
         default = a.config.retention.keep
         rows = [
@@ -511,7 +509,7 @@ def api_cmd(config: ConfigOpt = None) -> None:
     def go(a: App) -> None:
         stop = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        server = start_api(a)
+        server = a.api_server().start()
         a.audit.record("api.start", server.url, SUCCESS)
         err.print(f"serving the API on {server.url}", highlight=False)
         try:
@@ -555,11 +553,7 @@ def purge(
     """Apply retention, then delete the packs that no kept run references."""
 
     def go(a: App) -> dict[str, Any]:
-        settings = PurgeSettings(
-            stale_lock_age=dt.timedelta(hours=a.config.retention.stale_lock_hours),
-            break_stale_locks=break_stale_locks,
-            dry_run=dry_run,
-        )
+        settings = a.retention.settings(dry_run=dry_run, break_stale_locks=break_stale_locks)
         if remove_vm and vm is None:
             raise PermanentError("--remove-server needs the VM whose runs to delete")
         if remove_vm and not (yes or dry_run):
@@ -568,20 +562,20 @@ def purge(
                 "confirm (or --dry-run to see what would go)"
             )
         repo = a.repository()
-        with a.purge_guard():
+        with a.retention.guard():
             if remove_vm:
                 assert vm is not None
-                server = a.resolve_server(vm, refresh=False)
+                server = a.servers.resolve(vm, refresh=False)
                 results = [remove_server(repo, a.state, server.id, dry_run=dry_run)]
                 exclude = {(server.id, r) for r in results[0].deleted}
                 gc = collect_garbage(repo, a.state, settings, exclude_runs=exclude)
             else:
                 if vm is not None:
-                    ids = {a.resolve_server(vm, refresh=False).id}
+                    ids = {a.servers.resolve(vm, refresh=False).id}
                 else:
                     known = {s.id for s in a.state.servers()}
                     ids = known & set(repo.scan_runs())
-                policies = a.retention_policies(ids)
+                policies = a.retention.policies(ids)
                 if keep is not None:
                     policies = dict.fromkeys(policies, keep)
                 report = purge_store(repo, a.state, policies, settings)

@@ -1,6 +1,13 @@
-"""The narrow interfaces the pipeline needs. Adapters implement them.
+"""The narrow interfaces the pipeline and the daemon need. Adapters implement them.
 
-No SDK type (pyvmomi, boto3) crosses these boundaries.
+Each stage asks for the few it uses (see docs/architecture.md). The state the
+connector keeps is split by what it is about: the catalog of servers, the
+per-disk CBT state, runs, the run ledger (finished steps and side effects to
+undo), the block index and pack records, retention settings. The SQL adapters
+(`connector.adapters.state`, `.runs`, `.ledger`) and the in-memory fakes
+(`connector.fakes`) implement them, and one contract suite runs over both.
+
+No SDK type (pyvmomi, boto3, SQLAlchemy) crosses these boundaries.
 """
 
 from __future__ import annotations
@@ -8,7 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
+from connector.domain.manifest import BlockRef
 from connector.domain.model import ChangedAreas, DiskInfo, Extent, SnapshotInfo, VmInfo
+from connector.domain.records import (
+    Control,
+    DiskResult,
+    DiskStateRow,
+    Effect,
+    RunRow,
+    ServerRow,
+)
 
 
 class Hypervisor(Protocol):
@@ -132,3 +148,204 @@ class Auditor(Protocol):
         actor: str | None = None,
         **details: Any,
     ) -> dict[str, Any]: ...
+
+
+# -- the state the connector keeps ----------------------------------------------------
+
+
+class Catalog(Protocol):
+    """The servers (VMs) the connector knows, keyed by instance UUID."""
+
+    def upsert_server(self, vm: VmInfo) -> ServerRow:
+        """Add or refresh a VM; a new VM gets a new opaque server id."""
+        ...
+
+    def server(self, server_id: str) -> ServerRow:
+        """NotFoundError when there is no such server."""
+        ...
+
+    def servers(self) -> list[ServerRow]:
+        """Every server, by name."""
+        ...
+
+    def find_servers(self, name_or_uuid: str) -> list[ServerRow]:
+        """Servers whose instance UUID, name or id is `name_or_uuid`."""
+        ...
+
+    def mark_removed(self, present_uuids: set[str]) -> None:
+        """Servers not in `present_uuids` are marked removed from the inventory."""
+        ...
+
+
+class DiskStates(Protocol):
+    """Per disk of a server: where its next run starts (changeId, last run)."""
+
+    def disk_state(self, server_id: str, disk_key: int) -> DiskStateRow | None: ...
+
+    def disk_states(self, server_id: str) -> list[DiskStateRow]:
+        """By disk key."""
+        ...
+
+    def forget_disks(self, server_id: str) -> None:
+        """The server's next run reads its disks without a base run."""
+        ...
+
+
+class Runs(Protocol):
+    """Runs and their per-disk results; the one writer of run records."""
+
+    def create_run(
+        self,
+        run_id: str,
+        server_id: str,
+        run_type: str,
+        *,
+        state: str = "ACTIVE",
+        stage: str = "validate",
+        error: str | None = None,
+    ) -> None:
+        """A new run. A terminal `state` (MISSED, FAILED) also records its end."""
+        ...
+
+    def run(self, run_id: str) -> RunRow:
+        """NotFoundError when there is no such run."""
+        ...
+
+    def runs(self, server_id: str | None = None) -> list[RunRow]:
+        """Oldest first."""
+        ...
+
+    def set_stage(
+        self,
+        run_id: str,
+        stage: str,
+        *,
+        snapshot_name: str | None = None,
+        snapshot_ref: str | None = None,
+    ) -> None: ...
+
+    def record_disk(self, run_id: str, result: DiskResult) -> None:
+        """The result of one disk (replacing an earlier one of the same disk)."""
+        ...
+
+    def record_commit(self, run_id: str, disks: list[DiskStateRow], stats: dict[str, Any]) -> None:
+        """Once the run's commit object is durable: the disks' next changeIds and the
+        run's stats, in one transaction. The run stays ACTIVE until `finish_run`."""
+        ...
+
+    def finish_run(self, run_id: str, note: str | None = None) -> None:
+        """COMPLETED (with an optional note, such as a cleanup warning)."""
+        ...
+
+    def fail_run(self, run_id: str, error: str) -> None:
+        """FAILED, with the reason."""
+        ...
+
+    def end_run(self, run_id: str, state: str, error: str | None) -> None:
+        """End a run that never started (MISSED, or FAILED before admission)."""
+        ...
+
+    def mark_runs_deleted(self, run_ids: set[str]) -> None:
+        """Runs whose commit was deleted from the store by retention or purge."""
+        ...
+
+
+class RunSteps(Protocol):
+    """Results of finished steps, keyed by (run, stage, disk): a resumed run skips them."""
+
+    def step(self, run_id: str, stage: str, disk_key: int = -1) -> dict[str, Any] | None: ...
+
+    def steps(self, run_id: str, stage: str) -> dict[int, dict[str, Any]]:
+        """Disk key -> result, for every finished step of the stage."""
+        ...
+
+    def step_done(self, run_id: str, stage: str, disk_key: int, result: dict[str, Any]) -> None: ...
+
+
+class SideEffects(Protocol):
+    """What must be undone if a run dies, recorded BEFORE the side effect happens."""
+
+    def snapshot_intent(self, run_id: str, vm_uuid: str, name: str) -> Effect:
+        """Record (once) that the run is about to create snapshot `name`."""
+        ...
+
+    def snapshot_created(self, effect_id: int, snap: SnapshotInfo) -> None: ...
+
+    def undone(self, effect_id: int, state: str = "undone") -> None: ...
+
+    def snapshots_removed(self, vm_uuid: str, names: list[str]) -> None:
+        """Snapshots removed by a sweep: their pending entries are settled."""
+        ...
+
+    def pending(self, kind: str | None = None, run_id: str | None = None) -> list[Effect]:
+        """Effects not yet undone, oldest first."""
+        ...
+
+
+class Ledger(RunSteps, SideEffects, Protocol):
+    """The run ledger as the pipeline's stages use it."""
+
+
+class RunControls(Protocol):
+    """The daemon's queue tokens, attempts and progress of runs."""
+
+    def ensure_control(self, run_id: str, job_id: str | None = None) -> Control: ...
+
+    def control(self, run_id: str) -> Control | None: ...
+
+    def controls(self, run_ids: list[str]) -> dict[str, Control]: ...
+
+    def advance(
+        self,
+        run_id: str,
+        stage: str | None = None,
+        attempts: int | None = None,
+        state: str | None = None,
+        host: str | None = None,
+    ) -> int:
+        """Move the run's token on (and its stage or state); return the new token."""
+        ...
+
+    def set_failure(self, run_id: str, failed_stage: str, reason: str) -> None: ...
+
+    def set_progress(self, run_id: str, done: int, total: int, detail: str) -> None: ...
+
+
+class BlockIndex(Protocol):
+    """Where each stored block lives: what deduplication looks up."""
+
+    def lookup(self, block_id: bytes) -> BlockRef | None: ...
+
+    def add(self, refs: list[BlockRef]) -> None:
+        """The first ref of a block wins; adding a known block is not an error."""
+        ...
+
+
+class PackRecords(Protocol):
+    """Which run wrote which pack, and forgetting packs that purge deletes."""
+
+    def record_pack(self, pack_id: str, size: int, run_id: str | None) -> None: ...
+
+    def packs_of_runs(self, run_ids: set[str]) -> set[str]: ...
+
+    def forget_blocks_in_packs(self, pack_ids: set[str]) -> None:
+        """No new run deduplicates against these packs any more."""
+        ...
+
+    def forget_packs(self, pack_ids: set[str]) -> None:
+        """Deleted packs: no index entry and no pack record refers to them."""
+        ...
+
+
+class BlockStore(BlockIndex, PackRecords, Protocol):
+    """The block index with its pack records (what the transfer stage and purge use)."""
+
+
+class RetentionSettings(Protocol):
+    """Per-server retention: how many recent runs to keep."""
+
+    def set_retention(self, server_id: str, keep: int | None) -> None:
+        """0 keeps all; None: back to the default."""
+        ...
+
+    def retention_settings(self) -> dict[str, int]: ...

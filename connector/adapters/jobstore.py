@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
 
-from connector.adapters.ledger import RunLedger, run_control
-from connector.adapters.state import RunRow, StateStore, metadata, runs, servers
+from connector.adapters.ledger import RunLedger
+from connector.adapters.runs import SqlRuns
+from connector.adapters.sql import jobs, run_control, runs, servers
+from connector.adapters.state import StateStore
 from connector.domain.jobs import (
     JOB_DELETED,
     JOB_PENDING,
@@ -26,76 +24,28 @@ from connector.domain.jobs import (
     RUN_ACTIVE,
     RUN_COMPLETED,
     RUN_MISSED,
+    JobRow,
     JobSpec,
     JobStatus,
 )
+from connector.domain.records import RunRow
+from connector.domain.times import iso, stamp
 from connector.errors import InvalidInputError, NotFoundError
 
-jobs = sa.Table(
-    "jobs",
-    metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
-    sa.Column("server_id", sa.String(40), nullable=False, index=True),
-    sa.Column("state", sa.String(24), nullable=False),
-    sa.Column("paused", sa.Boolean, nullable=False, default=False),
-    sa.Column("seed_time", sa.String(40), nullable=False),  # ISO 8601, UTC
-    sa.Column("frequency_hours", sa.Integer),  # NULL: run once
-    sa.Column("retention", sa.Integer, nullable=False),
-    sa.Column("description", sa.Text, nullable=False, default=""),
-    sa.Column("consecutive_failures", sa.Integer, nullable=False, default=0),
-    sa.Column("message", sa.Text, nullable=False, default=""),
-    sa.Column("created_at", sa.String(32), nullable=False),
-    sa.Column("updated_at", sa.String(32), nullable=False),
-)
+__all__ = ["JobRow", "JobStore", "iso"]
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: str
-    server_id: str
-    state: str
-    paused: bool
-    seed_time: str
-    frequency_hours: int | None
-    retention: int
-    description: str
-    consecutive_failures: int
-    message: str
-    created_at: str
-    updated_at: str
-
-    @property
-    def run_once(self) -> bool:
-        return self.frequency_hours is None
-
-    @property
-    def seed(self) -> dt.datetime:
-        return dt.datetime.fromisoformat(self.seed_time.replace("Z", "+00:00"))
-
-    @property
-    def status(self) -> JobStatus:
-        return JobStatus(self.state, self.consecutive_failures, self.message)
+_now = stamp
 
 
 class JobStore:
+    """Jobs, and the queries about runs of jobs the daemon needs; run rows are
+    written through `SqlRuns`."""
+
     def __init__(self, state: StateStore, ledger: RunLedger) -> None:
         self.state = state
         self.ledger = ledger
-        self.engine = state.engine
-        metadata.create_all(self.engine, tables=[jobs])
-
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        self.runs = SqlRuns(state.db)
+        self._tx = state.db.tx
 
     # -- jobs ----------------------------------------------------------------------
 
@@ -197,21 +147,15 @@ class JobStore:
         error: str | None = None,
     ) -> None:
         """A new run of a job: PENDING (to be queued) or MISSED (recorded, never run)."""
-        now = _now()
-        terminal = state == RUN_MISSED
         with self._tx() as c:
-            c.execute(
-                runs.insert().values(
-                    id=run_id,
-                    server_id=job.server_id,
-                    type=run_type,
-                    state=state,
-                    stage="missed" if terminal else "queued",
-                    started_at=now,
-                    finished_at=now if terminal else None,
-                    error=error,
-                    stats="{}",
-                )
+            self.runs.create_run(
+                run_id,
+                job.server_id,
+                run_type,
+                state=state,
+                stage="missed" if state == RUN_MISSED else "queued",
+                error=error,
+                conn=c,
             )
             self.ledger.ensure_control(run_id, job.id, conn=c)
 
@@ -260,7 +204,7 @@ class JobStore:
 
     def on_demand_since(self, job_id: str, since: dt.datetime) -> int:
         """On-demand runs of the job started since `since` (missed ones do not count)."""
-        stamp = since.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        since_stamp = stamp(since)
         with self._tx() as c:
             n = c.execute(
                 sa.select(sa.func.count())
@@ -269,7 +213,7 @@ class JobStore:
                     run_control.c.job_id == job_id,
                     runs.c.type == ON_DEMAND,
                     runs.c.state != RUN_MISSED,
-                    runs.c.started_at >= stamp,
+                    runs.c.started_at >= since_stamp,
                 )
             ).scalar_one()
         return int(n)
@@ -292,13 +236,4 @@ class JobStore:
 
     def mark_run(self, run_id: str, state: str, error: str | None) -> None:
         """End a run that never started (MISSED, or FAILED before admission)."""
-        with self._tx() as c:
-            c.execute(
-                runs.update()
-                .where(runs.c.id == run_id)
-                .values(state=state, error=error, finished_at=_now())
-            )
-
-    def set_run_state(self, run_id: str, state: str) -> None:
-        with self._tx() as c:
-            c.execute(runs.update().where(runs.c.id == run_id).values(state=state))
+        self.runs.end_run(run_id, state, error)

@@ -14,116 +14,44 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from connector.adapters.state import StateStore, metadata, runs
-from connector.domain.model import DiskInfo, SnapshotInfo
+from connector.adapters.runs import SqlRuns
+from connector.adapters.sql import Database, run_control, run_steps, side_effects
+from connector.domain.model import SnapshotInfo
+from connector.domain.records import (
+    EFFECT_DONE,
+    EFFECT_PENDING,
+    EFFECT_UNDONE,
+    MULTIPART,
+    NO_DISK,
+    SNAPSHOT,
+    Control,
+    Effect,
+)
+from connector.domain.times import stamp
 from connector.faults import crash_point
 
-run_control = sa.Table(
-    "run_control",
-    metadata,
-    sa.Column("run_id", sa.String(64), primary_key=True),
-    sa.Column("job_id", sa.String(40), index=True),
-    sa.Column("seq", sa.Integer, nullable=False, default=0),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("host", sa.Text),
-    sa.Column("failed_stage", sa.String(32)),
-    sa.Column("failure", sa.Text),
-    sa.Column("progress_done", sa.BigInteger, nullable=False, default=0),
-    sa.Column("progress_total", sa.BigInteger, nullable=False, default=0),
-    sa.Column("detail", sa.Text, nullable=False, default=""),
-    sa.Column("updated_at", sa.String(32), nullable=False),
-)
+__all__ = ["MULTIPART", "NO_DISK", "SNAPSHOT", "Control", "Effect", "RunLedger"]
 
-run_steps = sa.Table(
-    "run_steps",
-    metadata,
-    sa.Column("run_id", sa.String(64), primary_key=True),
-    sa.Column("stage", sa.String(32), primary_key=True),
-    sa.Column("disk_key", sa.Integer, primary_key=True),  # -1: the step is not per disk
-    sa.Column("result", sa.Text, nullable=False),  # JSON
-    sa.Column("done_at", sa.String(32), nullable=False),
-)
-
-side_effects = sa.Table(
-    "side_effects",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(64), index=True),
-    sa.Column("kind", sa.String(16), nullable=False),  # snapshot | multipart
-    sa.Column("target", sa.Text, nullable=False),  # VM instance UUID | object key
-    sa.Column("name", sa.Text),  # snapshot name
-    sa.Column("ref", sa.Text),  # snapshot ref | multipart upload id
-    sa.Column("detail", sa.Text, nullable=False, default="{}"),  # JSON (snapshot disks)
-    sa.Column("state", sa.String(16), nullable=False),  # pending | undone | done
-    sa.Column("created_at", sa.String(32), nullable=False),
-    sa.Column("updated_at", sa.String(32), nullable=False),
-)
-
-SNAPSHOT = "snapshot"
-MULTIPART = "multipart"
-PENDING = "pending"
-UNDONE = "undone"
-DONE = "done"
-NO_DISK = -1
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass(frozen=True)
-class Control:
-    run_id: str
-    job_id: str | None
-    seq: int
-    attempts: int
-    host: str | None
-    failed_stage: str | None
-    failure: str | None
-    progress_done: int
-    progress_total: int
-    detail: str
-    updated_at: str
-
-
-@dataclass(frozen=True)
-class Effect:
-    id: int
-    run_id: str | None
-    kind: str
-    target: str
-    name: str | None
-    ref: str | None
-    detail: dict[str, Any]
-    state: str
-    created_at: str
-
-    def snapshot(self) -> SnapshotInfo:
-        """The recorded snapshot with its frozen disks (after `snapshot_created`)."""
-        disks = tuple(DiskInfo(**d) for d in self.detail.get("disks", []))
-        return SnapshotInfo(ref=self.ref or "", name=self.name or "", disks=disks)
+PENDING = EFFECT_PENDING
+UNDONE = EFFECT_UNDONE
+DONE = EFFECT_DONE
+_now = stamp
 
 
 class RunLedger:
-    def __init__(self, state: StateStore) -> None:
-        self.state = state
-        self.engine = state.engine
-        metadata.create_all(self.engine, tables=[run_control, run_steps, side_effects])
+    """The `Ledger` (steps, side effects), `RunControls` and `UploadJournal` ports."""
 
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+    def __init__(self, state: Database | Any) -> None:
+        self.db: Database = state if isinstance(state, Database) else state.db
+        self.runs = SqlRuns(self.db)
+        self._tx = self.db.tx
 
     # -- run control ---------------------------------------------------------------
 
@@ -180,13 +108,7 @@ class RunLedger:
             if host is not None:
                 values["host"] = host
             c.execute(run_control.update().where(run_control.c.run_id == run_id).values(**values))
-            run_values: dict[str, Any] = {}
-            if stage is not None:
-                run_values["stage"] = stage
-            if state is not None:
-                run_values["state"] = state
-            if run_values:
-                c.execute(runs.update().where(runs.c.id == run_id).values(**run_values))
+            self.runs.move(run_id, stage=stage, state=state, conn=c)
         return int(values["seq"])
 
     def set_failure(self, run_id: str, failed_stage: str, reason: str) -> None:

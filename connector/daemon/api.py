@@ -11,8 +11,9 @@
 - Handshakes happen in the request's thread, not the accept loop, and idle
   connections time out, so a slow or hostile client cannot stall the API.
 
-The standalone `connector api` command runs it in the foreground; the daemon
-starts it with `start_api(app)` and stops it with `ApiServer.stop()`.
+The composition root builds it (`App.api_server`); the standalone `connector
+api` command serves it in the foreground, and the daemon starts it once it is
+ready and stops it first when stopping.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -34,14 +35,13 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from connector import __version__
-from connector.adapters.state import StateStore
+from connector.domain.jobs import RUN_COMPLETED
 from connector.errors import ConfigError
 from connector.logging import get_logger, register_secret
+from connector.ports import Catalog, Runs
 from connector.secrets import Secret
-from connector.tls import server_context
 
 if TYPE_CHECKING:
-    from connector.app import App
     from connector.config import ApiConfig
 
 log = get_logger(__name__)
@@ -51,10 +51,14 @@ IDLE_TIMEOUT = 30.0
 _ROUTES = ("/healthz", "/metrics", "/v1/servers", "/v1/runs")
 
 
+class ApiState(Catalog, Runs, Protocol):
+    """What the API reads: the catalog and the runs."""
+
+
 class _StateCollector:
     """Prometheus metrics read from the state store at scrape time."""
 
-    def __init__(self, state: StateStore) -> None:
+    def __init__(self, state: ApiState) -> None:
         self._state = state
 
     def collect(self) -> Iterator[Metric]:
@@ -79,7 +83,7 @@ class _StateCollector:
             "connector_run_bytes_read", "Bytes read from the source by completed runs"
         )
         read.add_metric(
-            [], sum(d.bytes_read for r in runs if r.state == "COMPLETED" for d in r.disks)
+            [], sum(d.bytes_read for r in runs if r.state == RUN_COMPLETED for d in r.disks)
         )
         yield read
 
@@ -186,7 +190,7 @@ class ApiServer:
         port: int,
         ctx: ssl.SSLContext,
         token: Secret,
-        state: StateStore,
+        state: ApiState,
     ) -> None:
         if len(token.reveal()) < MIN_TOKEN_LENGTH:
             raise ConfigError(
@@ -245,29 +249,6 @@ class ApiServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def start_api(app: App, on_start: Callable[[ApiServer], None] | None = None) -> ApiServer:
-    """Build the API from the app's config and start serving it."""
-    server = build_api(app).start()
-    if on_start is not None:
-        on_start(server)
-    return server
-
-
-def build_api(app: App) -> ApiServer:
-    """The API of the app's [api] section, bound to its address but not yet serving."""
-    from connector.secrets import resolve_secret_path
-
-    cfg = app.config.api
-    if cfg is None:
-        raise ConfigError(
-            "the API is not configured: add an [api] section with listen, cert_file, key_file "
-            "and token_file (see docs/security.md)"
-        )
-    token = app.config.api_token()
-    ctx = server_context(cfg.cert_file, resolve_secret_path(cfg.key_file, "API private key"))
-    return ApiServer(cfg.host, cfg.port, ctx, token, app.state)
 
 
 def probe_health(cfg: ApiConfig, timeout: float = 5.0) -> str:

@@ -225,7 +225,7 @@ def jobs_create(
             DEFAULT_RETENTION if retention is None else retention,
             description or "",
         )
-        server = a.resolve_server(vm)
+        server = a.servers.resolve(vm)
         job = a.jobs.create(server.id, spec)
         if as_json:
             _print_job(a, job, as_json)

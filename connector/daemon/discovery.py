@@ -10,16 +10,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from connector.adapters.state import StateStore
 from connector.errors import ConnectorError
 from connector.logging import get_logger, scrub
-from connector.ports import Hypervisor
+from connector.pipeline.discover import refresh_catalog
+from connector.ports import Catalog, Hypervisor
 
 log = get_logger(__name__)
 
 
 class Discovery:
-    def __init__(self, make_hv: Callable[[], Hypervisor], state: StateStore) -> None:
+    def __init__(self, make_hv: Callable[[], Hypervisor], state: Catalog) -> None:
         self._make_hv = make_hv
         self._hv: Hypervisor | None = None
         self.state = state
@@ -44,19 +44,7 @@ class Discovery:
     def _poll(self) -> None:
         if self._hv is None:
             self._hv = self._make_hv()
-        before = {s.vm_uuid: s for s in self.state.servers() if s.removed_at is None}
-        vms = self._hv.list_vms()
-        for vm in vms:
-            known = before.get(vm.uuid)
-            row = self.state.upsert_server(vm)
-            if known is None:
-                log.info("new VM in the inventory", vm=vm.uuid, name=vm.name)
-            elif (known.disks, known.cbt_enabled) != (row.disks, row.cbt_enabled):
-                log.info("VM changed (disks or CBT)", vm=vm.uuid, name=vm.name)
-        present = {vm.uuid for vm in vms}
-        for uuid in set(before) - present:
-            log.warning("VM removed from the inventory", vm=uuid, name=before[uuid].name)
-        self.state.mark_removed(present)
+        refresh_catalog(self._hv, self.state)
         self.polls += 1
         self.last_error = None
 

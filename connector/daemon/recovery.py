@@ -30,7 +30,7 @@ from connector.daemon.runner import Enqueue
 from connector.domain.jobs import RUN_ACTIVE, RUN_PENDING
 from connector.errors import ConnectorError, NotFoundError
 from connector.logging import get_logger, scrub
-from connector.pipeline.stages import remove_snapshot_effect
+from connector.pipeline.snapshot import remove_snapshot_effect
 from connector.ports import Hypervisor
 
 log = get_logger(__name__)

@@ -34,7 +34,8 @@ from connector.domain.jobs import (
 )
 from connector.errors import ConnectorError, NotFoundError, TransientError
 from connector.logging import get_logger, scrub
-from connector.pipeline.stages import DONE, RunPipeline, StageInterrupted
+from connector.pipeline.context import StageInterrupted
+from connector.pipeline.driver import DONE, RunPipeline
 from connector.ports import Hypervisor
 
 log = get_logger(__name__)

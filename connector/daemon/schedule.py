@@ -16,13 +16,12 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from connector.adapters.jobstore import JobRow, JobStore
 from connector.daemon.runner import Enqueue
 from connector.domain.jobs import (
     AUTOMATIC,
@@ -32,20 +31,43 @@ from connector.domain.jobs import (
     RUN_MISSED,
     RUN_PENDING,
     SCHEDULED_STATES,
+    JobRow,
     JobStatus,
 )
+from connector.domain.records import RunRow, new_run_id
 from connector.logging import get_logger
-from connector.pipeline.replicate import new_run_id
 
 log = get_logger(__name__)
 
 Signature = tuple[str, int | None]
 
 
+class JobSource(Protocol):
+    """What the scheduler reads and writes of jobs (connector.adapters.jobstore.JobStore)."""
+
+    def all(self, include_deleted: bool = False) -> list[JobRow]: ...
+
+    def get(self, job_id: str) -> JobRow: ...
+
+    def update(self, job_id: str, **values: object) -> JobRow: ...
+
+    def set_status(self, job_id: str, status: JobStatus) -> JobRow: ...
+
+    def live_runs(self, server_id: str, exclude: str | None = None) -> list[RunRow]: ...
+
+    def count_runs(
+        self, job_id: str, run_type: str | None = None, state: str | None = None
+    ) -> int: ...
+
+    def create_run(
+        self, run_id: str, job: JobRow, run_type: str, state: str, error: str | None = None
+    ) -> None: ...
+
+
 class JobScheduler:
     def __init__(
         self,
-        jobs: JobStore,
+        jobs: JobSource,
         queue: Enqueue,
         unit_seconds: float,
         sync_interval: float,

@@ -13,25 +13,24 @@ seconds, and exits. Whatever was cut short resumes at the next start.
 
 from __future__ import annotations
 
-import datetime as dt
 import signal
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from connector.config import DaemonConfig
 from connector.daemon.discovery import Discovery
 from connector.daemon.lock import StateLock
 from connector.daemon.notify import Notifier
 from connector.daemon.queue import RunQueue
-from connector.daemon.recovery import recover, sweep
-from connector.daemon.runner import LedgerReporter, Retention, RunExecutor, RunLimits
-from connector.daemon.schedule import JobScheduler
+from connector.daemon.recovery import RecoveryReport
+from connector.daemon.runner import RunExecutor
+from connector.daemon.schedule import JobScheduler, JobSource
+from connector.domain.times import stamp
 from connector.logging import get_logger
-from connector.pipeline.stages import RunPipeline
-
-if TYPE_CHECKING:
-    from connector.app import App
 
 log = get_logger(__name__)
 
@@ -48,17 +47,42 @@ class ApiServer(Protocol):
     def stop(self) -> None: ...
 
 
+class ActiveRuns(Protocol):
+    def active_runs(self) -> list[tuple[str, str | None]]: ...
+
+
+class Jobs(JobSource, ActiveRuns, Protocol):
+    """What the daemon's scheduler and status line read of the jobs."""
+
+
+@dataclass
+class DaemonParts:
+    """What the composition root builds for one life of the daemon, once it holds
+    the state lock: the queue, the executor of its tasks, the inventory poll,
+    startup recovery and the periodic sweep of leftovers."""
+
+    queue: RunQueue
+    executor: RunExecutor
+    jobs: Jobs
+    discovery: Discovery
+    recover: Callable[[], RecoveryReport]
+    sweep: Callable[[str], object]  # undo leftovers recorded before this time (ISO)
+
+
 class Daemon:
     def __init__(
         self,
-        app: App,
-        retention: Retention,
+        settings: DaemonConfig,
+        state_lock: StateLock,
+        assemble: Callable[[threading.Event], DaemonParts],
         api: ApiServer | None = None,
         notifier: Notifier | None = None,
     ) -> None:
-        self.app = app
-        self.config = app.config.daemon
-        self.retention = retention
+        """`assemble(stopping)` builds the parts; stages stop at a safe point once
+        `stopping` is set."""
+        self.config = settings
+        self.state_lock = state_lock
+        self.assemble = assemble
         self.api = api
         self.notifier = notifier or Notifier()
         self.stop_requested = threading.Event()
@@ -70,79 +94,36 @@ class Daemon:
         self.stop_requested.set()
 
     def run(self) -> int:
-        app, cfg = self.app, self.config
-        lock = StateLock(app.config.state.path, "run")
+        cfg = self.config
+        lock = self.state_lock
         lock.acquire()
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        queue = RunQueue(app.queue_path)
-        discovery = Discovery(app.discovery_hypervisor, app.state)
+        started_at = stamp()
+        parts: DaemonParts | None = None
         scheduler: JobScheduler | None = None
         consumer = None
         try:
+            parts = self.assemble(self.stopping)
+            queue = parts.queue
             self.notifier.status("recovering unfinished runs")
-            reporter = LedgerReporter(app.ledger)
-            pipeline = RunPipeline(
-                hv=app.hypervisor,
-                source=app.disk_source(),
-                open_repo=app.open_repository_for_write,
-                state=app.state,
-                ledger=app.ledger,
-                settings=app.pipeline_settings(),
-                reporter=reporter,
-                should_stop=self.stopping.is_set,
-                audit=app.audit,
-            )
-            executor = RunExecutor(
-                pipeline=pipeline,
-                hv=app.hypervisor,
-                state=app.state,
-                ledger=app.ledger,
-                jobs=app.jobs,
-                queue=queue,
-                limits=RunLimits(
-                    max_concurrent_runs=cfg.max_concurrent_runs,
-                    max_runs_per_host=cfg.max_runs_per_host,
-                    failures_before_pause=cfg.failures_before_pause,
-                    stage_retries=cfg.stage_retries,
-                    retry_backoff=cfg.retry_backoff,
-                    retry_backoff_max=cfg.retry_backoff_max,
-                    admission_interval=cfg.admission_interval,
-                ),
-                retention=self.retention,
-                stopping=self.stopping,
-                on_run_end=reporter.forget,
-            )
-            queue.set_handler(executor.handle)
-            report = recover(
-                app.state,
-                app.ledger,
-                queue,
-                app.hypervisor,
-                app.objects,
-                cfg.resume_within,
-                release_lock=pipeline.release_lock,
-            )
+            queue.set_handler(parts.executor.handle)
+            report = parts.recover()
             consumer = queue.consumer(
                 workers=cfg.max_concurrent_runs + 2, shutdown_timeout=cfg.shutdown_deadline
             )
             consumer.start()
-            scheduler = JobScheduler(app.jobs, queue, cfg.schedule_unit_seconds, cfg.sync_interval)
+            scheduler = JobScheduler(
+                parts.jobs, queue, cfg.schedule_unit_seconds, cfg.sync_interval
+            )
+            sweep = parts.sweep
 
             def periodic_sweep() -> None:
-                sweep(
-                    app.state,
-                    app.ledger,
-                    app.hypervisor,
-                    app.objects,
-                    uploads_before=started_at,
-                    release_lock=pipeline.release_lock,
-                )
+                sweep(started_at)
 
             # Recovery and queued runs go first; the inventory follows within a minute.
             scheduler.add_periodic(
                 "discovery",
-                discovery.poll,
+                parts.discovery.poll,
                 cfg.discovery_interval,
                 first_after=min(cfg.discovery_interval, DISCOVERY_FIRST_AFTER),
             )
@@ -153,15 +134,15 @@ class Daemon:
                 self.api.start()
             self.notifier.ready(f"running; recovery: {report.summary()}")
             log.info("connector running", recovery=report.summary())
-            self._main_loop(consumer, scheduler, queue)
+            self._main_loop(consumer, scheduler, parts)
         finally:
-            self._shutdown(consumer, scheduler, discovery, queue)
+            self._shutdown(consumer, scheduler, parts)
             for s, handler in previous.items():
                 signal.signal(s, handler)
             lock.release()
         return 0
 
-    def _main_loop(self, consumer: object, scheduler: JobScheduler, queue: RunQueue) -> None:
+    def _main_loop(self, consumer: object, scheduler: JobScheduler, parts: DaemonParts) -> None:
         interval = self.notifier.watchdog_interval
         tick = min(1.0, interval) if interval else 1.0
         next_check = time.monotonic() + HEALTH_CHECK_INTERVAL
@@ -173,8 +154,8 @@ class Daemon:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + HEALTH_CHECK_INTERVAL
                 consumer.check_worker_health()  # type: ignore[attr-defined]
-                active = len(self.app.jobs.active_runs())
-                status = f"running; {active} active run(s), {queue.pending()} queued task(s)"
+                active = len(parts.jobs.active_runs())
+                status = f"running; {active} active run(s), {parts.queue.pending()} queued task(s)"
                 if status != last_status:
                     self.notifier.status(status)
                     last_status = status
@@ -183,8 +164,7 @@ class Daemon:
         self,
         consumer: object | None,
         scheduler: JobScheduler | None,
-        discovery: Discovery,
-        queue: RunQueue,
+        parts: DaemonParts | None,
     ) -> None:
         deadline = self.config.shutdown_deadline
         self.notifier.stopping(
@@ -205,8 +185,9 @@ class Daemon:
                 log.warning(
                     "stages still running at the shutdown deadline; they resume at the next start"
                 )
-        discovery.close()
-        queue.close()
+        if parts is not None:
+            parts.discovery.close()
+            parts.queue.close()
         log.info("stopped")
 
 

@@ -225,3 +225,33 @@ def next_run_time(
     elapsed = now - seed
     periods = -(-elapsed // interval)  # ceiling division of timedeltas
     return seed + periods * interval
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A job as stored."""
+
+    id: str
+    server_id: str
+    state: str
+    paused: bool
+    seed_time: str
+    frequency_hours: int | None
+    retention: int
+    description: str
+    consecutive_failures: int
+    message: str
+    created_at: str
+    updated_at: str
+
+    @property
+    def run_once(self) -> bool:
+        return self.frequency_hours is None
+
+    @property
+    def seed(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.seed_time.replace("Z", "+00:00"))
+
+    @property
+    def status(self) -> JobStatus:
+        return JobStatus(self.state, self.consecutive_failures, self.message)

@@ -1,14 +1,54 @@
-"""Stage `changes`: which extents of each disk must be read in this run."""
+"""Stage `changes`: which extents of each disk must be read in this run.
+
+Per disk of the run's snapshot, QueryChangedDiskAreas against that snapshot
+with the stored changeId, paged by startOffset over the whole capacity; a
+refused changeId, a new, replaced or resized disk, or a CBT reset make a full
+read, recorded with its reason. Each disk's plan is kept in the ledger, so a
+resumed run does not ask again.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from connector.adapters.state import DiskStateRow
 from connector.domain.extents import clip, merge
 from connector.domain.model import DiskInfo, Extent
+from connector.domain.records import DiskStateRow
 from connector.errors import ChangeIdRefused, PermanentError
+from connector.faults import crash_point
+from connector.logging import get_logger
+from connector.pipeline.context import RunRef, StageContext
 from connector.ports import Hypervisor
+
+log = get_logger(__name__)
+
+
+def run(ctx: StageContext, ref: RunRef) -> None:
+    snap = ctx.run_snapshot(ref.run_id)
+    done = ctx.ledger.steps(ref.run_id, "changes")
+    for disk in sorted(snap.disks, key=lambda d: d.key):
+        if disk.key in done:
+            continue
+        ctx.check_stop()
+        ctx.reporter.stage(ref.run_id, "changes", f"disk {disk.key}")
+        previous = ctx.disks.disk_state(ref.server_id, disk.key)
+        plan = plan_disk(ctx.hv, ref.vm_uuid, snap.ref, disk, previous)
+        log.info(
+            "disk plan",
+            run=ref.run_id,
+            disk=disk.key,
+            mode=plan.mode,
+            reason=plan.reason,
+            changed=plan.bytes_changed,
+        )
+        crash_point("changes")
+        ctx.ledger.step_done(
+            ref.run_id,
+            "changes",
+            disk.key,
+            plan.to_json(previous.chain_length if previous else 0),
+        )
 
 
 @dataclass(frozen=True)
@@ -25,6 +65,28 @@ class DiskPlan:
     @property
     def bytes_changed(self) -> int:
         return sum(e.length for e in self.extents)
+
+    def to_json(self, previous_chain: int) -> dict[str, Any]:
+        """The plan as the ledger keeps it, with the chain length of the base run."""
+        return {
+            "mode": self.mode,
+            "reason": self.reason,
+            "extents": [[e.offset, e.length] for e in self.extents],
+            "change_id_from": self.change_id_from,
+            "base_run": self.base_run,
+            "previous_chain": previous_chain,
+        }
+
+    @classmethod
+    def from_json(cls, disk: DiskInfo, doc: dict[str, Any]) -> DiskPlan:
+        return cls(
+            disk=disk,
+            mode=doc["mode"],
+            reason=doc["reason"],
+            extents=tuple(Extent(int(o), int(n)) for o, n in doc["extents"]),
+            change_id_from=doc["change_id_from"],
+            base_run=doc["base_run"],
+        )
 
 
 def query_all(

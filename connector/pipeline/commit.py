@@ -1,73 +1,143 @@
-"""Stage `commit`: disk manifests, then the run record, written after every pack."""
+"""Stage `commit`: the run record, written once, after every disk's manifest;
+then the disks' next changeIds are stored. A run without its commit object
+does not exist.
+
+`build_manifest` makes a disk's manifest (block map, Merkle root, changeId);
+the transfer stage writes it once the disk's packs are durable.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from connector.domain.extents import block_count
 from connector.domain.manifest import BlockMap, DiskManifest, apply_changes, diff_maps, leaves
 from connector.domain.merkle import merkle_root
-from connector.store.repository import Repository, now_iso
+from connector.domain.model import DiskInfo, SnapshotInfo
+from connector.domain.records import NO_DISK, DiskResult, DiskStateRow
+from connector.domain.times import iso
+from connector.errors import PermanentError
+from connector.faults import crash_point
+from connector.pipeline.context import RunRef, StageContext
+from connector.store.repository import Repository, commit_key
 
 # After this many change manifests in a row, a disk's next manifest is a full one,
 # so a restore never follows a long chain.
 MAX_CHAIN = 15
 
+# Summed over the disks into the run's stats (the stats key, and the result's field).
+_STATS = {
+    "bytes_read": "bytes_read",
+    "bytes_changed": "bytes_changed",
+    "bytes_uploaded": "pack_bytes",
+    "blocks_new": "blocks_new",
+    "blocks_dedup": "blocks_dedup",
+    "packs": "packs",
+}
 
-@dataclass
-class DiskCommit:
-    disk_key: int
-    disk_uuid: str | None
-    capacity: int
-    change_id: str | None
-    base_run: str | None  # None: full manifest
-    changes: BlockMap
-    previous_chain: int
-    stats: dict[str, Any]
+
+def run(ctx: StageContext, ref: RunRef) -> None:
+    run_id, server_id = ref.run_id, ref.server_id
+    crash_point("before-commit")
+    ctx.reporter.stage(run_id, "commit", "writing the run record")
+    snap = ctx.run_snapshot(run_id)
+    results = {k: DiskResult.from_json(v) for k, v in ctx.ledger.steps(run_id, "transfer").items()}
+    keys = sorted(d.key for d in snap.disks)
+    missing = [k for k in keys if k not in results]
+    if missing:
+        raise PermanentError(
+            f"run {run_id} reached commit without the manifests of disks {missing}"
+        )
+    stats = {
+        name: sum(int(getattr(results[k], attr)) for k in keys) for name, attr in _STATS.items()
+    }
+    repo = ctx.repo()
+    if repo.objects.stat(commit_key(server_id, run_id)) is None:
+        repo.write_commit(
+            server_id,
+            run_id,
+            {
+                "run_id": run_id,
+                "server_id": server_id,
+                "created_at": iso(),
+                "snapshot": {"name": snap.name, "ref": snap.ref},
+                "disks": [
+                    {
+                        "disk_key": k,
+                        "capacity": results[k].capacity,
+                        "merkle_root": results[k].merkle_root,
+                    }
+                    for k in keys
+                ],
+                "stats": stats,
+            },
+        )
+    crash_point("after-commit")
+    next_states = [
+        DiskStateRow(
+            server_id=server_id,
+            disk_key=k,
+            disk_uuid=results[k].disk_uuid,
+            capacity=results[k].capacity,
+            change_id=results[k].change_id_to,
+            last_run_id=run_id,
+            chain_length=results[k].chain,
+        )
+        for k in keys
+    ]
+    ctx.runs.record_commit(run_id, next_states, stats)
+    ctx.ledger.step_done(run_id, "commit", NO_DISK, {"committed": True})
+    ctx.reporter.stage(run_id, "commit", "committed")
 
 
 def build_manifest(
     repo: Repository,
     server_id: str,
     run_id: str,
-    snapshot_name: str,
-    snapshot_ref: str,
-    d: DiskCommit,
+    snap: SnapshotInfo,
+    disk: DiskInfo,
+    *,
+    base_run: str | None,
+    changes: BlockMap,
+    previous_chain: int,
+    stats: dict[str, Any],
 ) -> tuple[DiskManifest, int]:
-    """The manifest for one disk and the chain length it ends."""
-    if d.base_run is not None:
-        base = repo.read_manifest(server_id, d.base_run, d.disk_key)
+    """The manifest for one disk and the chain length it ends.
+
+    `base_run` is the run whose map `changes` applies to (None: a full read).
+    """
+    if base_run is not None:
+        base = repo.read_manifest(server_id, base_run, disk.key)
         previous = repo.resolve_map(base)
-        full = apply_changes(previous, d.changes)
+        full = apply_changes(previous, changes)
     else:
         previous = {}
-        full = apply_changes({}, d.changes)
-    nblocks = block_count(d.capacity, repo.block_size)
-    last_len = d.capacity - (nblocks - 1) * repo.block_size if nblocks else 0
+        full = apply_changes({}, changes)
+    nblocks = block_count(disk.capacity, repo.block_size)
+    last_len = disk.capacity - (nblocks - 1) * repo.block_size if nblocks else 0
     root = merkle_root(leaves(full, nblocks, repo.zero_id(repo.block_size), repo.zero_id(last_len)))
-    if d.base_run is not None and d.previous_chain < MAX_CHAIN:
+    if base_run is not None and previous_chain < MAX_CHAIN:
         entries = diff_maps(previous, full)
-        base_run: str | None = d.base_run
-        chain = d.previous_chain + 1
+        manifest_base: str | None = base_run
+        chain = previous_chain + 1
     else:
         entries = dict(full)
-        base_run = None
+        manifest_base = None
         chain = 0
     manifest = DiskManifest(
         server_id=server_id,
         run_id=run_id,
-        disk_key=d.disk_key,
-        disk_uuid=d.disk_uuid,
-        capacity=d.capacity,
+        disk_key=disk.key,
+        disk_uuid=disk.uuid,
+        capacity=disk.capacity,
         block_size=repo.block_size,
-        change_id=d.change_id,
-        snapshot_name=snapshot_name,
-        snapshot_ref=snapshot_ref,
-        created_at=now_iso(),
+        change_id=disk.change_id,
+        snapshot_name=snap.name,
+        snapshot_ref=snap.ref,
+        created_at=iso(),
         merkle_root=root,
-        base_run=base_run,
+        base_run=manifest_base,
         entries=entries,
-        stats=d.stats,
+        stats=stats,
     )
     return manifest, chain

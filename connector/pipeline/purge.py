@@ -32,11 +32,13 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from connector.adapters.state import StateStore
 from connector.domain.manifest import BlockMap, DiskManifest, apply_changes
+from connector.domain.times import compact, stamp
 from connector.errors import ConnectorError, IntegrityError, NotFoundError, PermanentError
 from connector.logging import get_logger
+from connector.ports import BlockStore, DiskStates, RetentionSettings, Runs
 from connector.store.repository import (
     CondemnedRecord,
     Repository,
@@ -55,6 +57,10 @@ Clock = Callable[[], dt.datetime]
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class PurgeState(DiskStates, Runs, BlockStore, RetentionSettings, Protocol):
+    """What retention and purge read and change of the connector's state."""
 
 
 @dataclass
@@ -119,7 +125,7 @@ class PurgeSettings:
 
 def apply_retention(
     repo: Repository,
-    state: StateStore,
+    state: PurgeState,
     server_id: str,
     keep: int,
     dry_run: bool = False,
@@ -191,7 +197,7 @@ def apply_retention(
 
 
 def remove_server(
-    repo: Repository, state: StateStore, server_id: str, dry_run: bool = False
+    repo: Repository, state: PurgeState, server_id: str, dry_run: bool = False
 ) -> RetentionResult:
     """Delete every run of a server (a VM or job that is gone); its packs go at the next GC."""
     result = RetentionResult(server_id=server_id, keep=0, dry_run=dry_run)
@@ -258,7 +264,7 @@ def _chain_bases(
 
 def collect_garbage(
     repo: Repository,
-    state: StateStore,
+    state: PurgeState,
     settings: PurgeSettings | None = None,
     exclude_runs: Iterable[tuple[str, str]] = (),
 ) -> GcResult:
@@ -308,7 +314,7 @@ def collect_garbage(
         state.forget_blocks_in_packs(candidates)  # before listing the locks: see the docstring
         record = CondemnedRecord(
             purge_id=_purge_id(now),
-            created_at=now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            created_at=stamp(now),
             locks=tuple(sorted(repo.lock_ids())),
             packs=tuple(sorted(candidates)),
         )
@@ -387,7 +393,7 @@ class _Manifests:
         return self.cache[key]
 
 
-def _restore_index(repo: Repository, state: StateStore, pack_id: str, result: GcResult) -> None:
+def _restore_index(repo: Repository, state: PurgeState, pack_id: str, result: GcResult) -> None:
     """A condemned pack that a run committed against: keep it, index its blocks again."""
     result.restored.append(pack_id)
     try:
@@ -418,7 +424,7 @@ def _read_locks(repo: Repository) -> tuple[list[RunLock], list[tuple[str, str]]]
 
 
 def _lock_info(
-    lock: RunLock, state: StateStore, now: dt.datetime, stale_age: dt.timedelta
+    lock: RunLock, state: PurgeState, now: dt.datetime, stale_age: dt.timedelta
 ) -> LockInfo:
     info = LockInfo(lock.run_id, lock.server_id, lock.started_at, lock.host, lock.pid, None)
     try:
@@ -453,8 +459,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _purge_id(now: dt.datetime) -> str:
-    stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
-    return f"p-{stamp}-{os.urandom(4).hex()}"
+    return f"p-{compact(now)}-{os.urandom(4).hex()}"
 
 
 # ------------------------------------------------------------------------------ purge
@@ -462,7 +467,7 @@ def _purge_id(now: dt.datetime) -> str:
 
 def purge(
     repo: Repository,
-    state: StateStore,
+    state: PurgeState,
     policies: dict[str, int],
     settings: PurgeSettings | None = None,
 ) -> PurgeReport:

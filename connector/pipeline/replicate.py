@@ -1,104 +1,43 @@
 """One replication run of one VM, in the foreground, stage by stage.
 
-validate -> snapshot -> changes -> read/pack/upload -> commit -> cleanup.
-The stages are the resumable ones of `connector.pipeline.stages`, run here one
-after the other without retries (the daemon drives the same stages from its
-queue). The snapshot is removed after every run, failed ones included. The
-next changeIds are stored only after the run's commit object is durable.
+The stages of `connector.pipeline.driver.STAGES`, run here one after the other
+without retries (the daemon drives the same table from its queue). The
+snapshot is removed after every run, failed ones included. The next changeIds
+are stored only after the run's commit object is durable.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from connector.adapters.ledger import RunLedger
-from connector.adapters.state import RunRow, StateStore
+from connector.domain.jobs import ON_DEMAND
+from connector.domain.records import RunRow, new_run_id
 from connector.errors import ConnectorError
 from connector.logging import get_logger, scrub
-from connector.pipeline.snapshot import SNAPSHOT_PREFIX, sweep_leftovers, validate
-from connector.pipeline.stages import (
-    DONE,
-    PipelineSettings,
-    Reporter,
-    RunPipeline,
-    fail_interrupted,
-    release_lock,
-)
-from connector.ports import Auditor, DiskSource, Hypervisor
-from connector.store.repository import DEFAULT_PACK_SIZE, Repository
+from connector.pipeline.context import StageContext
+from connector.pipeline.driver import DONE, FIRST, RunPipeline
 
 log = get_logger(__name__)
 
-__all__ = ["NullReporter", "ReplicationSettings", "Replicator", "Reporter", "new_run_id"]
-
-
-class NullReporter:
-    def stage(self, run_id: str, stage: str, detail: str = "") -> None:
-        log.info("stage", run=run_id, stage=stage, detail=detail)
-
-    def disk_progress(self, run_id: str, disk_key: int, done: int, total: int) -> None:
-        return None
-
-
-@dataclass
-class ReplicationSettings:
-    enable_cbt: bool = True
-    max_read: int = 8 * 1024 * 1024
-    pack_size: int = DEFAULT_PACK_SIZE
-    needs_no_foreign_snapshots: bool = True
-    max_disks_per_vm: int = 1
-
-    def pipeline(self) -> PipelineSettings:
-        return PipelineSettings(
-            enable_cbt=self.enable_cbt,
-            max_read=self.max_read,
-            pack_size=self.pack_size,
-            needs_no_foreign_snapshots=self.needs_no_foreign_snapshots,
-            max_disks_per_vm=self.max_disks_per_vm,
-        )
+__all__ = ["Replicator", "new_run_id"]
 
 
 @dataclass
 class Replicator:
-    hv: Hypervisor
-    source: DiskSource
-    open_repo: Callable[[], Repository]
-    state: StateStore
-    settings: ReplicationSettings = field(default_factory=ReplicationSettings)
-    reporter: Reporter = field(default_factory=NullReporter)
-    ledger: RunLedger | None = None
-    audit: Auditor | None = None
+    """Runs whole runs in this process over the ports of `ctx`."""
 
-    def replicate(self, vm_uuid: str, run_type: str = "ON_DEMAND") -> RunRow:
-        vm = self.hv.get_vm(vm_uuid)
-        server = self.state.upsert_server(vm)
-        ledger = self.ledger or RunLedger(self.state)
-        swept = sweep_leftovers(self.hv, vm)
-        if swept:
-            ledger.snapshots_removed(vm.uuid, swept)
-            fail_interrupted(self.state, swept)
-            vm = self.hv.get_vm(vm_uuid)
-        validate(vm, self.settings.needs_no_foreign_snapshots)
-        repo = self.open_repo()
-        for name in swept:  # the run that left it behind is dead: so is its lock
-            release_lock(repo, name.removeprefix(SNAPSHOT_PREFIX))
+    ctx: StageContext
+
+    def replicate(self, vm_uuid: str, run_type: str = ON_DEMAND) -> RunRow:
+        ctx = self.ctx
+        vm = ctx.hv.get_vm(vm_uuid)
+        server = ctx.catalog.upsert_server(vm)
         run_id = new_run_id()
-        self.state.create_run(run_id, server.id, run_type)
+        ctx.runs.create_run(run_id, server.id, run_type)
         log.info("run started", run=run_id, server=server.id, vm=vm.uuid)
-        pipeline = RunPipeline(
-            hv=self.hv,
-            source=self.source,
-            open_repo=lambda: repo,
-            state=self.state,
-            ledger=ledger,
-            settings=self.settings.pipeline(),
-            reporter=self.reporter,
-            audit=self.audit,
-        )
-        stage = "validate"
+        # A run of this process writes its lock only once it opened the store itself.
+        pipeline = RunPipeline(replace(ctx, _repo=None, locks_need_store=False))
+        stage = FIRST
         try:
             while stage != DONE:
                 stage = pipeline.execute(run_id, stage)
@@ -108,22 +47,15 @@ class Replicator:
                 pipeline.abort(run_id, message, best_effort=True)
             except Exception as cleanup_exc:  # the run's own failure is what the caller sees
                 log.error("rollback failed", run=run_id, error=_describe(cleanup_exc))
-                self.state.fail_run(run_id, message)
-                if self.audit is not None:
+                ctx.runs.fail_run(run_id, message)
+                if ctx.audit is not None:
                     what = f"vm {vm.uuid}"
-                    self.audit.record("run.finish", what, "failure", run=run_id, error=message)
+                    ctx.audit.record("run.finish", what, "failure", run=run_id, error=message)
             log.error("run failed", run=run_id, error=message)
             raise
         finally:
-            release_lock(repo, run_id)
-        return self.state.run(run_id)
-
-
-def new_run_id() -> str:
-    """Time-ordered and unique: r-YYYYMMDDTHHMMSSmmmZ-<8 hex> (mmm: milliseconds)."""
-    now = dt.datetime.now(dt.UTC)
-    stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
-    return f"r-{stamp}-{os.urandom(4).hex()}"
+            pipeline.release_lock(run_id)
+        return ctx.runs.run(run_id)
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,18 +1,141 @@
-"""Stages `read`, `pack` and `upload` for one disk: changed blocks into the store."""
+"""Stage `transfer`: per disk, read the planned extents from the snapshot, pack
+them (hash, deduplicate, compress, encrypt), upload the packs, then write the
+disk's manifest, after every pack it names is durable.
+
+A disk is redone from its start after a crash; blocks already uploaded are
+found in the block index and not uploaded again. Disks of one VM go side by
+side up to `max_disks_per_vm`.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from connector.domain.extents import block_extent, blocks_touched, runs
 from connector.domain.manifest import BlockMap, BlockRef
-from connector.domain.model import Extent
+from connector.domain.model import DiskInfo, Extent, SnapshotInfo, VmInfo
+from connector.domain.records import DiskResult
+from connector.faults import crash_point
+from connector.pipeline.changes import DiskPlan, skip_unallocated
+from connector.pipeline.commit import build_manifest
+from connector.pipeline.context import RunRef, StageContext
 from connector.ports import AllocationAware, DiskReader, StreamingReader
-from connector.store.repository import PackWriter
+from connector.store.repository import PackWriter, Repository
 
 # Progress callback: (bytes done, bytes total) for this disk.
 Progress = Callable[[int, int], None]
+
+
+def run(ctx: StageContext, ref: RunRef) -> None:
+    snap = ctx.run_snapshot(ref.run_id)
+    plans = ctx.ledger.steps(ref.run_id, "changes")
+    done = ctx.ledger.steps(ref.run_id, "transfer")
+    todo = [d for d in sorted(snap.disks, key=lambda d: d.key) if d.key not in done]
+    if not todo:
+        return
+    vm = ctx.hv.get_vm(ref.vm_uuid)
+    repo = ctx.repo()
+    # Again (it is idempotent): a resumed run may come from a process that has ended.
+    ctx.write_lock(ref, vm)
+    workers = min(ctx.settings.max_disks_per_vm, len(todo))
+    if workers <= 1:
+        for disk in todo:
+            _transfer_disk(ctx, ref, vm, snap, disk, plans[disk.key], repo)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"disk-{ref.run_id}") as pool:
+        futures = [
+            pool.submit(_transfer_disk, ctx, ref, vm, snap, d, plans[d.key], repo) for d in todo
+        ]
+        errors = [f.exception() for f in futures]
+    for exc in errors:
+        if exc is not None:
+            raise exc
+
+
+def _transfer_disk(
+    ctx: StageContext,
+    ref: RunRef,
+    vm: VmInfo,
+    snap: SnapshotInfo,
+    disk: DiskInfo,
+    plan_json: dict[str, Any],
+    repo: Repository,
+) -> None:
+    run_id = ref.run_id
+    plan = DiskPlan.from_json(disk, plan_json)
+    ctx.reporter.stage(run_id, "transfer", f"disk {disk.key}: {plan.mode} ({plan.reason})")
+
+    def on_pack(pack_id: str, size: int, _refs: object) -> None:
+        ctx.blocks.record_pack(pack_id, size, run_id)
+        crash_point("pack-uploaded")
+
+    writer = repo.pack_writer(ctx.blocks, ctx.settings.pack_size, on_pack=on_pack)
+    report = functools.partial(ctx.reporter.disk_progress, run_id, disk.key)
+
+    def progress(done: int, total: int) -> None:
+        report(done, total)
+        ctx.check_stop()
+
+    reader = ctx.source.open(vm, snap, disk)
+    try:
+        plan = skip_unallocated(plan, allocated_extents(reader))
+        compare_with = None
+        if plan.mode == "compare" and plan.base_run is not None:
+            base = repo.read_manifest(ref.server_id, plan.base_run, disk.key)
+            compare_with = repo.resolve_map(base)
+        result = transfer_disk(
+            reader,
+            writer,
+            plan.extents,
+            disk.capacity,
+            repo.block_size,
+            ctx.settings.max_read,
+            progress,
+            compare_with=compare_with,
+        )
+    finally:
+        reader.close()
+    bytes_changed = result.bytes_changed if compare_with is not None else plan.bytes_changed
+    writer.flush()
+    crash_point("before-manifest")
+    manifest, chain = build_manifest(
+        repo,
+        ref.server_id,
+        run_id,
+        snap,
+        disk,
+        base_run=plan.base_run,
+        changes=result.changes,
+        previous_chain=int(plan_json["previous_chain"]),
+        stats={"mode": plan.mode, "reason": plan.reason},
+    )
+    outcome = DiskResult(
+        disk_key=disk.key,
+        mode=plan.mode,
+        reason=plan.reason,
+        capacity=disk.capacity,
+        change_id_from=plan.change_id_from,
+        change_id_to=disk.change_id,
+        disk_uuid=disk.uuid,
+        bytes_changed=bytes_changed,
+        bytes_read=result.bytes_read,
+        bytes_uploaded=writer.bytes_stored,
+        pack_bytes=writer.bytes_uploaded,
+        blocks_new=writer.blocks_new,
+        blocks_dedup=writer.blocks_dedup,
+        blocks_zero=result.blocks_zero,
+        packs=len(writer.packs_written),
+        chain=chain,
+        merkle_root=manifest.merkle_root.hex(),
+    )
+    outcome.manifest_key = repo.write_manifest(manifest)
+    ctx.runs.record_disk(run_id, outcome)
+    ctx.ledger.step_done(run_id, "transfer", disk.key, outcome.to_json())
+    crash_point("manifest-written")
 
 
 @dataclass

@@ -15,17 +15,17 @@ and each manifest after every pack it names.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from connector.domain.manifest import BlockMap, BlockRef, DiskManifest, apply_changes
+from connector.domain.times import iso
 from connector.errors import IntegrityError, NotFoundError, StoreFormatError
-from connector.ports import ObjectStore
+from connector.ports import BlockIndex, ObjectStore
 from connector.store.keys import KEY_CONTEXT_PREFIX, KeyProvider, StoreKeys
 
 STORE_FORMAT = "connector-replica-store"
@@ -35,26 +35,6 @@ DEFAULT_PACK_SIZE = 32 * 1024 * 1024
 PACK_MAGIC = b"CNP1"
 _PACK_TRAILER = struct.Struct("<I4s")  # sealed header length, magic
 _PACK_ENTRY = struct.Struct("<32sQII")  # block id, offset, length, raw length
-
-
-class BlockIndex(Protocol):
-    """Which blocks are already stored, and where (the dedup index)."""
-
-    def lookup(self, block_id: bytes) -> BlockRef | None: ...
-
-    def add(self, refs: list[BlockRef]) -> None: ...
-
-
-class MemoryBlockIndex:
-    def __init__(self) -> None:
-        self._refs: dict[bytes, BlockRef] = {}
-
-    def lookup(self, block_id: bytes) -> BlockRef | None:
-        return self._refs.get(block_id)
-
-    def add(self, refs: list[BlockRef]) -> None:
-        for r in refs:
-            self._refs.setdefault(r.block_id, r)
 
 
 @dataclass(frozen=True)
@@ -145,7 +125,7 @@ class RunObjects:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso()
 
 
 class Repository:

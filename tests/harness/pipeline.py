@@ -9,18 +9,57 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from connector.adapters.ledger import RunLedger
 from connector.adapters.localstore import LocalDirObjectStore
 from connector.adapters.state import RunRow, StateStore
-from connector.pipeline.replicate import ReplicationSettings, Replicator
+from connector.pipeline.context import PipelineSettings, StageContext
+from connector.pipeline.replicate import Replicator
 from connector.pipeline.restore import restore_disk
 from connector.ports import DiskSource, Hypervisor
 from connector.store.keys import LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
 
 MiB = 1024 * 1024
+
+
+def stage_context(
+    hv: Hypervisor,
+    source: DiskSource,
+    open_repo: Callable[[], Repository],
+    state: StateStore,
+    settings: PipelineSettings | None = None,
+    ledger: RunLedger | None = None,
+    **extra: Any,
+) -> StageContext:
+    """A StageContext whose state ports are all one SQLite state store."""
+    return StageContext(
+        hv=hv,
+        source=source,
+        open_repo=open_repo,
+        catalog=state,
+        disks=state,
+        runs=state,
+        blocks=state,
+        ledger=ledger or RunLedger(state),
+        settings=settings or PipelineSettings(),
+        **extra,
+    )
+
+
+def replicator(
+    hv: Hypervisor,
+    source: DiskSource,
+    open_repo: Callable[[], Repository],
+    state: StateStore,
+    settings: PipelineSettings | None = None,
+) -> Replicator:
+    """A foreground Replicator over one SQLite state store."""
+    return Replicator(stage_context(hv, source, open_repo, state, settings))
 
 
 @dataclass
@@ -51,12 +90,12 @@ def make_pipeline(workdir: Path, hv: Hypervisor, source: DiskSource) -> Pipeline
     generate_key_file(workdir / "store.key")
     provider = LocalKeyProvider(workdir / "store.key")
     state = StateStore.at_path(workdir / "state" / "state.db")
-    rep = Replicator(
+    rep = replicator(
         hv,
         source,
         lambda: Repository.open(objects, provider, create=True),
         state,
-        ReplicationSettings(enable_cbt=False, needs_no_foreign_snapshots=False),
+        PipelineSettings(enable_cbt=False, needs_no_foreign_snapshots=False),
     )
     return Pipeline(workdir, objects, provider, state, rep)
 

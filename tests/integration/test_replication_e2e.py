@@ -87,7 +87,7 @@ def test_two_disks_full_then_two_incrementals_restore_byte_exact(
             assert run.state == "COMPLETED", run.error
             assert [s for s in vcsim.snapshot_names(uuid) if s.startswith("connector-")] == []
             run_ids.append(run.id)
-        server = app.resolve_server(uuid, refresh=False)
+        server = app.servers.resolve(uuid, refresh=False)
         runs = {r.id: r for r in app.state.runs(server.id)}
         # the first run reads allocated areas; the next ones only changed extents
         assert {d.mode for d in runs[run_ids[0]].disks} == {"allocated"}
@@ -125,7 +125,7 @@ def test_refused_change_id_falls_back_to_a_full_read(
         assert d.mode == "full"
         assert "refused" in (d.reason or "") and "FileFault" in (d.reason or "")
         assert d.bytes_read == 64 * MiB
-        server = app.resolve_server(uuid, refresh=False)
+        server = app.servers.resolve(uuid, refresh=False)
         assert restore_sha(app, server.id, run.id, key, tmp_path / "r.img") == expected
         # InvalidArgument is handled the same way
         vcsim.refuse_change_ids(uuid, key, "InvalidArgument")
@@ -154,7 +154,7 @@ def test_cbt_disabled_disk_is_read_in_full(env: ConnectorEnv, vcsim: Any, tmp_pa
         run = app.replicator().replicate(uuid)
         (d,) = run.disks
         assert d.mode == "full" and "CBT is off" in (d.reason or "")
-        server = app.resolve_server(uuid, refresh=False)
+        server = app.servers.resolve(uuid, refresh=False)
         assert restore_sha(app, server.id, run.id, key, tmp_path / "r.img") == expected
     finally:
         app.close()
@@ -199,7 +199,7 @@ def test_failed_run_leaves_no_snapshot(env: ConnectorEnv, vcsim: Any, moto: Any)
         finally:
             path.write_bytes(saved)
         assert str(info.value)
-        runs = app.state.runs(app.resolve_server(uuid, refresh=False).id)
+        runs = app.state.runs(app.servers.resolve(uuid, refresh=False).id)
         assert runs[-1].state == "FAILED" and runs[-1].error
         assert not [s for s in vcsim.snapshot_names(uuid) if s.startswith("connector-")]
     finally:

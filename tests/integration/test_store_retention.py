@@ -89,7 +89,7 @@ def test_retention_keeps_one_run_and_purge_removes_the_others_unique_packs(
         # a next run rewrites blocks 0 and 1: run 3's pack goes, run 1's stays (block 9)
         write_blocks(vcsim, uuid, key, {0: rng.randbytes(MiB), 1: rng.randbytes(MiB)})
         run4 = replicate(app, uuid)
-        report2 = app.apply_retention(run4.server_id, 1)
+        report2 = app.retention.apply(run4.server_id, 1)
         assert set(report2.gc.deleted) == third
         assert first <= set(packs(moto, env.bucket))
         out4 = tmp_path / "run4.img"
@@ -119,7 +119,7 @@ def test_zero_keeps_every_run(env: ConnectorEnv, vcsim: Any, moto: Any, tmp_path
     # what a job with "keep 1" calls after its run
     app = app_for(env)
     try:
-        done = app.apply_retention(run.server_id, 1)
+        done = app.retention.apply(run.server_id, 1)
         assert done.retention[0].deleted == [first.id] and len(done.gc.deleted) == 1
         out = tmp_path / "kept.img"
         assert restore_sha(app, run, key, out) == disk_sha(vcsim, uuid, key)

@@ -257,9 +257,10 @@ def test_vddk_transport_with_vcenter_passes_the_run_snapshot_and_verified_thumbp
 
     from connector.app import App
     from connector.config import load_config
-    from connector.pipeline.replicate import ReplicationSettings, Replicator
+    from connector.pipeline.context import PipelineSettings
     from connector.pipeline.restore import restore_disk
     from tests.harness.connector_env import write_config
+    from tests.harness.pipeline import replicator
 
     need("nbdkit")
     env = write_config(tmp_path / "connector", vcsim, moto, s3_bucket)
@@ -287,12 +288,12 @@ def test_vddk_transport_with_vcenter_passes_the_run_snapshot_and_verified_thumbp
             tmp_path / "state" / "nbd",
             rewrite=via_eval(vcsim.disk_path(uuid, key), seen),
         )
-        rep = Replicator(
+        rep = replicator(
             app.vsphere,
             source,
-            app._open_for_write,
+            app.open_repository_for_write,
             app.state,
-            ReplicationSettings(needs_no_foreign_snapshots=False),
+            PipelineSettings(needs_no_foreign_snapshots=False),
         )
         runs, expected = [], []
         for _ in range(2):
@@ -313,7 +314,7 @@ def test_vddk_transport_with_vcenter_passes_the_run_snapshot_and_verified_thumbp
             assert any(a.startswith("file=[") and a.endswith(".vmdk") for a in params_given)
         assert list((tmp_path / "state" / "nbd").iterdir()) == []
         repo = app.repository()
-        server = app.resolve_server(uuid, refresh=False)
+        server = app.servers.resolve(uuid, refresh=False)
         for i, (run, exp) in enumerate(zip(runs, expected, strict=True)):
             out = tmp_path / f"r{i}.img"
             assert restore_disk(repo, server.id, run.id, key, out).sha256 == exp

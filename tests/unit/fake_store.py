@@ -10,10 +10,12 @@ from pathlib import Path
 
 from connector.adapters.state import RunRow, StateStore
 from connector.fakes import FakeDiskSource, FakeHypervisor, MemoryObjectStore
-from connector.pipeline.replicate import ReplicationSettings, Replicator
+from connector.pipeline.context import PipelineSettings
+from connector.pipeline.replicate import Replicator
 from connector.pipeline.restore import restore_disk
 from connector.store.keys import LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
+from tests.harness.pipeline import replicator
 
 MiB = 1024 * 1024
 
@@ -107,11 +109,11 @@ def make_env(tmp_path: Path) -> Env:
     generate_key_file(tmp_path / "key")
     provider = LocalKeyProvider(tmp_path / "key")
     state = StateStore.at_path(tmp_path / "state.db")
-    rep = Replicator(
+    rep = replicator(
         hv,
         FakeDiskSource(hv),
         lambda: Repository.open(objects, provider, create=True),
         state,
-        ReplicationSettings(pack_size=4 * MiB),
+        PipelineSettings(pack_size=4 * MiB),
     )
     return Env(hv, objects, provider, state, rep, tmp_path)

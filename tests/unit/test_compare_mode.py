@@ -13,10 +13,12 @@ from connector.domain.extents import merge
 from connector.domain.model import DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.fakes import FakeDiskReader, FakeDiskSource, FakeHypervisor, MemoryObjectStore
 from connector.pipeline.changes import DiskPlan, skip_unallocated
-from connector.pipeline.replicate import ReplicationSettings, Replicator
+from connector.pipeline.context import PipelineSettings
+from connector.pipeline.replicate import Replicator
 from connector.pipeline.restore import restore_disk
 from connector.store.keys import LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
+from tests.harness.pipeline import replicator
 
 MiB = 1024 * 1024
 
@@ -50,12 +52,12 @@ def env(tmp_path: Path):
     state = StateStore.at_path(tmp_path / "state.db")
 
     def make(source: FakeDiskSource) -> Replicator:
-        return Replicator(
+        return replicator(
             hv,
             source,
             lambda: Repository.open(objects, provider, create=True),
             state,
-            ReplicationSettings(enable_cbt=False, pack_size=4 * MiB),
+            PipelineSettings(enable_cbt=False, pack_size=4 * MiB),
         )
 
     return hv, objects, provider, make

@@ -31,10 +31,12 @@ from connector.domain import jobs as J
 from connector.errors import InvalidInputError, UnreachableError
 from connector.fakes import FakeDiskSource, FakeHypervisor, MemoryObjectStore
 from connector.faults import crash_point
+from connector.pipeline.context import PipelineSettings
+from connector.pipeline.driver import RunPipeline
 from connector.pipeline.purge import PurgeReport, purge
-from connector.pipeline.stages import PipelineSettings, RunPipeline
 from connector.store.keys import LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
+from tests.harness.pipeline import stage_context
 
 MiB = 1024 * 1024
 UTC = dt.UTC
@@ -231,15 +233,17 @@ class World:
         self.reporter = LedgerReporter(self.ledger)
         self.audit = AuditLog(tmp_path / "audit.jsonl")
         self.pipeline = RunPipeline(
-            self.hv,
-            FakeDiskSource(self.hv),
-            self.open_repo,
-            self.state,
-            self.ledger,
-            PipelineSettings(pack_size=2 * MiB, max_disks_per_vm=2),
-            self.reporter,
-            self.stopping.is_set,
-            audit=self.audit,
+            stage_context(
+                self.hv,
+                FakeDiskSource(self.hv),
+                self.open_repo,
+                self.state,
+                PipelineSettings(pack_size=2 * MiB, max_disks_per_vm=2),
+                ledger=self.ledger,
+                reporter=self.reporter,
+                should_stop=self.stopping.is_set,
+                audit=self.audit,
+            )
         )
         defaults = {"stage_retries": 2, "retry_backoff": 0.5, "retry_backoff_max": 10.0}
         defaults.update(limits)

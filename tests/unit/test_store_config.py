@@ -69,10 +69,10 @@ def test_a_second_purge_on_the_same_state_is_refused(tmp_path: Path) -> None:
     cfg = load_config(config(tmp_path, ""))
     first, second = App(cfg), App(cfg)
     with (
-        first.purge_guard(),
+        first.retention.guard(),
         pytest.raises(PermanentError, match="another purge is running"),
-        second.purge_guard(),
+        second.retention.guard(),
     ):
         pass
-    with second.purge_guard():  # released
+    with second.retention.guard():  # released
         assert (tmp_path / "state" / "purge.lock").exists()
