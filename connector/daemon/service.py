@@ -147,10 +147,14 @@ class Daemon:
         tick = min(1.0, interval) if interval else 1.0
         next_check = time.monotonic() + HEALTH_CHECK_INTERVAL
         last_status = ""
-        while not self.stop_requested.wait(tick):
+        while True:
+            # First at once: a stop that comes within the first tick still finds the
+            # watchdog fed since READY=1.
             healthy = scheduler.running and _workers_alive(consumer)
             if healthy and interval:
                 self.notifier.watchdog()
+            if self.stop_requested.wait(tick):
+                break
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + HEALTH_CHECK_INTERVAL
                 consumer.check_worker_health()  # type: ignore[attr-defined]
