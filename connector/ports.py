@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
+from connector.domain.jobs import RUN_ACTIVE
 from connector.domain.manifest import BlockRef
 from connector.domain.model import ChangedAreas, DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.domain.records import (
@@ -200,7 +201,7 @@ class Runs(Protocol):
         server_id: str,
         run_type: str,
         *,
-        state: str = "ACTIVE",
+        state: str = RUN_ACTIVE,
         stage: str = "validate",
         error: str | None = None,
     ) -> None:

@@ -28,6 +28,7 @@ from connector.adapters.ledger import MULTIPART, SNAPSHOT, RunLedger
 from connector.adapters.state import StateStore
 from connector.daemon.runner import Enqueue
 from connector.domain.jobs import RUN_ACTIVE, RUN_PENDING
+from connector.domain.times import parse as parse_time
 from connector.errors import ConnectorError, NotFoundError
 from connector.logging import get_logger, scrub
 from connector.pipeline.snapshot import remove_snapshot_effect
@@ -76,7 +77,7 @@ def recover(
     for run in live:
         ctl = ledger.ensure_control(run.id)
         if run.state == RUN_ACTIVE and ctl.failure is None:
-            started = dt.datetime.fromisoformat(run.started_at.replace("Z", "+00:00"))
+            started = parse_time(run.started_at)
             age = (now - started).total_seconds()
             if age > resume_within:
                 reason = (

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from connector.adapters.jobstore import JobRow, JobStore
+from connector.adapters.jobstore import JobStore
 from connector.adapters.ledger import RunLedger
-from connector.adapters.state import RunRow, StateStore
+from connector.adapters.state import StateStore
 from connector.domain.jobs import (
     JOB_DELETED,
     JOB_DELETING,
@@ -27,11 +27,13 @@ from connector.domain.jobs import (
     RUN_FAILED,
     RUN_MISSED,
     RUN_PENDING,
+    JobRow,
     backoff_delay,
     on_run_completed,
     on_run_failed,
     on_run_started,
 )
+from connector.domain.records import RunRow
 from connector.errors import ConnectorError, NotFoundError, TransientError
 from connector.logging import get_logger, scrub
 from connector.pipeline.context import StageInterrupted

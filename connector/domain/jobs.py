@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, replace
 
+from connector.domain.times import parse as parse_time
 from connector.errors import InvalidInputError
 
 # -- job states ------------------------------------------------------------------
@@ -250,7 +251,7 @@ class JobRow:
 
     @property
     def seed(self) -> dt.datetime:
-        return dt.datetime.fromisoformat(self.seed_time.replace("Z", "+00:00"))
+        return parse_time(self.seed_time)
 
     @property
     def status(self) -> JobStatus:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from connector.domain.jobs import RUN_ACTIVE
 from connector.domain.manifest import BlockMap, DiskManifest, apply_changes
 from connector.domain.times import compact, stamp
 from connector.errors import ConnectorError, IntegrityError, NotFoundError, PermanentError
@@ -431,7 +432,7 @@ def _lock_info(
         run_state: str | None = state.run(lock.run_id).state
     except NotFoundError:
         run_state = None
-    if run_state is not None and run_state != "ACTIVE":
+    if run_state is not None and run_state != RUN_ACTIVE:
         info.stale = f"its run is {run_state}"
         return info
     if lock.host == socket.gethostname() and not _pid_alive(lock.pid):
