@@ -5,7 +5,7 @@ connector keeps is split by what it is about: the catalog of servers, the
 per-disk CBT state, runs, the run ledger (finished steps and side effects to
 undo), the block index and pack records, retention settings. The SQL adapters
 (`connector.adapters.state`, `.runs`, `.ledger`) and the in-memory fakes
-(`connector.fakes`) implement them, and one contract suite runs over both.
+(`connector.fakestate`) implement them, and one contract suite runs over both.
 
 No SDK type (pyvmomi, boto3, SQLAlchemy) crosses these boundaries.
 """
