@@ -14,33 +14,37 @@ from dataclasses import dataclass, field, replace
 
 from connector.domain.extents import merge
 from connector.domain.model import ChangedAreas, DiskInfo, Extent, SnapshotInfo, VmInfo
+from connector.domain.objectkeys import check_range, validate_key
 from connector.errors import ChangeIdRefused, NotFoundError
 
 
 class MemoryObjectStore:
+    """An ObjectStore in a dict; refuses the keys and ranges every real store refuses."""
+
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
 
     def put(self, key: str, data: bytes) -> None:
-        self.objects[key] = bytes(data)
+        self.objects[validate_key(key)] = bytes(data)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_range(offset, length)
         try:
-            data = self.objects[key]
+            data = self.objects[validate_key(key)]
         except KeyError:
             raise NotFoundError(f"no object {key}") from None
         end = len(data) if length is None else offset + length
         return data[offset:end]
 
     def stat(self, key: str) -> int | None:
-        data = self.objects.get(key)
+        data = self.objects.get(validate_key(key))
         return None if data is None else len(data)
 
     def list(self, prefix: str) -> Iterator[str]:
         return iter(sorted(k for k in self.objects if k.startswith(prefix)))
 
     def delete(self, key: str) -> None:
-        self.objects.pop(key, None)
+        self.objects.pop(validate_key(key), None)
 
 
 @dataclass
