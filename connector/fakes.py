@@ -191,18 +191,28 @@ class FakeHypervisor:
 
 
 class FakeDiskReader:
+    """Reads a byte string as a disk of its length; checks ranges as the real readers do."""
+
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.bytes_read = 0
+        self.closed = False
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length ({offset}, {length})")
         if offset + length > len(self.data):
-            raise ValueError("read past the end of the disk")
+            raise ValueError(
+                f"read [{offset}, {offset + length}) beyond the end of the disk "
+                f"({len(self.data)} bytes)"
+            )
+        if self.closed:
+            raise ValueError("read on a closed reader")
         self.bytes_read += length
         return self.data[offset : offset + length]
 
     def close(self) -> None:
-        return None
+        self.closed = True
 
 
 class FakeDiskSource:
