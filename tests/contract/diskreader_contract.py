@@ -5,11 +5,11 @@ zeros elsewhere, and `DISK.tail` right after its capacity wherever the backing
 file or export can hold more than the disk (so reading past the capacity cannot
 return the tail's bytes unnoticed).
 
-Subclass `DiskReaderContract` in a test module, provide the `reader` fixture (a
-fresh reader on `DISK` per test, closed afterwards) and declare the reader's
-optional capabilities: `streaming` (a `StreamingReader`) and `allocation` (None:
-not `AllocationAware`; False: it is, but cannot tell, and answers None; True: it
-answers a list of extents).
+Subclass `DiskReaderContract` in a test module and provide the `reader` fixture (a
+fresh reader on `DISK` per test, closed afterwards). A reader with the optional
+capabilities of the port also takes their suites: `StreamingReaderContract` for a
+`StreamingReader`, `AllocationAwareContract` for an `AllocationAware` reader (with
+`knows_allocation = False` for one that cannot tell and answers None).
 """
 
 from __future__ import annotations
@@ -62,11 +62,6 @@ DISK = make_disk()
 
 
 class DiskReaderContract:
-    #: the reader is a StreamingReader (read_extents)
-    streaming: bool = False
-    #: None: not AllocationAware; False: answers None; True: answers the extents
-    allocation: bool | None = None
-
     @pytest.fixture
     def reader(self) -> DiskReader:
         raise NotImplementedError("a contract subclass must provide the `reader` fixture")
@@ -76,9 +71,9 @@ class DiskReaderContract:
 
     # -- capabilities
 
-    def test_declares_its_optional_capabilities(self, reader: DiskReader) -> None:
-        assert isinstance(reader, StreamingReader) == self.streaming
-        assert isinstance(reader, AllocationAware) == (self.allocation is not None)
+    def test_runs_the_suites_of_its_optional_capabilities(self, reader: DiskReader) -> None:
+        assert isinstance(reader, StreamingReader) == isinstance(self, StreamingReaderContract)
+        assert isinstance(reader, AllocationAware) == isinstance(self, AllocationAwareContract)
 
     # -- read
 
@@ -145,11 +140,20 @@ class DiskReaderContract:
             offset = rng.randrange(0, DISK.capacity - length + 1)
             assert reader.read(offset, length) == self.expect(offset, length), (offset, length)
 
-    # -- streaming
+    # -- close
+
+    def test_close_is_idempotent_and_a_later_read_is_an_error(self, reader: DiskReader) -> None:
+        assert reader.read(0, 16) == self.expect(0, 16)
+        reader.close()
+        reader.close()
+        with pytest.raises(ValueError):
+            reader.read(0, 16)
+
+
+class StreamingReaderContract(DiskReaderContract):
+    """For a StreamingReader: read_extents."""
 
     def test_read_extents_yields_each_extent_in_the_order_given(self, reader: DiskReader) -> None:
-        if not self.streaming:
-            pytest.skip("not a StreamingReader (checked by the capabilities test)")
         assert isinstance(reader, StreamingReader)
         extents = [
             Extent(MiB + 512, 300_001),
@@ -168,24 +172,25 @@ class DiskReaderContract:
             assert data == self.expect(extent.offset, extent.length), extent
 
     def test_read_extents_past_the_capacity_is_an_error(self, reader: DiskReader) -> None:
-        if not self.streaming:
-            pytest.skip("not a StreamingReader (checked by the capabilities test)")
         assert isinstance(reader, StreamingReader)
         with pytest.raises(ValueError):
             list(reader.read_extents([Extent(0, 4096), Extent(DISK.capacity - 1, 2)]))
         assert reader.read(0, 4096) == self.expect(0, 4096)
 
-    # -- allocation
+
+class AllocationAwareContract(DiskReaderContract):
+    """For an AllocationAware reader: allocated_extents."""
+
+    #: False for a reader that cannot tell (it answers None: every range may hold data)
+    knows_allocation: bool = True
 
     def test_allocated_extents_are_sorted_merged_and_cover_the_data(
         self, reader: DiskReader
     ) -> None:
-        if self.allocation is None:
-            pytest.skip("not AllocationAware (checked by the capabilities test)")
         assert isinstance(reader, AllocationAware)
         extents = reader.allocated_extents()
-        if not self.allocation:
-            assert extents is None  # cannot tell: every range may hold data
+        if not self.knows_allocation:
+            assert extents is None
             return
         assert extents is not None
         assert all(e.length > 0 and e.offset >= 0 for e in extents)
@@ -200,12 +205,3 @@ class DiskReaderContract:
             if e.offset > position:
                 assert reader.read(position, e.offset - position) == bytes(e.offset - position)
             position = e.end
-
-    # -- close
-
-    def test_close_is_idempotent_and_a_later_read_is_an_error(self, reader: DiskReader) -> None:
-        assert reader.read(0, 16) == self.expect(0, 16)
-        reader.close()
-        reader.close()
-        with pytest.raises(ValueError):
-            reader.read(0, 16)

@@ -3,16 +3,16 @@
 Each implementation comes with a `HypervisorWorld`: a small adapter that knows how to
 make the scenario on that backend (add a VM with disks, write bytes to a disk so that
 change tracking records them, make the server refuse change ids) and gives the
-`Hypervisor` under test. Subclass `HypervisorContract`, provide the `world` fixture,
-and set `tracks_changes = False` for an implementation without changed block tracking
-(its queries must all be refused, so the pipeline falls back to a full read).
+`Hypervisor` under test. Subclass `ChangeTrackingContract`, or `NoChangeTrackingContract`
+for an implementation without changed block tracking (its queries must all be refused,
+so the pipeline falls back to comparing block hashes), and provide the `world` fixture.
 """
 
 from __future__ import annotations
 
 import random
 import uuid as uuidlib
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import pytest
 
@@ -102,16 +102,14 @@ def covers(areas: list[Extent], extent: Extent) -> bool:
 
 
 class HypervisorContract:
-    #: the implementation has changed block tracking
-    tracks_changes: bool = True
+    """What every hypervisor does; a test class takes one of the two subclasses below."""
+
+    #: the implementation has changed block tracking (set by the subclasses)
+    tracks_changes: ClassVar[bool]
 
     @pytest.fixture
     def world(self) -> HypervisorWorld:
         raise NotImplementedError("a contract subclass must provide the `world` fixture")
-
-    def needs_cbt(self) -> None:
-        if not self.tracks_changes:
-            pytest.skip("no changed block tracking (see the test for that case)")
 
     # -- inventory
 
@@ -168,20 +166,6 @@ class HypervisorContract:
         assert [(s.ref, s.name) for s in hv.get_vm(uuid).snapshots] == [(snap.ref, snap.name)]
         hv.remove_snapshot(uuid, snap.ref)
 
-    def test_a_snapshot_keeps_its_own_change_ids(self, world: HypervisorWorld) -> None:
-        self.needs_cbt()
-        uuid = world.add_vm(vm_name(), SIZES)
-        key = world.disk_keys(uuid)[0]
-        hv = world.hv
-        first = hv.create_snapshot(uuid, "connector-a", "")
-        world.write(uuid, key, 0, data(4096, 1))
-        second = hv.create_snapshot(uuid, "connector-b", "")
-        assert first.disks[0].change_id != second.disks[0].change_id
-        assert hv.get_snapshot(uuid, first.ref).disks == first.disks
-        assert hv.get_snapshot(uuid, second.ref).disks == second.disks
-        hv.remove_snapshot(uuid, second.ref)
-        hv.remove_snapshot(uuid, first.ref)
-
     def test_remove_snapshot_removes_it_and_again_is_not_an_error(
         self, world: HypervisorWorld
     ) -> None:
@@ -203,6 +187,25 @@ class HypervisorContract:
         with pytest.raises(NotFoundError):
             world.hv.get_snapshot(uuid, "snapshot-999999")
 
+
+class ChangeTrackingContract(HypervisorContract):
+    """For a hypervisor with changed block tracking (vSphere and its fake)."""
+
+    tracks_changes = True
+
+    def test_a_snapshot_keeps_its_own_change_ids(self, world: HypervisorWorld) -> None:
+        uuid = world.add_vm(vm_name(), SIZES)
+        key = world.disk_keys(uuid)[0]
+        hv = world.hv
+        first = hv.create_snapshot(uuid, "connector-a", "")
+        world.write(uuid, key, 0, data(4096, 1))
+        second = hv.create_snapshot(uuid, "connector-b", "")
+        assert first.disks[0].change_id != second.disks[0].change_id
+        assert hv.get_snapshot(uuid, first.ref).disks == first.disks
+        assert hv.get_snapshot(uuid, second.ref).disks == second.disks
+        hv.remove_snapshot(uuid, second.ref)
+        hv.remove_snapshot(uuid, first.ref)
+
     # -- changed areas
 
     def write_scattered(self, world: HypervisorWorld, uuid: str, key: int) -> list[Extent]:
@@ -217,7 +220,6 @@ class HypervisorContract:
     def test_all_areas_page_over_the_capacity_and_cover_what_was_written(
         self, world: HypervisorWorld
     ) -> None:
-        self.needs_cbt()
         uuid = world.add_vm(vm_name(), SIZES)
         key = world.disk_keys(uuid)[0]
         writes = self.write_scattered(world, uuid, key)
@@ -236,7 +238,6 @@ class HypervisorContract:
     def test_changes_since_an_earlier_snapshot_are_exactly_the_writes_since(
         self, world: HypervisorWorld
     ) -> None:
-        self.needs_cbt()
         uuid = world.add_vm(vm_name(), SIZES)
         key = world.disk_keys(uuid)[0]
         hv = world.hv
@@ -275,7 +276,6 @@ class HypervisorContract:
     def test_a_refused_change_id_raises_change_id_refused_with_the_fault(
         self, world: HypervisorWorld, fault: str
     ) -> None:
-        self.needs_cbt()
         uuid = world.add_vm(vm_name(), SIZES)
         key = world.disk_keys(uuid)[0]
         hv = world.hv
@@ -291,7 +291,6 @@ class HypervisorContract:
         hv.remove_snapshot(uuid, snap.ref)
 
     def test_an_unknown_change_id_is_refused(self, world: HypervisorWorld) -> None:
-        self.needs_cbt()
         uuid = world.add_vm(vm_name(), SIZES)
         key = world.disk_keys(uuid)[0]
         hv = world.hv
@@ -303,7 +302,6 @@ class HypervisorContract:
         hv.remove_snapshot(uuid, snap.ref)
 
     def test_a_query_on_a_removed_snapshot_raises_not_found(self, world: HypervisorWorld) -> None:
-        self.needs_cbt()
         uuid = world.add_vm(vm_name(), SIZES)
         key = world.disk_keys(uuid)[0]
         hv = world.hv
@@ -313,7 +311,6 @@ class HypervisorContract:
             hv.query_changed_areas(uuid, snap.ref, key, 0, "*")
 
     def test_enable_cbt_turns_cbt_on(self, world: HypervisorWorld) -> None:
-        self.needs_cbt()
         uuid = world.add_vm(vm_name(), SIZES, cbt=False)
         hv = world.hv
         assert hv.get_vm(uuid).cbt_enabled is False
@@ -326,11 +323,13 @@ class HypervisorContract:
         assert all(d.change_id for d in tracked.disks)
         hv.remove_snapshot(uuid, tracked.ref)
 
-    # -- without changed block tracking
+
+class NoChangeTrackingContract(HypervisorContract):
+    """For a hypervisor without changed block tracking: the pipeline compares hashes."""
+
+    tracks_changes = False
 
     def test_without_change_tracking_every_query_is_refused(self, world: HypervisorWorld) -> None:
-        if self.tracks_changes:
-            pytest.skip("tracks changes (see the tests above)")
         uuid = world.add_vm(vm_name(), SIZES)
         key = world.disk_keys(uuid)[0]
         hv = world.hv

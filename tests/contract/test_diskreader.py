@@ -20,8 +20,13 @@ from connector.adapters.vsphere import VSphereClient
 from connector.domain.model import SnapshotInfo, VmInfo
 from connector.fakes import FakeDiskReader
 from connector.retry import RetryPolicy
-from connector.secrets import Secret
-from tests.contract.diskreader_contract import DISK, DiskReaderContract, KiB
+from tests.contract.diskreader_contract import (
+    DISK,
+    AllocationAwareContract,
+    DiskReaderContract,
+    KiB,
+    StreamingReaderContract,
+)
 from tests.harness.nbd import NbdServer, need, start_nbdkit, start_qemu_nbd
 from tests.harness.vcsim import Simulator
 
@@ -58,9 +63,7 @@ class TestFakeDiskReader(DiskReaderContract):
             r.close()
 
 
-class TestLocalFileReader(DiskReaderContract):
-    allocation = True
-
+class TestLocalFileReader(AllocationAwareContract):
     @pytest.fixture
     def reader(self, disk_file: Path) -> Iterator[LocalFileReader]:
         r = LocalFileReader(disk_file, description="disk 2000", capacity=DISK.capacity, retry=FAST)
@@ -118,41 +121,20 @@ def _nbd_reader(server: NbdServer) -> Iterator[NbdReader]:
 
 
 @pytest.mark.integration
-class TestNbdReaderOnNbdkit(DiskReaderContract):
-    streaming = True
-    allocation = True
-
+class TestNbdReaderOnNbdkit(StreamingReaderContract, AllocationAwareContract):
     @pytest.fixture
     def reader(self, nbdkit_server: NbdServer) -> Iterator[NbdReader]:
         yield from _nbd_reader(nbdkit_server)
 
 
 @pytest.mark.integration
-class TestNbdReaderOnQemuNbd(DiskReaderContract):
-    streaming = True
-    allocation = True
-
+class TestNbdReaderOnQemuNbd(StreamingReaderContract, AllocationAwareContract):
     @pytest.fixture
     def reader(self, qemu_nbd_server: NbdServer) -> Iterator[NbdReader]:
         yield from _nbd_reader(qemu_nbd_server)
 
 
 # ------------------------------------------------------------------- datastore HTTPS
-
-
-@pytest.fixture(scope="module")
-def vsphere(vcsim: Simulator) -> Iterator[VSphereClient]:
-    client = VSphereClient(
-        url=vcsim.url,
-        user=vcsim.user,
-        password=Secret(vcsim.password),
-        ca_file=vcsim.ca_file,
-        timeout=10.0,
-    )
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +157,8 @@ def snapshotted_vm(
 
 
 @pytest.mark.integration
-class TestDatastoreHttpsReader(DiskReaderContract):
-    allocation = False  # the datastore browser cannot tell
+class TestDatastoreHttpsReader(AllocationAwareContract):
+    knows_allocation = False  # the datastore browser cannot tell
 
     @pytest.fixture
     def reader(

@@ -19,8 +19,7 @@ from connector.adapters.local import LocalDiskSpec, LocalHypervisor, LocalVmSpec
 from connector.adapters.vsphere import VSphereClient
 from connector.fakes import FakeHypervisor
 from connector.retry import RetryPolicy
-from connector.secrets import Secret
-from tests.contract.hypervisor_contract import HypervisorContract
+from tests.contract.hypervisor_contract import ChangeTrackingContract, NoChangeTrackingContract
 from tests.harness.vcsim import Simulator
 
 # ----------------------------------------------------------------------------- fake
@@ -49,7 +48,7 @@ class FakeWorld:
         self.fake.vms[uuid].disks[disk_key].refuse = fault
 
 
-class TestFakeHypervisor(HypervisorContract):
+class TestFakeHypervisor(ChangeTrackingContract):
     @pytest.fixture
     def world(self) -> FakeWorld:
         return FakeWorld()
@@ -89,23 +88,8 @@ class SimulatorWorld:
                 self.sim.remove_all_snapshots(uuid)
 
 
-@pytest.fixture(scope="module")
-def vsphere(vcsim: Simulator) -> Iterator[VSphereClient]:
-    client = VSphereClient(
-        url=vcsim.url,
-        user=vcsim.user,
-        password=Secret(vcsim.password),
-        ca_file=vcsim.ca_file,
-        timeout=10.0,
-    )
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 @pytest.mark.integration
-class TestVSphereClient(HypervisorContract):
+class TestVSphereClient(ChangeTrackingContract):
     @pytest.fixture
     def world(self, vcsim: Simulator, vsphere: VSphereClient) -> Iterator[SimulatorWorld]:
         world = SimulatorWorld(vcsim, vsphere)
@@ -166,9 +150,7 @@ class LocalWorld:
         raise AssertionError("local disks have no change ids to refuse")
 
 
-class TestLocalHypervisor(HypervisorContract):
-    tracks_changes = False
-
+class TestLocalHypervisor(NoChangeTrackingContract):
     @pytest.fixture
     def world(self, tmp_path: Path) -> LocalWorld:
         return LocalWorld(tmp_path)
