@@ -14,33 +14,37 @@ from dataclasses import dataclass, field, replace
 
 from connector.domain.extents import merge
 from connector.domain.model import ChangedAreas, DiskInfo, Extent, SnapshotInfo, VmInfo
+from connector.domain.objectkeys import check_range, validate_key
 from connector.errors import ChangeIdRefused, NotFoundError
 
 
 class MemoryObjectStore:
+    """An ObjectStore in a dict; refuses the keys and ranges every real store refuses."""
+
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
 
     def put(self, key: str, data: bytes) -> None:
-        self.objects[key] = bytes(data)
+        self.objects[validate_key(key)] = bytes(data)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_range(offset, length)
         try:
-            data = self.objects[key]
+            data = self.objects[validate_key(key)]
         except KeyError:
             raise NotFoundError(f"no object {key}") from None
         end = len(data) if length is None else offset + length
         return data[offset:end]
 
     def stat(self, key: str) -> int | None:
-        data = self.objects.get(key)
+        data = self.objects.get(validate_key(key))
         return None if data is None else len(data)
 
     def list(self, prefix: str) -> Iterator[str]:
         return iter(sorted(k for k in self.objects if k.startswith(prefix)))
 
     def delete(self, key: str) -> None:
-        self.objects.pop(key, None)
+        self.objects.pop(validate_key(key), None)
 
 
 @dataclass
@@ -60,13 +64,17 @@ class FakeVm:
     name: str
     disks: dict[int, FakeDisk]
     cbt_enabled: bool = True
-    snapshots: dict[str, tuple[str, dict[int, bytes], dict[int, int]]] = field(
+    snapshots: dict[str, tuple[str, dict[int, bytes], dict[int, int | None]]] = field(
         default_factory=dict
-    )  # ref -> (name, frozen disk data, change log length per disk)
+    )  # ref -> (name, frozen disk data, change log length per disk; None: CBT was off)
 
 
 class FakeHypervisor:
-    """VMs whose disks are byte arrays; writes are logged for CBT."""
+    """VMs whose disks are byte arrays; writes are logged for CBT.
+
+    As on vSphere, a snapshot taken while the VM's CBT is off gives its disks no
+    change id, and every query against it is refused with FileFault.
+    """
 
     def __init__(self, page: int = 3) -> None:
         self.vms: dict[str, FakeVm] = {}
@@ -101,6 +109,12 @@ class FakeHypervisor:
             snapshots=tuple(SnapshotInfo(ref, s[0]) for ref, s in vm.snapshots.items()),
         )
 
+    def _vm(self, uuid: str) -> FakeVm:
+        try:
+            return self.vms[uuid]
+        except KeyError:
+            raise NotFoundError(f"no VM with instance UUID {uuid}") from None
+
     def _disk(self, d: FakeDisk, seq: int | None) -> DiskInfo:
         change_id = None if seq is None or not d.cbt else f"{d.uuid}/{seq}"
         return DiskInfo(
@@ -118,24 +132,22 @@ class FakeHypervisor:
         return [self._info(vm) for vm in self.vms.values()]
 
     def get_vm(self, uuid: str) -> VmInfo:
-        if uuid not in self.vms:
-            raise NotFoundError(f"no VM with instance UUID {uuid}")
-        return self._info(self.vms[uuid])
+        return self._info(self._vm(uuid))
 
     def enable_cbt(self, uuid: str) -> None:
-        self.vms[uuid].cbt_enabled = True
+        self._vm(uuid).cbt_enabled = True
 
     def create_snapshot(self, uuid: str, name: str, description: str) -> SnapshotInfo:
-        vm = self.vms[uuid]
+        vm = self._vm(uuid)
         ref = f"snapshot-{next(self._ids)}"
         frozen = {k: bytes(d.data) for k, d in vm.disks.items()}
-        seqs = {k: len(d.log) for k, d in vm.disks.items()}
+        seqs = {k: len(d.log) if vm.cbt_enabled else None for k, d in vm.disks.items()}
         vm.snapshots[ref] = (name, frozen, seqs)
         disks = tuple(self._disk(d, seqs[k]) for k, d in vm.disks.items())
         return SnapshotInfo(ref, name, disks)
 
     def get_snapshot(self, uuid: str, snapshot_ref: str) -> SnapshotInfo:
-        vm = self.vms[uuid]
+        vm = self._vm(uuid)
         if snapshot_ref not in vm.snapshots:
             raise NotFoundError(f"VM {uuid} has no snapshot {snapshot_ref}")
         name, _frozen, seqs = vm.snapshots[snapshot_ref]
@@ -143,15 +155,18 @@ class FakeHypervisor:
         return SnapshotInfo(snapshot_ref, name, disks)
 
     def remove_snapshot(self, uuid: str, snapshot_ref: str) -> None:
-        self.vms[uuid].snapshots.pop(snapshot_ref, None)
+        self._vm(uuid).snapshots.pop(snapshot_ref, None)
 
     def query_changed_areas(
         self, uuid: str, snapshot_ref: str, disk_key: int, start_offset: int, change_id: str
     ) -> ChangedAreas:
-        vm = self.vms[uuid]
+        vm = self._vm(uuid)
         disk = vm.disks[disk_key]
+        if snapshot_ref not in vm.snapshots:
+            raise NotFoundError(f"VM {uuid} has no snapshot {snapshot_ref}")
         _name, frozen, seqs = vm.snapshots[snapshot_ref]
-        if not disk.cbt:
+        end = seqs[disk_key]
+        if not disk.cbt or end is None:
             raise ChangeIdRefused("CBT is off for this disk", "FileFault")
         if change_id == "*":
             data = frozen[disk_key]
@@ -165,9 +180,9 @@ class FakeHypervisor:
             if disk.refuse:
                 raise ChangeIdRefused(f"change id {change_id} refused", disk.refuse)
             uuid_part, _, seq = change_id.partition("/")
-            if uuid_part != disk.uuid or not seq.isdigit() or int(seq) > seqs[disk_key]:
+            if uuid_part != disk.uuid or not seq.isdigit() or int(seq) > end:
                 raise ChangeIdRefused(f"unknown change id {change_id}", "InvalidArgument")
-            areas = disk.log[int(seq) : seqs[disk_key]]
+            areas = disk.log[int(seq) : end]
         merged = [e for e in merge(areas) if e.end > start_offset]
         merged = [
             replace(
@@ -187,18 +202,28 @@ class FakeHypervisor:
 
 
 class FakeDiskReader:
+    """Reads a byte string as a disk of its length; checks ranges as the real readers do."""
+
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.bytes_read = 0
+        self.closed = False
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length ({offset}, {length})")
         if offset + length > len(self.data):
-            raise ValueError("read past the end of the disk")
+            raise ValueError(
+                f"read [{offset}, {offset + length}) beyond the end of the disk "
+                f"({len(self.data)} bytes)"
+            )
+        if self.closed:
+            raise ValueError("read on a closed reader")
         self.bytes_read += length
         return self.data[offset : offset + length]
 
     def close(self) -> None:
-        return None
+        self.closed = True
 
 
 class FakeDiskSource:

@@ -68,13 +68,24 @@ class Hypervisor(Protocol):
 
 
 class DiskReader(Protocol):
-    """Random read access to one disk of one snapshot."""
+    """Random read access to one disk of one snapshot.
+
+    The disk ends at its capacity, even where the file or export behind it is
+    longer: nothing past the capacity is readable.
+    """
 
     def read(self, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes at `offset` (short reads are errors)."""
+        """Exactly `length` bytes at `offset` (short reads are errors).
+
+        A zero `length` gives b"" (at the very end too). ValueError for a
+        negative offset or length, a range that ends past the capacity, or a
+        read after close.
+        """
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the reader; closing it again is not an error."""
+        ...
 
 
 @runtime_checkable
@@ -94,7 +105,10 @@ class StreamingReader(Protocol):
     """Optional for a DiskReader: many reads in order, several in flight at once."""
 
     def read_extents(self, extents: Iterable[Extent]) -> Iterator[tuple[Extent, bytes]]:
-        """Each extent with its bytes, in the order given; memory stays bounded."""
+        """Each extent with its bytes, in the order given; memory stays bounded.
+
+        The same checks as `read`: ValueError for an extent past the capacity.
+        """
         ...
 
 

@@ -92,7 +92,11 @@ class _ReadFailed(Retryable):
 
 
 class LocalFileReader:
-    """Reads a raw image file or a block device; implements `DiskReader`."""
+    """Reads a raw image file or a block device; implements `DiskReader`.
+
+    With `capacity`, the disk is that long: reads and allocated extents stop
+    there even when the file is longer.
+    """
 
     def __init__(
         self,
@@ -128,6 +132,8 @@ class LocalFileReader:
                     f"{description}: {path} holds {self._size} bytes, fewer than the disk's "
                     f"{capacity}"
                 )
+            if capacity is not None:
+                self._size = capacity  # the disk ends there, even if the file goes on
         except BaseException:
             self.close()
             raise

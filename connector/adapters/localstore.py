@@ -15,39 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from stat import S_ISREG
 
+from connector.domain.objectkeys import check_range, validate_key
 from connector.errors import ConfigError, NotFoundError, PermanentError, TransientError
 
 _TMP_MARK = ".tmp-"
 
-
-def validate_key(key: str) -> str:
-    """Return `key` when it is a safe relative object key, else raise ValueError.
-
-    A key is one or more `/`-separated segments; no segment is empty, `.` or
-    `..` or starts with `.` (reserved for temporary files); no absolute paths,
-    backslashes, NUL or other control characters.
-    """
-    if not isinstance(key, str) or not key:
-        raise ValueError("object key must be a non-empty string")
-    if key.startswith("/"):
-        raise ValueError(f"object key {key!r} must be relative (no leading '/')")
-    if "\\" in key or any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
-        raise ValueError(f"object key {key!r} contains a backslash or a control character")
-    for segment in key.split("/"):
-        if segment in ("", ".", ".."):
-            raise ValueError(f"object key {key!r} has an empty, '.' or '..' segment")
-        if segment.startswith("."):
-            raise ValueError(f"object key {key!r} has a segment starting with '.'")
-    if len(key.encode("utf-8")) > 1024:
-        raise ValueError("object key is longer than 1024 bytes")
-    return key
-
-
-def _check_range(offset: int, length: int | None) -> None:
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    if length is not None and length < 0:
-        raise ValueError(f"length must be >= 0, got {length}")
+__all__ = ["LocalDirObjectStore", "validate_key"]
 
 
 class LocalDirObjectStore:
@@ -96,7 +69,7 @@ class LocalDirObjectStore:
             raise _map_os_error(exc, f"writing {key}") from exc
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        _check_range(offset, length)
+        check_range(offset, length)
         path = self._path(key)
         try:
             with path.open("rb") as f:

@@ -651,7 +651,8 @@ class NbdReader:
     """Reads one NBD export; implements `DiskReader`, streaming and allocation queries.
 
     One connection, several requests in flight. A reader is used by one thread
-    at a time.
+    at a time. With `capacity`, reads and allocated extents stop there even
+    when the export is longer.
     """
 
     def __init__(
@@ -684,12 +685,13 @@ class NbdReader:
         self.retries = 0
         try:
             conn = self._connect()
-            self._size = conn.size
             if capacity is not None and conn.size < capacity:
                 raise PermanentError(
                     f"{self.what}: the NBD export at {address} holds {conn.size} bytes, "
                     f"fewer than the disk's {capacity}"
                 )
+            # the disk ends at its capacity, even if the export goes on
+            self._size = conn.size if capacity is None else capacity
             self._request_size = max(
                 conn.min_block, min(max_request, conn.max_block, DEFAULT_MAX_BLOCK)
             )

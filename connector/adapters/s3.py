@@ -53,7 +53,7 @@ from botocore.exceptions import (
 from botocore.httpsession import URLLib3Session
 from urllib3.util.ssl_match_hostname import CertificateError as HostnameMismatch
 
-from connector.adapters.localstore import validate_key
+from connector.domain.objectkeys import check_range, validate_key
 from connector.errors import (
     AuthenticationError,
     ConfigError,
@@ -467,10 +467,7 @@ class S3ObjectStore:
         )
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}")
-        if length is not None and length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
+        check_range(offset, length)
         full = self._full_key(key)
         if length == 0:
             if self.stat(key) is None:

@@ -1,4 +1,5 @@
-"""The ObjectStore contract against the local directory store and S3 on a real moto_server (TLS)."""
+"""The ObjectStore contract against the in-memory fake, the local directory store and S3 on a
+real moto_server (TLS)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from connector.adapters.localstore import LocalDirObjectStore
 from connector.adapters.s3 import S3ObjectStore
 from connector.errors import ConfigError
+from connector.fakes import MemoryObjectStore
 from connector.secrets import Secret
 from tests.contract.objectstore_contract import MiB, ObjectStoreContract, pattern
 from tests.harness.moto import MotoServer
@@ -20,6 +22,14 @@ from tests.harness.moto import MotoServer
 TEST_THRESHOLD = 6 * MiB
 TEST_PART_SIZE = 5 * MiB
 LARGE_SIZE = 2 * TEST_PART_SIZE + 123_457  # three parts: 5 MiB, 5 MiB, the rest
+
+
+class TestMemoryObjectStore(ObjectStoreContract):
+    """The fake every unit test stores into: it must keep the real stores' rules."""
+
+    @pytest.fixture
+    def store(self) -> MemoryObjectStore:
+        return MemoryObjectStore()
 
 
 class TestLocalDirObjectStore(ObjectStoreContract):
