@@ -29,7 +29,7 @@ from connector.adapters.state import ServerRow, StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
 from connector.audit import FAILURE, SUCCESS, AuditLog
-from connector.checks import check_vddk
+from connector.check import require_vddk
 from connector.config import Config
 from connector.decorators.bandwidth import (
     BandwidthLimitedStore,
@@ -250,13 +250,7 @@ class App:
         t = self.config.transport
         vddk = t.vddk
         assert vddk is not None
-        failed = [r for r in check_vddk(self.config) if r.status == "fail"]
-        if failed:
-            raise ConfigError(
-                "the vddk transport cannot run: "
-                + "; ".join(f"{r.check}: {r.detail}" for r in failed)
-                + " (see `connector check` and docs/transports.md)"
-            )
+        require_vddk(self.config)
         vc = self.config.require_vcenter()
         register_secret(self.config.vcenter_password())
         if vc.password_file is None:

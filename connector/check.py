@@ -1,35 +1,42 @@
-"""`connector check`: independent checks of a live setup, in a registry.
+"""`connector check`: independent checks of a live setup, in one registry.
 
 Each check is a function `App -> CheckResult`, registered with `@register`.
 A check that raises is reported as failed with the error's message; one check
 failing never stops the others. Checks that need a piece of configuration
-that is absent report `skipped`.
+that is absent report `skipped`. `run_checks` runs them in registration order.
 
-Checks from other parts of the connector add themselves the same way:
-
-    @register("transport.vddk", "VDDK library present and loadable")
-    def _vddk(app: App) -> CheckResult: ...
+The VDDK check needs only the config (`check_vddk`), so the composition root
+runs it too before it starts the vddk transport (`require_vddk`).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from connector.adapters.vddk import dump_vddk_plugin, nbdkit_plugin_dir, vddk_library
 from connector.audit import verify as verify_audit
-from connector.errors import ConnectorError
+from connector.errors import ConfigError, ConnectorError
 from connector.logging import scrub
 from connector.policies import vcenter_privileges
 
 if TYPE_CHECKING:
     from connector.app import App
+    from connector.config import Config
 
 Status = Literal["ok", "failed", "skipped"]
 
 
 @dataclass
 class CheckResult:
+    """The outcome of one check: a status, a one-line summary, and what it found.
+
+    `name` and `title` are those the check was registered with; `run_checks`
+    fills them in.
+    """
+
     status: Status
     summary: str
     missing: list[str] = field(default_factory=list)  # missing permissions, by name
@@ -64,6 +71,7 @@ def register(name: str, title: str) -> Callable[[CheckFn], CheckFn]:
 
 
 def names() -> list[str]:
+    """The names of the registered checks, in registration order."""
     return list(_REGISTRY)
 
 
@@ -194,15 +202,81 @@ def _audit(app: App) -> CheckResult:
 
 @register("transport.vddk", "nbdkit, its vddk plugin and the VDDK library are present and load")
 def _vddk(app: App) -> CheckResult:
-    from connector.checks import check_vddk
+    return check_vddk(app.config)
 
-    results = check_vddk(app.config)
-    if all(r.status == "skip" for r in results):
-        return CheckResult("skipped", "; ".join(r.detail for r in results))
-    failed = [r for r in results if r.status == "fail"]
-    lines = [f"{r.check}: {r.status}: {r.detail}" for r in results]
-    if failed:
-        return CheckResult(
-            "failed", "; ".join(f"{r.check}: {r.detail}" for r in failed), details=lines
+
+def check_vddk(config: Config) -> CheckResult:
+    """The vddk transport: nbdkit, its vddk plugin, the VDDK library in libdir, and a load.
+
+    Each part found is a detail line `vddk: PART: ok|fail: WHAT`; the summary of a
+    failure names every failed part. VDDK is loaded once (nbdkit --dump-plugin)
+    only when every other part is present. Other transports skip the check.
+    """
+    vddk = config.transport.vddk
+    if config.transport.kind != "vddk" or vddk is None:
+        return CheckResult("skipped", f"transport is {config.transport.kind!r}")
+    parts: list[tuple[str, bool, str]] = []  # (part, found, detail)
+    nbdkit = shutil.which(vddk.nbdkit)
+    if nbdkit is None:
+        parts.append(
+            (
+                "nbdkit",
+                False,
+                f"{vddk.nbdkit!r} is not installed or not on PATH (apt-get install nbdkit)",
+            )
         )
+        return _vddk_result(parts)
+    parts.append(("nbdkit", True, nbdkit))
+    plugindir = nbdkit_plugin_dir(nbdkit)
+    plugin = plugindir / "nbdkit-vddk-plugin.so" if plugindir is not None else None
+    if plugin is None or not plugin.is_file():
+        parts.append(
+            (
+                "vddk plugin",
+                False,
+                f"nbdkit has no vddk plugin in {plugindir}: install nbdkit-plugin-vddk "
+                "(Debian 13 contrib, Ubuntu universe) or nbdkit-vddk-plugin (RHEL, Fedora)",
+            )
+        )
+    else:
+        parts.append(("vddk plugin", True, str(plugin)))
+    library = vddk_library(vddk.libdir)
+    if library is None:
+        where = "does not exist" if not vddk.libdir.exists() else "holds no lib64/libvixDiskLib.so*"
+        parts.append(
+            (
+                "VDDK library",
+                False,
+                f"VDDK is missing: {vddk.libdir} {where}. VDDK is VMware's proprietary Virtual "
+                "Disk Development Kit and is not shipped with the connector: download it for "
+                "Linux from VMware, unpack it there (or mount it there in the container), or "
+                "point [transport.vddk] libdir at it",
+            )
+        )
+    else:
+        parts.append(("VDDK library", True, str(library)))
+    if all(found for _, found, _ in parts):
+        ok, detail = dump_vddk_plugin(nbdkit, vddk.libdir)
+        parts.append(("load", ok, detail))
+    return _vddk_result(parts)
+
+
+def _vddk_result(parts: list[tuple[str, bool, str]]) -> CheckResult:
+    """The VDDK check's result from its parts: failed if any part is missing."""
+    lines = [
+        f"vddk: {part}: {'ok' if found else 'fail'}: {detail}" for part, found, detail in parts
+    ]
+    failed = [f"vddk: {part}: {detail}" for part, found, detail in parts if not found]
+    if failed:
+        return CheckResult("failed", "; ".join(failed), details=lines)
     return CheckResult("ok", "VDDK is present and loads", details=lines)
+
+
+def require_vddk(config: Config) -> None:
+    """Refuse a vddk transport that cannot run, naming each missing part (ConfigError)."""
+    result = check_vddk(config)
+    if result.status == "failed":
+        raise ConfigError(
+            f"the vddk transport cannot run: {result.summary} "
+            "(see `connector check` and docs/transports.md)"
+        )
