@@ -163,15 +163,6 @@ class JobScheduler:
             if self.scheduler.get_job(f"{prefix}:{job_id}") is not None:
                 self.scheduler.remove_job(f"{prefix}:{job_id}")
 
-    def next_fire(self, job_id: str) -> dt.datetime | None:
-        times = [
-            j.next_run_time
-            for prefix in ("once", "every", "seed")
-            if (j := self.scheduler.get_job(f"{prefix}:{job_id}")) is not None
-            and j.next_run_time is not None
-        ]
-        return min(times) if times else None
-
     # -- firing --------------------------------------------------------------------
 
     def fire(self, job_id: str) -> str | None:

@@ -45,18 +45,6 @@ class BlockIndex(Protocol):
     def add(self, refs: list[BlockRef]) -> None: ...
 
 
-class MemoryBlockIndex:
-    def __init__(self) -> None:
-        self._refs: dict[bytes, BlockRef] = {}
-
-    def lookup(self, block_id: bytes) -> BlockRef | None:
-        return self._refs.get(block_id)
-
-    def add(self, refs: list[BlockRef]) -> None:
-        for r in refs:
-            self._refs.setdefault(r.block_id, r)
-
-
 @dataclass(frozen=True)
 class StoreConfig:
     store_id: str
@@ -215,10 +203,6 @@ class Repository:
         if length == self.block_size:
             return self.zero_block_id
         return self.keys.block_id(bytes(length))
-
-    def read_block(self, ref: BlockRef, what: str) -> bytes:
-        blob = self.objects.get(pack_key(ref.pack_id), ref.offset, ref.length)
-        return self.open_block(ref, blob, what)
 
     def open_block(self, ref: BlockRef, blob: bytes, what: str) -> bytes:
         plain = self.keys.open(blob, ref.block_id, what)
