@@ -50,6 +50,8 @@ CheckFn = Callable[["App"], CheckResult]
 
 @dataclass(frozen=True)
 class _Check:
+    """A registered check: its name, title and function."""
+
     name: str
     title: str
     fn: CheckFn
