@@ -36,7 +36,7 @@ from connector.adapters.vsphere import VSphereClient
 from connector.application.retention import Retention
 from connector.application.servers import Servers
 from connector.audit import FAILURE, SUCCESS, AuditLog
-from connector.checks import check_vddk
+from connector.check import require_vddk
 from connector.config import Config
 from connector.daemon.api import ApiServer
 from connector.daemon.discovery import Discovery
@@ -259,13 +259,7 @@ class App:
         t = self.config.transport
         vddk = t.vddk
         assert vddk is not None
-        failed = [r for r in check_vddk(self.config) if r.status == "fail"]
-        if failed:
-            raise ConfigError(
-                "the vddk transport cannot run: "
-                + "; ".join(f"{r.check}: {r.detail}" for r in failed)
-                + " (see `connector check` and docs/transports.md)"
-            )
+        require_vddk(self.config)
         vc = self.config.require_vcenter()
         register_secret(self.config.vcenter_password())
         if vc.password_file is None:

@@ -1,35 +1,57 @@
-"""`connector check`: independent checks of a live setup, in a registry.
+"""`connector check`: independent checks of a live setup, in one registry.
 
-Each check is a function `App -> CheckResult`, registered with `@register`.
+Each check is a function `Subject -> CheckResult` (the App is a Subject),
+registered with `@register`.
 A check that raises is reported as failed with the error's message; one check
 failing never stops the others. Checks that need a piece of configuration
-that is absent report `skipped`.
+that is absent report `skipped`. `run_checks` runs them in registration order.
 
-Checks from other parts of the connector add themselves the same way:
-
-    @register("transport.vddk", "VDDK library present and loadable")
-    def _vddk(app: App) -> CheckResult: ...
+The VDDK check needs only the config (`check_vddk`), so the composition root
+runs it too before it starts the vddk transport (`require_vddk`).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
+from connector.adapters.vddk import dump_vddk_plugin, nbdkit_plugin_dir, vddk_library
 from connector.audit import verify as verify_audit
-from connector.errors import ConnectorError
+from connector.errors import ConfigError, ConnectorError
 from connector.logging import scrub
 from connector.policies import vcenter_privileges
 
 if TYPE_CHECKING:
-    from connector.app import App
+    from connector.adapters.s3 import S3ObjectStore
+    from connector.adapters.vsphere import VSphereClient
+    from connector.config import Config
+
+
+class Subject(Protocol):
+    """What the checks use of the composition root (`connector.app.App` is one)."""
+
+    config: Config
+
+    @property
+    def vsphere(self) -> VSphereClient: ...
+
+    @property
+    def objects(self) -> S3ObjectStore: ...
+
 
 Status = Literal["ok", "failed", "skipped"]
 
 
 @dataclass
 class CheckResult:
+    """The outcome of one check: a status, a one-line summary, and what it found.
+
+    `name` and `title` are those the check was registered with; `run_checks`
+    fills them in.
+    """
+
     status: Status
     summary: str
     missing: list[str] = field(default_factory=list)  # missing permissions, by name
@@ -38,11 +60,13 @@ class CheckResult:
     title: str = ""
 
 
-CheckFn = Callable[["App"], CheckResult]
+CheckFn = Callable[[Subject], CheckResult]
 
 
 @dataclass(frozen=True)
 class _Check:
+    """A registered check: its name, title and function."""
+
     name: str
     title: str
     fn: CheckFn
@@ -64,10 +88,11 @@ def register(name: str, title: str) -> Callable[[CheckFn], CheckFn]:
 
 
 def names() -> list[str]:
+    """The names of the registered checks, in registration order."""
     return list(_REGISTRY)
 
 
-def run_checks(app: App, only: Iterable[str] = ()) -> list[CheckResult]:
+def run_checks(app: Subject, only: Iterable[str] = ()) -> list[CheckResult]:
     """Run the selected checks (all by default), in registration order."""
     wanted = list(only)
     unknown = [n for n in wanted if n not in _REGISTRY]
@@ -92,7 +117,7 @@ def run_checks(app: App, only: Iterable[str] = ()) -> list[CheckResult]:
 
 
 @register("secrets", "every configured secret can be read")
-def _secrets(app: App) -> CheckResult:
+def _secrets(app: Subject) -> CheckResult:
     cfg = app.config
     sources = ["vCenter password"]
     cfg.vcenter_password()
@@ -108,7 +133,7 @@ def _secrets(app: App) -> CheckResult:
 
 
 @register("vcenter.connect", "vCenter is reachable over verified TLS 1.2+ and accepts the login")
-def _vcenter_connect(app: App) -> CheckResult:
+def _vcenter_connect(app: Subject) -> CheckResult:
     if app.config.vcenter is None:
         return CheckResult("skipped", f"no [vcenter] (transport {app.config.transport.kind!r})")
     vms = app.vsphere.list_vms()
@@ -122,7 +147,7 @@ def _vcenter_connect(app: App) -> CheckResult:
 
 
 @register("vcenter.privileges", "the vCenter user holds the connector's privileges")
-def _vcenter_privileges(app: App) -> CheckResult:
+def _vcenter_privileges(app: Subject) -> CheckResult:
     if app.config.vcenter is None:
         return CheckResult("skipped", f"no [vcenter] (transport {app.config.transport.kind!r})")
     needed = vcenter_privileges(app.config.vcenter.enable_cbt, app.config.transport.kind)
@@ -146,7 +171,7 @@ def _vcenter_privileges(app: App) -> CheckResult:
 
 
 @register("s3.permissions", "the AWS credentials can use the staging bucket with encryption")
-def _s3_permissions(app: App) -> CheckResult:
+def _s3_permissions(app: Subject) -> CheckResult:
     probes = app.objects.probe_permissions()
     missing: list[str] = []
     details: list[str] = []
@@ -178,7 +203,7 @@ def _s3_permissions(app: App) -> CheckResult:
 
 
 @register("audit.log", "the audit log is writable and its chain verifies")
-def _audit(app: App) -> CheckResult:
+def _audit(app: Subject) -> CheckResult:
     path = app.config.audit_path
     if not path.exists():
         return CheckResult("ok", f"{path} will be created at the first audited action")
@@ -193,16 +218,82 @@ def _audit(app: App) -> CheckResult:
 
 
 @register("transport.vddk", "nbdkit, its vddk plugin and the VDDK library are present and load")
-def _vddk(app: App) -> CheckResult:
-    from connector.checks import check_vddk
+def _vddk(app: Subject) -> CheckResult:
+    return check_vddk(app.config)
 
-    results = check_vddk(app.config)
-    if all(r.status == "skip" for r in results):
-        return CheckResult("skipped", "; ".join(r.detail for r in results))
-    failed = [r for r in results if r.status == "fail"]
-    lines = [f"{r.check}: {r.status}: {r.detail}" for r in results]
-    if failed:
-        return CheckResult(
-            "failed", "; ".join(f"{r.check}: {r.detail}" for r in failed), details=lines
+
+def check_vddk(config: Config) -> CheckResult:
+    """The vddk transport: nbdkit, its vddk plugin, the VDDK library in libdir, and a load.
+
+    Each part found is a detail line `vddk: PART: ok|fail: WHAT`; the summary of a
+    failure names every failed part. VDDK is loaded once (nbdkit --dump-plugin)
+    only when every other part is present. Other transports skip the check.
+    """
+    vddk = config.transport.vddk
+    if config.transport.kind != "vddk" or vddk is None:
+        return CheckResult("skipped", f"transport is {config.transport.kind!r}")
+    parts: list[tuple[str, bool, str]] = []  # (part, found, detail)
+    nbdkit = shutil.which(vddk.nbdkit)
+    if nbdkit is None:
+        parts.append(
+            (
+                "nbdkit",
+                False,
+                f"{vddk.nbdkit!r} is not installed or not on PATH (apt-get install nbdkit)",
+            )
         )
+        return _vddk_result(parts)
+    parts.append(("nbdkit", True, nbdkit))
+    plugindir = nbdkit_plugin_dir(nbdkit)
+    plugin = plugindir / "nbdkit-vddk-plugin.so" if plugindir is not None else None
+    if plugin is None or not plugin.is_file():
+        parts.append(
+            (
+                "vddk plugin",
+                False,
+                f"nbdkit has no vddk plugin in {plugindir}: install nbdkit-plugin-vddk "
+                "(Debian 13 contrib, Ubuntu universe) or nbdkit-vddk-plugin (RHEL, Fedora)",
+            )
+        )
+    else:
+        parts.append(("vddk plugin", True, str(plugin)))
+    library = vddk_library(vddk.libdir)
+    if library is None:
+        where = "does not exist" if not vddk.libdir.exists() else "holds no lib64/libvixDiskLib.so*"
+        parts.append(
+            (
+                "VDDK library",
+                False,
+                f"VDDK is missing: {vddk.libdir} {where}. VDDK is VMware's proprietary Virtual "
+                "Disk Development Kit and is not shipped with the connector: download it for "
+                "Linux from VMware, unpack it there (or mount it there in the container), or "
+                "point [transport.vddk] libdir at it",
+            )
+        )
+    else:
+        parts.append(("VDDK library", True, str(library)))
+    if all(found for _, found, _ in parts):
+        ok, detail = dump_vddk_plugin(nbdkit, vddk.libdir)
+        parts.append(("load", ok, detail))
+    return _vddk_result(parts)
+
+
+def _vddk_result(parts: list[tuple[str, bool, str]]) -> CheckResult:
+    """The VDDK check's result from its parts: failed if any part is missing."""
+    lines = [
+        f"vddk: {part}: {'ok' if found else 'fail'}: {detail}" for part, found, detail in parts
+    ]
+    failed = [f"vddk: {part}: {detail}" for part, found, detail in parts if not found]
+    if failed:
+        return CheckResult("failed", "; ".join(failed), details=lines)
     return CheckResult("ok", "VDDK is present and loads", details=lines)
+
+
+def require_vddk(config: Config) -> None:
+    """Refuse a vddk transport that cannot run, naming each missing part (ConfigError)."""
+    result = check_vddk(config)
+    if result.status == "failed":
+        raise ConfigError(
+            f"the vddk transport cannot run: {result.summary} "
+            "(see `connector check` and docs/transports.md)"
+        )

@@ -65,6 +65,8 @@ class JobSource(Protocol):
 
 
 class JobScheduler:
+    """Keeps one APScheduler trigger set per scheduled job; a firing enqueues a run."""
+
     def __init__(
         self,
         jobs: JobSource,
@@ -88,6 +90,7 @@ class JobScheduler:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
+        """Schedule every job in the table, then re-read the table every `sync_interval`."""
         self.sync()
         self.scheduler.add_job(
             self._sync_safely,
@@ -109,22 +112,31 @@ class JobScheduler:
         )
 
     def shutdown(self) -> None:
+        """Stop firing triggers; a firing under way is not waited for."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
     @property
     def running(self) -> bool:
+        """Whether the scheduler's thread runs."""
         return bool(self.scheduler.running)
 
     # -- keeping triggers in step with the jobs table ----------------------------------
 
     def _sync_safely(self) -> None:
+        """`sync`, logging an error instead of raising it into the scheduler."""
         try:
             self.sync()
         except Exception as exc:  # the next sync tries again; the scheduler must live on
             log.error("reading the jobs failed", error=f"{type(exc).__name__}: {exc}")
 
     def sync(self) -> None:
+        """Bring the triggers in step with the jobs table.
+
+        A job whose seed time or frequency changed gets new triggers; a job that
+        is paused, out of the scheduled states or gone loses its own; a DELETING
+        job without a live run becomes DELETED.
+        """
         seen: set[str] = set()
         for job in self.jobs.all():
             seen.add(job.id)
@@ -146,11 +158,13 @@ class JobScheduler:
             self._drop(job_id)
 
     def _signature(self, job: JobRow) -> Signature | None:
+        """What the triggers of a job depend on; None when the job is not to be scheduled."""
         if job.paused or job.state not in SCHEDULED_STATES:
             return None
         return (job.seed_time, job.frequency_hours)
 
     def _add(self, job: JobRow) -> None:
+        """The triggers of a job: once at its seed time, or every frequency from it."""
         now = self.clock()
         ran = self.jobs.count_runs(job.id, run_type=AUTOMATIC) > 0
         if job.frequency_hours is None:
@@ -180,19 +194,11 @@ class JobScheduler:
         log.info("job scheduled", job=job.id, every_seconds=interval, seed=job.seed_time)
 
     def _drop(self, job_id: str) -> None:
+        """Remove the triggers of a job."""
         self._signatures.pop(job_id, None)
         for prefix in ("once", "every", "seed"):
             if self.scheduler.get_job(f"{prefix}:{job_id}") is not None:
                 self.scheduler.remove_job(f"{prefix}:{job_id}")
-
-    def next_fire(self, job_id: str) -> dt.datetime | None:
-        times = [
-            j.next_run_time
-            for prefix in ("once", "every", "seed")
-            if (j := self.scheduler.get_job(f"{prefix}:{job_id}")) is not None
-            and j.next_run_time is not None
-        ]
-        return min(times) if times else None
 
     # -- firing --------------------------------------------------------------------
 

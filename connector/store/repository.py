@@ -39,6 +39,8 @@ _PACK_ENTRY = struct.Struct("<32sQII")  # block id, offset, length, raw length
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """The store's `config` object: its id, block size and wrapped master key."""
+
     store_id: str
     block_size: int
     key: dict[str, Any]
@@ -125,6 +127,7 @@ class RunObjects:
 
 
 def now_iso() -> str:
+    """Now in UTC as ISO 8601, to the second."""
     return iso()
 
 
@@ -175,6 +178,7 @@ class Repository:
 
     @classmethod
     def _create(cls, objects: ObjectStore, provider: KeyProvider, block_size: int) -> Repository:
+        """Make a new store: a random id, a master key wrapped by `provider`, the config object."""
         store_id = os.urandom(16).hex()
         master, wrapped = provider.new_master(_key_context(store_id))
         config = StoreConfig(store_id, block_size, wrapped, now_iso())
@@ -192,15 +196,13 @@ class Repository:
     # -- blocks ------------------------------------------------------------------
 
     def zero_id(self, length: int) -> bytes:
+        """The block id of `length` zero bytes (zero blocks are not stored)."""
         if length == self.block_size:
             return self.zero_block_id
         return self.keys.block_id(bytes(length))
 
-    def read_block(self, ref: BlockRef, what: str) -> bytes:
-        blob = self.objects.get(pack_key(ref.pack_id), ref.offset, ref.length)
-        return self.open_block(ref, blob, what)
-
     def open_block(self, ref: BlockRef, blob: bytes, what: str) -> bytes:
+        """Decrypt a block's sealed bytes and check them against its id (IntegrityError)."""
         plain = self.keys.open(blob, ref.block_id, what)
         if self.keys.block_id(plain) != ref.block_id:
             raise IntegrityError(f"{what} does not match its hash")
@@ -229,11 +231,13 @@ class Repository:
     # -- manifests and commits ---------------------------------------------------
 
     def write_manifest(self, manifest: DiskManifest) -> str:
+        """Seal and write a disk manifest; returns its key."""
         key = manifest_key(manifest.server_id, manifest.run_id, manifest.disk_key)
         self.objects.put(key, self.keys.seal(manifest.encode(), key.encode()))
         return key
 
     def read_manifest(self, server_id: str, run_id: str, disk_key: int) -> DiskManifest:
+        """Read and open the manifest of one disk of one run (NotFoundError if absent)."""
         key = manifest_key(server_id, run_id, disk_key)
         try:
             blob = self.objects.get(key)
@@ -257,11 +261,13 @@ class Repository:
         return full
 
     def write_commit(self, server_id: str, run_id: str, record: Mapping[str, Any]) -> None:
+        """Seal and write a run's record: from then on the run exists."""
         key = commit_key(server_id, run_id)
         body = json.dumps(dict(record), sort_keys=True).encode()
         self.objects.put(key, self.keys.seal(body, key.encode()))
 
     def read_commit(self, server_id: str, run_id: str) -> dict[str, Any]:
+        """The record of a committed run (NotFoundError if it was not committed)."""
         key = commit_key(server_id, run_id)
         try:
             blob = self.objects.get(key)
@@ -273,6 +279,7 @@ class Repository:
         return doc
 
     def committed_runs(self, server_id: str) -> Iterator[str]:
+        """The ids of the server's runs that have a commit object."""
         prefix = f"runs/{server_id}/"
         for key in self.objects.list(prefix):
             if key.endswith("/commit"):
@@ -299,9 +306,11 @@ class Repository:
         self.objects.delete(commit_key(server_id, run_id))
 
     def delete_manifest(self, server_id: str, run_id: str, disk_key: int) -> None:
+        """Delete the manifest of one disk of one run."""
         self.objects.delete(manifest_key(server_id, run_id, disk_key))
 
     def pack_ids(self) -> Iterator[str]:
+        """The ids of every pack object in the store."""
         for key in self.objects.list("packs/"):
             parts = key.split("/")
             if len(parts) == 3 and parts[1] == parts[2][:2]:
@@ -310,21 +319,27 @@ class Repository:
     # -- locks of runs in flight, and condemned packs ------------------------------
 
     def write_lock(self, lock: RunLock) -> None:
+        """Record a run in flight, so that purge keeps the packs it may reuse."""
         self._put_sealed(lock_key(lock.run_id), lock.to_json())
 
     def remove_lock(self, run_id: str) -> None:
+        """Remove the lock of a run that ended."""
         self.objects.delete(lock_key(run_id))
 
     def lock_ids(self) -> list[str]:
+        """The run ids of every lock in the store."""
         return [key.removeprefix("locks/") for key in self.objects.list("locks/")]
 
     def read_lock(self, run_id: str) -> RunLock:
+        """Read and open the lock of a run."""
         return RunLock.from_json(self._get_sealed(lock_key(run_id), f"lock of run {run_id}"))
 
     def write_condemned(self, record: CondemnedRecord) -> None:
+        """Record the packs a purge means to delete, before it deletes any."""
         self._put_sealed(condemned_key(record.purge_id), record.to_json())
 
     def condemned_records(self) -> list[CondemnedRecord]:
+        """Every purge record in the store."""
         out = []
         for key in self.objects.list("condemned/"):
             doc = self._get_sealed(key, f"purge record {key}")
@@ -339,13 +354,16 @@ class Repository:
         return out
 
     def remove_condemned(self, purge_id: str) -> None:
+        """Remove a purge record whose packs are settled."""
         self.objects.delete(condemned_key(purge_id))
 
     def _put_sealed(self, key: str, doc: Mapping[str, Any]) -> None:
+        """Seal a JSON document under its key and write it."""
         body = json.dumps(dict(doc), sort_keys=True).encode()
         self.objects.put(key, self.keys.seal(body, key.encode()))
 
     def _get_sealed(self, key: str, what: str) -> dict[str, Any]:
+        """Read and open a sealed JSON document."""
         doc: dict[str, Any] = json.loads(self.keys.open(self.objects.get(key), key.encode(), what))
         return doc
 
@@ -355,6 +373,7 @@ class Repository:
         pack_size: int = DEFAULT_PACK_SIZE,
         on_pack: Callable[[str, int, list[BlockRef]], None] | None = None,
     ) -> PackWriter:
+        """A PackWriter that deduplicates against `index` and calls `on_pack` per uploaded pack."""
         return PackWriter(self, index, pack_size, on_pack)
 
 
@@ -388,6 +407,7 @@ class PackWriter:
         self.packs_written: list[str] = []
 
     def add(self, block_id: bytes, data: bytes) -> BlockRef:
+        """The ref of a block: a known one, or a new one in the open pack (seals `data`)."""
         known = self._pending.get(block_id) or self.index.lookup(block_id)
         if known is not None:
             self.blocks_dedup += 1
@@ -410,6 +430,7 @@ class PackWriter:
             self._upload()
 
     def _upload(self) -> None:
+        """Write the open pack (blocks, sealed header, trailer), index it, and open a new one."""
         pack_id = self._pack_id
         header = b"".join(
             _PACK_ENTRY.pack(ref.block_id, ref.offset, ref.length, raw)
@@ -433,8 +454,10 @@ class PackWriter:
 
 
 def _new_pack_id() -> str:
+    """A random pack id: 64 hex digits."""
     return os.urandom(32).hex()
 
 
 def _key_context(store_id: str) -> bytes:
+    """What the master key's wrapping is bound to: the store's id."""
     return KEY_CONTEXT_PREFIX + store_id.encode()

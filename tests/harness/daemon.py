@@ -130,8 +130,8 @@ def start_daemon(
 def job_doc(env: ConnectorEnv, job: str) -> dict[str, Any]:
     """What `connector jobs show JOB --json` prints, read in-process (a CLI start costs ~2 s)."""
     from connector.app import App
+    from connector.cli.jobs import job_document
     from connector.config import load_config
-    from connector.daemon.cli import job_document
 
     app = App(load_config(env.config_file))
     try:

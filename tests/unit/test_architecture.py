@@ -46,7 +46,7 @@ def test_the_pure_domain_contract_names_every_other_top_level_module() -> None:
 def test_the_tree_keeps_every_contract() -> None:
     proc = _lint(ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "3 kept, 0 broken" in proc.stdout
+    assert "5 kept, 0 broken" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -70,4 +70,3 @@ def test_a_broken_contract_fails_lint_imports(
     assert proc.returncode == 1, proc.stdout
     name = str(_contracts()[contract]["name"])
     assert f"{name} BROKEN" in " ".join(proc.stdout.split()), proc.stdout
-    assert "2 kept, 1 broken" in proc.stdout

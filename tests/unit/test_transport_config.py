@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from connector.app import local_specs
-from connector.checks import CheckResult, check_vddk, run_checks
+from connector.check import CheckResult, check_vddk, require_vddk
 from connector.config import Config, load_config
 from connector.errors import ConfigError
 
@@ -155,9 +155,16 @@ def test_local_vm_needs_a_snapshot_or_quiescence_and_unique_names(tmp_path):
     refused(tmp_path, S3 + '[transport]\nkind = "local"\n' + same_key, "same key")
 
 
+def vddk_part(result: CheckResult, part: str) -> str:
+    """`STATUS: DETAIL` of one part of the VDDK check, from its detail lines."""
+    prefix = f"vddk: {part}: "
+    (line,) = (d for d in result.details if d.startswith(prefix))
+    return line.removeprefix(prefix)
+
+
 def test_check_skips_vddk_for_other_transports(tmp_path):
     cfg = load(tmp_path, S3 + '[transport]\nkind = "local"\n' + LOCAL_VM)
-    assert check_vddk(cfg) == [CheckResult("vddk", "skip", "transport is 'local'")]
+    assert check_vddk(cfg) == CheckResult("skipped", "transport is 'local'")
 
 
 def test_check_reports_missing_vddk(tmp_path):
@@ -165,28 +172,38 @@ def test_check_reports_missing_vddk(tmp_path):
         tmp_path,
         VCENTER + S3 + '[transport]\nkind = "vddk"\n[transport.vddk]\nlibdir = "no-vddk-here"\n',
     )
-    results = {r.check: r for r in run_checks(cfg)}
-    library = results["vddk: VDDK library"]
-    assert library.status == "fail"
-    assert str(tmp_path / "no-vddk-here") in library.detail and "not shipped" in library.detail
+    result = check_vddk(cfg)
+    library = vddk_part(result, "VDDK library")
+    assert result.status == "failed" and library.startswith("fail: ")
+    assert str(tmp_path / "no-vddk-here") in library and "not shipped" in library
+    assert "vddk: VDDK library: VDDK is missing" in result.summary
     # a directory without the library is named as such
     (tmp_path / "no-vddk-here").mkdir()
-    results = {r.check: r for r in run_checks(cfg)}
-    assert "holds no lib64/libvixDiskLib.so*" in results["vddk: VDDK library"].detail
+    assert "holds no lib64/libvixDiskLib.so*" in vddk_part(check_vddk(cfg), "VDDK library")
     # with the library present (an empty stand-in), that check passes
     (tmp_path / "no-vddk-here" / "lib64").mkdir()
     (tmp_path / "no-vddk-here" / "lib64" / "libvixDiskLib.so.8").touch()
-    results = {r.check: r for r in run_checks(cfg)}
-    assert results["vddk: VDDK library"].status == "ok"
+    assert vddk_part(check_vddk(cfg), "VDDK library").startswith("ok: ")
+
+
+MISSING_NBDKIT = (
+    VCENTER
+    + S3
+    + '[transport]\nkind = "vddk"\n[transport.vddk]\nlibdir = "/opt/v"\n'
+    + 'nbdkit = "/nonexistent/nbdkit"\n'
+)
 
 
 def test_check_reports_a_missing_nbdkit(tmp_path):
-    cfg = load(
-        tmp_path,
-        VCENTER
-        + S3
-        + '[transport]\nkind = "vddk"\n[transport.vddk]\nlibdir = "/opt/v"\n'
-        + 'nbdkit = "/nonexistent/nbdkit"\n',
-    )
-    (result,) = run_checks(cfg)
-    assert result.status == "fail" and "apt-get install nbdkit" in result.detail
+    result = check_vddk(load(tmp_path, MISSING_NBDKIT))
+    (line,) = result.details
+    assert result.status == "failed" and "apt-get install nbdkit" in result.summary
+    assert line.startswith("vddk: nbdkit: fail: ")
+
+
+def test_a_broken_vddk_setup_is_refused_naming_what_is_missing(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        require_vddk(load(tmp_path, MISSING_NBDKIT))
+    message = str(refused.value)
+    assert message.startswith("the vddk transport cannot run: vddk: nbdkit: ")
+    assert message.endswith(" (see `connector check` and docs/transports.md)")

@@ -1,9 +1,8 @@
-"""`connector run` and `connector jobs ...`: the daemon and its replication jobs.
+"""`connector jobs ...`: create, list, show, change, start, pause and delete replication jobs.
 
-Registered on the main `connector` command by connector/cli.py. Job commands
-work whether or not the daemon runs: they change the state database (the
-daemon picks changes up within `[daemon] sync_interval`), and `jobs start`
-puts the run in the durable queue, where the daemon finds it.
+The commands work whether or not the daemon runs: they change the state
+database (the daemon picks changes up within `[daemon] sync_interval`), and
+`jobs start` puts the run in the durable queue, where the daemon finds it.
 """
 
 from __future__ import annotations
@@ -11,25 +10,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from connector.adapters.jobstore import JobRow, iso
-from connector.adapters.state import RunRow
 from connector.app import App
+from connector.cli.common import ConfigOpt, JsonOpt, out, run_with_app
 from connector.daemon.queue import RunQueue
 from connector.domain.jobs import (
     AUTOMATIC,
     DEFAULT_RETENTION,
     JOB_DELETED,
     JOB_DELETING,
+    LIVE_RUN_STATES,
     ON_DEMAND,
     RUN_PENDING,
     SCHEDULED_STATES,
+    JobRow,
     make_spec,
     next_run_time,
     on_demand_refusal,
@@ -39,25 +37,15 @@ from connector.domain.jobs import (
     validate_frequency,
     validate_retention,
 )
+from connector.domain.records import RunRow, new_run_id
+from connector.domain.times import iso
 from connector.errors import InvalidInputError
-from connector.pipeline.replicate import new_run_id
-
-out = Console()
 
 jobs_app = typer.Typer(
     no_args_is_help=True,
     help="Replication jobs: a VM, a seed time, a frequency (or once), a retention.",
 )
 
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML config file (default: $CONNECTOR_CONFIG or /etc/connector/connector.toml)",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 JobArg = Annotated[str, typer.Argument(help="Job id, or the name or instance UUID of its VM.")]
 FrequencyOpt = Annotated[
     int | None, typer.Option("--frequency", "-f", help="Hours between runs, 1 to 24.")
@@ -73,33 +61,13 @@ RetentionOpt = Annotated[
 DescriptionOpt = Annotated[str | None, typer.Option("--description", "-d", help="Free text.")]
 
 
-def _run(config: Path | None, fn: Any) -> Any:
-    from connector.cli import _run as run_with_app
-
-    return run_with_app(config, fn)
-
-
 def _now() -> dt.datetime:
+    """Now in UTC, to the second (seed times and quotas are compared with it)."""
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-# -- the daemon ----------------------------------------------------------------------
-
-
-def run_command(config: ConfigOpt = None) -> None:
-    """Run the connector: schedules, the job queue, discovery, until SIGTERM."""
-
-    def go(a: App) -> int:
-        return a.daemon().run()
-
-    code = _run(config, go)
-    raise typer.Exit(code)
-
-
-# -- jobs ------------------------------------------------------------------------------
-
-
 def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]:
+    """A job as `jobs show --json` prints it: its row, its VM, its next run, and its runs."""
     server = a.state.server(job.server_id)
     ran = a.jobs.count_runs(job.id, run_type=AUTOMATIC) > 0
     nxt = (
@@ -122,6 +90,7 @@ def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]
 
 
 def _run_docs(a: App, rows: list[RunRow]) -> list[dict[str, Any]]:
+    """Runs as JSON documents, with the job and the progress the ledger holds of each."""
     controls = a.ledger.controls([r.id for r in rows])
     docs = []
     for r in rows:
@@ -143,6 +112,7 @@ def _run_docs(a: App, rows: list[RunRow]) -> list[dict[str, Any]]:
 
 
 def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
+    """Jobs as a table, or as a JSON list of job documents."""
     docs = [job_document(a, j) for j in rows]
     if as_json:
         print(json.dumps(docs, indent=2))
@@ -166,6 +136,7 @@ def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
 
 
 def _print_job(a: App, job: JobRow, as_json: bool) -> None:
+    """One job and a table of its runs, or its job document with runs as JSON."""
     doc = job_document(a, job, with_runs=True)
     if as_json:
         print(json.dumps(doc, indent=2))
@@ -182,7 +153,7 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
     for r in doc["runs"]:
         p = r["progress"] or {}
         progress = f"{p['done']}/{p['total']} blocks" if p.get("total") else ""
-        if p.get("detail") and r["state"] in ("PENDING", "ACTIVE"):
+        if p.get("detail") and r["state"] in LIVE_RUN_STATES:
             progress = f"{progress} {p['detail']}".strip()
         t.add_row(
             r["id"],
@@ -198,6 +169,7 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
 
 
 def _frequency(frequency: int | None, run_once: bool) -> int | None:
+    """The hours between runs from --frequency, or None for --run-once; exactly one is given."""
     if run_once and frequency is not None:
         raise InvalidInputError("give either --frequency or --run-once, not both")
     if not run_once and frequency is None:
@@ -232,7 +204,7 @@ def jobs_create(
         else:
             _print_jobs(a, [job], False)
 
-    _run(config, go)
+    run_with_app(config, go)
 
 
 @jobs_app.command("list")
@@ -242,13 +214,13 @@ def jobs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List replication jobs."""
-    _run(config, lambda a: _print_jobs(a, a.jobs.all(include_deleted), as_json))
+    run_with_app(config, lambda a: _print_jobs(a, a.jobs.all(include_deleted), as_json))
 
 
 @jobs_app.command("show")
 def jobs_show(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show a job and its runs, with the stage and progress of a running one."""
-    _run(config, lambda a: _print_job(a, a.jobs.find(job), as_json))
+    run_with_app(config, lambda a: _print_job(a, a.jobs.find(job), as_json))
 
 
 @jobs_app.command("update")
@@ -283,7 +255,7 @@ def jobs_update(
         _refuse_deleted(row)
         _print_job(a, a.jobs.update(row.id, **values), as_json)
 
-    _run(config, go)
+    run_with_app(config, go)
 
 
 @jobs_app.command("start")
@@ -317,7 +289,7 @@ def jobs_start(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
                 highlight=False,
             )
 
-    _run(config, go)
+    run_with_app(config, go)
 
 
 @jobs_app.command("pause")
@@ -329,7 +301,7 @@ def jobs_pause(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
         _refuse_deleted(row)
         _print_job(a, a.jobs.update(row.id, paused=True), as_json)
 
-    _run(config, go)
+    run_with_app(config, go)
 
 
 @jobs_app.command("resume")
@@ -342,7 +314,7 @@ def jobs_resume(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False)
         a.jobs.set_status(row.id, status)
         _print_job(a, a.jobs.update(row.id, paused=False), as_json)
 
-    _run(config, go)
+    run_with_app(config, go)
 
 
 @jobs_app.command("delete")
@@ -360,9 +332,10 @@ def jobs_delete(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False)
         message = "deleting: waiting for the active run to stop" if live else "deleted"
         _print_job(a, a.jobs.update(row.id, state=state, message=message), as_json)
 
-    _run(config, go)
+    run_with_app(config, go)
 
 
 def _refuse_deleted(job: JobRow) -> None:
+    """Refuse to change a job that is deleted or being deleted."""
     if job.state in (JOB_DELETING, JOB_DELETED):
         raise InvalidInputError(f"job {job.id} is {job.state}; create a new job for the VM")

@@ -1,0 +1,83 @@
+"""What every `connector` command shares: its options, consoles and app wrapper.
+
+`run_with_app` loads the config, builds the App, audits the config load, runs
+the command's body and turns the connector's errors into one line on stderr
+and an exit code: 2 for a bad config or input, 1 for any other error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from connector.app import App, build
+from connector.audit import SUCCESS
+from connector.config import config_path, load_config
+from connector.errors import ConfigError, ConnectorError, InvalidInputError
+from connector.logging import configure, scrub
+
+out = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file (default: $CONNECTOR_CONFIG or /etc/connector/connector.toml)",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def run_with_app(config: Path | None, fn: Callable[[App], T], audit_load: bool = True) -> T:
+    """Load the config, build the app, run `fn`; turn our errors into clear messages.
+
+    Every config load is recorded in the audit log (with the file's SHA-256, so a
+    changed config shows), unless `audit_load` is False.
+    """
+    try:
+        cfg = load_config(config_path(config))
+        configure(cfg.log.level, cfg.log.json_format, cfg.log.library_level)
+        with build(cfg) as a:
+            if audit_load:
+                _audit_config_load(a)
+            return fn(a)
+    except (ConfigError, InvalidInputError) as exc:
+        print_error(exc)
+        raise typer.Exit(2) from None
+    except ConnectorError as exc:
+        print_error(exc)
+        raise typer.Exit(1) from None
+
+
+def print_error(exc: Exception) -> None:
+    """Print `error: MESSAGE` on stderr, with secrets redacted and markup escaped."""
+    err.print(f"[red]error:[/red] {escape(scrub(str(exc)))}", highlight=False, soft_wrap=True)
+
+
+def _audit_config_load(a: App) -> None:
+    """Record the config load, the file's SHA-256 and the command in the audit log."""
+    source = a.config.source
+    digest = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    a.audit.record("config.load", str(source), SUCCESS, sha256=digest, command=command)
+
+
+def human_size(n: int) -> str:
+    """A byte count in B, KiB, MiB, GiB or TiB: `512 B`, `1.5 MiB`."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

@@ -1,0 +1,150 @@
+"""`connector replicate`, `runs` and `restore`: runs in the foreground, their history.
+
+`replicate` shows each stage and a progress bar per disk on stderr (through
+`RichReporter`), and its result on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from connector.app import App
+from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
+from connector.daemon.lock import StateLock
+from connector.domain.jobs import LIVE_RUN_STATES
+from connector.errors import PermanentError
+from connector.pipeline.restore import restore_disk
+
+
+class RichReporter:
+    """A replication's progress reporter: stage lines, and one progress bar per disk."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[int, TaskID] = {}
+
+    def stage(self, run_id: str, stage: str, detail: str = "") -> None:
+        """Print the stage the run enters."""
+        self.progress.console.print(f"[bold]{stage}[/bold] {detail}", highlight=False)
+
+    def disk_progress(self, run_id: str, disk_key: int, done: int, total: int) -> None:
+        """Move the disk's bar (made at its first report) to `done` of `total` blocks."""
+        if disk_key not in self.tasks:
+            self.tasks[disk_key] = self.progress.add_task(f"disk {disk_key}", total=total)
+        self.progress.update(self.tasks[disk_key], completed=done, total=total)
+
+
+def replicate(
+    vm: Annotated[str, typer.Argument(help="VM name or instance UUID.")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one replication of VM now, in the foreground."""
+
+    def go(a: App) -> None:
+        server = a.servers.resolve(vm)
+        with (
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} blocks"),
+                TimeElapsedColumn(),
+                console=err,
+                disable=as_json,
+            ) as progress,
+            StateLock(a.config.state.path, "replicate"),
+        ):
+            run = a.replicator(RichReporter(progress)).replicate(server.vm_uuid)
+        if as_json:
+            print(json.dumps(asdict(run), indent=2))
+            return
+        out.print(f"run {run.id} {run.state}")
+        for d in run.disks:
+            out.print(
+                f"  disk {d.disk_key}: {d.mode} ({d.reason}); "
+                f"changed {human_size(d.bytes_changed)}, read {human_size(d.bytes_read)}, "
+                f"stored {human_size(d.bytes_uploaded)}, "
+                f"{d.blocks_new} new blocks, {d.blocks_dedup} deduplicated"
+            )
+
+    run_with_app(config, go)
+
+
+def runs(
+    vm: Annotated[str | None, typer.Argument(help="Only this VM (name or UUID).")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the history of replication runs."""
+
+    def go(a: App) -> None:
+        server_id = a.servers.resolve(vm, refresh=False).id if vm else None
+        rows = a.state.runs(server_id)
+        if as_json:
+            print(json.dumps([asdict(r) for r in rows], indent=2))
+            return
+        names = {s.id: s.name for s in a.state.servers()}
+        progress = a.ledger.controls([r.id for r in rows if r.state in LIVE_RUN_STATES])
+        t = Table("run", "vm", "type", "state", "stage", "started", "finished", "read", "error")
+        for r in rows:
+            ctl = progress.get(r.id)
+            t.add_row(
+                r.id,
+                names.get(r.server_id, r.server_id),
+                r.type,
+                r.state,
+                f"{r.stage} {ctl.detail}".strip() if ctl else r.stage,
+                r.started_at,
+                r.finished_at or "",
+                human_size(sum(d.bytes_read for d in r.disks)),
+                r.error or "",
+            )
+        out.print(t)
+
+    run_with_app(config, go)
+
+
+def restore(
+    vm: Annotated[str, typer.Argument(help="VM name or instance UUID.")],
+    run: Annotated[str, typer.Option("--run", help="Run id (see `connector runs`).")],
+    disk: Annotated[int, typer.Option("--disk", help="Disk device key, e.g. 2000.")],
+    to: Annotated[Path, typer.Option("--to", help="Target file (or block device).")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a raw image of one disk as it was at one run, checking every block."""
+
+    def go(a: App) -> dict[str, Any]:
+        server = a.servers.resolve(vm, refresh=False)
+        if to.exists() and to.is_file():
+            raise PermanentError(f"{to} already exists; remove it or choose another path")
+        with (
+            a.audited("restore", f"vm {server.vm_uuid}", run=run, disk=disk, target=str(to)) as rec,
+            Progress(console=err, disable=as_json) as progress,
+        ):
+            repo = a.repository()
+            task = progress.add_task(f"restore disk {disk}", total=None)
+            res = restore_disk(
+                repo,
+                server.id,
+                run,
+                disk,
+                to,
+                lambda done, total: progress.update(task, completed=done, total=total),
+            )
+            rec["sha256"] = res.sha256
+        result = {"path": str(res.path), "size": res.size, "sha256": res.sha256}
+        if as_json:
+            print(json.dumps(result))
+        else:
+            out.print(f"restored {human_size(res.size)} to {res.path}\nsha256 {res.sha256}")
+        return result
+
+    run_with_app(config, go)
