@@ -94,7 +94,7 @@ class DatastoreHttpsReader:
         size: int,
         *,
         max_request: int = DEFAULT_MAX_REQUEST,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         timeout: float = 120.0,
         description: str = "disk",
         proxy: Proxy | None = None,
@@ -110,7 +110,7 @@ class DatastoreHttpsReader:
         self._target = parts.path + (f"?{parts.query}" if parts.query else "")
         self._size = size
         self._max_request = max_request
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._timeout = timeout
         self._what = description
         self._proxy = proxy
@@ -298,13 +298,13 @@ class DatastoreHttpsSource:
         session: DatastoreSession,
         *,
         max_request: int = DEFAULT_MAX_REQUEST,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         timeout: float = 120.0,
         proxy: Proxy | None = None,
     ) -> None:
         self._session = session
         self._max_request = max_request
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._timeout = timeout
         self._proxy = proxy
 

@@ -100,11 +100,11 @@ class LocalFileReader:
         *,
         description: str,
         capacity: int | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
     ) -> None:
         self.path = path
         self.what = description
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -217,12 +217,12 @@ class LocalHypervisor:
         state_dir: Path,
         *,
         nbd_timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
     ) -> None:
         self._vms = {vm.uuid: vm for vm in vms}
         self._markers = state_dir / "local-snapshots"
         self._nbd_timeout = nbd_timeout
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
 
     def spec(self, uuid: str) -> LocalVmSpec:
         try:
@@ -425,13 +425,13 @@ class LocalDiskSource:
         self,
         hv: LocalHypervisor,
         *,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         max_request: int = 8 * MiB,
         in_flight: int = 8,
         timeout: float = 120.0,
     ) -> None:
         self._hv = hv
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._max_request = max_request
         self._in_flight = in_flight
         self._timeout = timeout

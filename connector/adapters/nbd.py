@@ -660,7 +660,7 @@ class NbdReader:
         *,
         description: str,
         capacity: int | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         max_request: int = DEFAULT_MAX_BLOCK,
         in_flight: int = DEFAULT_IN_FLIGHT,
         timeout: float = 120.0,
@@ -671,7 +671,7 @@ class NbdReader:
             raise ValueError("max_request and in_flight must be positive")
         self.address = address
         self.what = description
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._timeout = timeout
         self._sleep = sleep
         self._on_close = on_close

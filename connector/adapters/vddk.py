@@ -166,7 +166,7 @@ class VddkSource:
         password_file: Path,
         run_dir: Path,
         *,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         max_request: int = 8 * MiB,
         in_flight: int = DEFAULT_IN_FLIGHT,
         start_timeout: float = 120.0,
@@ -182,7 +182,7 @@ class VddkSource:
         self._params: VddkParams | None = None
         self._password_file = password_file
         self._run_dir = run_dir
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._max_request = max_request
         self._in_flight = in_flight
         self._start_timeout = start_timeout
