@@ -6,8 +6,9 @@
   token coming from a file, a systemd credential or the environment. Tokens
   are compared in constant time. `/healthz` answers `{"status": "ok"}` and
   nothing else, so it can serve load-balancer and container health checks.
-- Endpoints: GET /healthz, /metrics (Prometheus text format), /v1/servers,
-  /v1/runs[?server=<server id>].
+- Endpoints: GET /healthz, /metrics (Prometheus text format: the state store's
+  numbers, the API's requests, and the object store's operations, bytes, errors
+  and latency in this process), /v1/servers, /v1/runs[?server=<server id>].
 - Handshakes happen in the request's thread, not the accept loop, and idle
   connections time out, so a slow or hostile client cannot stall the API.
 
@@ -23,7 +24,7 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from connector import __version__
 from connector.adapters.state import StateStore
@@ -187,7 +189,9 @@ class ApiServer:
         ctx: ssl.SSLContext,
         token: Secret,
         state: StateStore,
+        collectors: Sequence[Collector] = (),
     ) -> None:
+        """`collectors`: more metrics for /metrics (the object store's, from the app)."""
         if len(token.reveal()) < MIN_TOKEN_LENGTH:
             raise ConfigError(
                 f"the API token is too short: use at least {MIN_TOKEN_LENGTH} random characters "
@@ -198,6 +202,8 @@ class ApiServer:
         self.state = state
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(state))
+        for collector in collectors:
+            self.registry.register(collector)
         self.requests = Counter(
             "connector_api_requests",
             "Requests to the connector's API",
@@ -267,7 +273,7 @@ def build_api(app: App) -> ApiServer:
         )
     token = app.config.api_token()
     ctx = server_context(cfg.cert_file, resolve_secret_path(cfg.key_file, "API private key"))
-    return ApiServer(cfg.host, cfg.port, ctx, token, app.state)
+    return ApiServer(cfg.host, cfg.port, ctx, token, app.state, collectors=(app.store_metrics,))
 
 
 def probe_health(cfg: ApiConfig, timeout: float = 5.0) -> str:

@@ -14,10 +14,12 @@ here, so a rising error rate is visible before runs start failing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 
 from connector.errors import ConnectorError
 from connector.ports import ObjectStore
@@ -33,8 +35,11 @@ def error_class(exc: BaseException) -> str:
     return type(exc).__name__ if isinstance(exc, ConnectorError) else "other"
 
 
-class StoreMetrics:
-    """The object-store metrics of one process, in their own registry."""
+class StoreMetrics(Collector):
+    """The object-store metrics of one process, in their own registry.
+
+    It is a collector itself: a registry that registers it (the API's) shows them.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -68,6 +73,9 @@ class StoreMetrics:
             self.latency.labels(operation)
         for direction in ("sent", "received"):
             self.bytes.labels(direction)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.registry.collect()
 
     def observe(self, operation: str, seconds: float, error: BaseException | None) -> None:
         self.latency.labels(operation).observe(seconds)
