@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import stat
 import subprocess
@@ -39,10 +38,10 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
-from connector.logging import scrub
+from connector.logging import get_logger, scrub
 from connector.retry import Retryable, RetryPolicy
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MiB = 1024 * 1024
 _UUID_NAMESPACE = uuid_mod.UUID("6d1b3f6e-4a39-4c0e-9d7e-6b0f3f2a7c11")
@@ -257,11 +256,11 @@ class LocalHypervisor:
                 self._hook(vm, "snapshot", vm.snapshot_command, name)
             disks = tuple(self._disk(vm, d, d.read_path, strict=True) for d in vm.disks)
         except BaseException as exc:
-            log.warning("snapshot of local VM %s failed (%s); releasing it", vm.name, exc)
+            log.warning("local.snapshot_failed", vm=vm.name, error=str(exc), action="releasing it")
             try:
                 self._release(vm, name)
             except ConnectorError as undo:
-                log.error("releasing the snapshot of %s failed too: %s", vm.name, undo)
+                log.error("local.release_failed", vm=vm.name, error=str(undo))
             raise
         return SnapshotInfo(ref=name, name=name, disks=disks)
 
@@ -391,7 +390,7 @@ class LocalHypervisor:
             CONNECTOR_SNAPSHOT=snapshot,
         )
         what = f"the {action} command of local VM {vm.name!r} ({argv[0]})"
-        log.info("running %s", what)
+        log.info("local.hook", command=what)
         try:
             proc = subprocess.run(
                 list(argv),

@@ -21,7 +21,6 @@ import contextlib
 import errno as errno_mod
 import functools
 import ipaddress
-import logging
 import os
 import socket
 import ssl
@@ -43,10 +42,11 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
+from connector.logging import get_logger
 from connector.retry import Retryable, RetryPolicy
 from connector.tls import client_context, describe_ssl_error
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MiB = 1024 * 1024
 DEFAULT_PORT = 10809
@@ -392,7 +392,7 @@ class NbdConnection:
             elif rtype == REP_ACK:
                 return
             elif rtype & REP_FLAG_ERROR:
-                log.info("NBD server %s has no block status: %s", self.address, rtype)
+                log.info("nbd.no_block_status", server=str(self.address), reply_type=rtype)
                 self.allocation_context = None
                 return
             else:
@@ -874,11 +874,13 @@ class NbdReader:
             raise self._failure(piece, error)
         pause = self._retry.delay(piece.attempts)
         log.info(
-            "reading %s at offset %d failed (%s); retrying in %.2f s",
-            self.what,
-            piece.offset,
-            error,
-            pause,
+            "nbd.read_retry",
+            disk=self.what,
+            offset=piece.offset,
+            attempt=piece.attempts,
+            attempts=self._retry.attempts,
+            error=str(error),
+            pause=round(pause, 3),
         )
         self.retries += 1
         self._sleep(pause)
@@ -906,7 +908,13 @@ class NbdReader:
                 first = min(waiting, key=lambda p: p.offset)
                 raise self._failure(first, exc)
             pause = self._retry.delay(max(worst, 1))
-            log.info("connection to %s lost (%s); reconnecting in %.2f s", self.address, exc, pause)
+            log.info(
+                "nbd.reconnect",
+                server=str(self.address),
+                error=str(exc),
+                attempt=worst,
+                pause=round(pause, 3),
+            )
             self.retries += 1
             self._sleep(pause)
             try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 import socket
 import ssl
 import subprocess
@@ -36,8 +35,6 @@ from connector.errors import (
 )
 from connector.retry import RetryPolicy
 from connector.tls import describe_ssl_error
-
-log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
