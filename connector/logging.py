@@ -175,3 +175,28 @@ def _level(name: str) -> int:
 
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)  # the stream of the moment, not of import time
+
+
+def _default() -> None:
+    """Until `configure` runs (a library use, a test script): warnings and errors to
+    stderr, redacted, as the standard library does for its loggers; never stdout."""
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            redact,
+            structlog.dev.ConsoleRenderer(colors=False, exception_formatter=_plain_traceback),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=_stderr_logger,
+        cache_logger_on_first_use=False,
+    )
+
+
+_default()
