@@ -2,7 +2,7 @@
 
 For every verb: operations by outcome, errors by the class of
 `connector.errors` they were raised as (TransientError, AuthenticationError...),
-latency, and bytes sent (put) and received (get). The numbers live in a
+latency, and the bytes of successful puts (sent) and gets (received). The numbers live in a
 prometheus-client registry of their own (`StoreMetrics.registry`), which the
 HTTPS API's /metrics serves beside its other metrics.
 
@@ -57,7 +57,7 @@ class StoreMetrics(Collector):
         )
         self.bytes = Counter(
             "connector_object_store_bytes",
-            "Bytes sent to (put) and received from (get) the object store",
+            "Bytes of successful puts (sent) and gets (received) of the object store",
             ["direction"],
             registry=self.registry,
         )
