@@ -45,7 +45,7 @@ from connector.logging import register_secret, scrub
 from connector.network import Proxy
 from connector.secrets import Secret
 from connector.store.keys import KEY_CONTEXT_PREFIX, KEY_SIZE
-from connector.tls import describe_ssl_error
+from connector.tls import describe_ssl_error, is_connection_drop
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -316,6 +316,11 @@ def _map_error(
         return PermanentError(f"KMS {operation} with key {key_id} failed ({detail})")
     if isinstance(exc, BotoCoreError):
         tls_error = _find_cause(exc, ssl.SSLError)
+        if tls_error is not None and is_connection_drop(tls_error):
+            return TransientError(
+                f"KMS {operation} at {endpoint}: the connection was dropped ({tls_error}); "
+                "try again"
+            )
         if tls_error is not None:
             return TLSTrustError(describe_ssl_error(f"the KMS endpoint {endpoint}", tls_error))
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ProxyConnectionError):

@@ -80,7 +80,7 @@ from connector.logging import get_logger, register_secret, scrub
 from connector.network import Proxy
 from connector.ports import UploadJournal
 from connector.secrets import Secret
-from connector.tls import client_context, describe_ssl_error, load_ca_file
+from connector.tls import client_context, describe_ssl_error, is_connection_drop, load_ca_file
 
 log = get_logger(__name__)
 
@@ -903,6 +903,11 @@ def _map_error(
                 f"({mismatch}); connect with the name the certificate was issued for"
             )
         tls_error = _find_cause(exc, ssl.SSLError)
+        if tls_error is not None and is_connection_drop(tls_error):
+            return TransientError(
+                f"S3 {operation} of {where} at {endpoint}: the connection was dropped "
+                f"({tls_error}); try again later"
+            )
         if tls_error is not None or isinstance(exc, SSLError):
             return TLSTrustError(describe_ssl_error(f"the S3 endpoint {host}", tls_error or exc))
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ProxyConnectionError):
