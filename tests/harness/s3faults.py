@@ -15,6 +15,10 @@ A fault matches by method and by a substring of the request path, a number of
 times (or always). Every request is recorded with what was done with it, so a
 test can prove how often the client asked. Point the connector's [s3]
 endpoint_url at `proxy.url` (the same test CA is trusted).
+
+`ResettingConnectProxy` is the other way in: an HTTP CONNECT proxy for the
+connector's [network] https_proxy that resets a tunnel in the middle of an
+upload, with TLS end to end through it.
 """
 
 from __future__ import annotations
@@ -314,3 +318,119 @@ def _reset(raw: socket.socket) -> None:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     with contextlib.suppress(OSError):
         raw.close()
+
+
+class ResettingConnectProxy:
+    """An HTTP CONNECT proxy (the connector's [network] https_proxy) that resets tunnels.
+
+    TLS runs end to end through it, so it cannot see requests; it counts bytes.
+    Once a tunnel has carried more than `reset_after` bytes from the client (an
+    upload under way), the proxy closes the client's side with a TCP RST and drops
+    the upstream side, `resets` times in all; every other tunnel is relayed as is.
+    """
+
+    def __init__(self, reset_after: int, resets: int = 1) -> None:
+        self.reset_after = reset_after
+        self.resets_left = resets
+        self.tunnels: list[str] = []
+        self.reset_tunnels: list[str] = []
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port: int = self._sock.getsockname()[1]
+        self._stopped = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            conns = list(self._conns)
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=10)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._stopped:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+
+    def _tunnel(self, client: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            client.settimeout(60)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(4096)
+                if not chunk or len(head) > MAX_HEAD:
+                    return
+                head += chunk
+            request, _, rest = head.partition(b"\r\n\r\n")
+            method, target, _v = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            if method != "CONNECT":
+                client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            host, _, port = target.rpartition(":")
+            upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=60)
+            with self._lock:
+                self.tunnels.append(target)
+                self._conns.add(upstream)
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if rest:
+                upstream.sendall(rest)
+            back = threading.Thread(target=_copy, args=(upstream, client), daemon=True)
+            back.start()
+            sent = len(rest)
+            while data := client.recv(65536):
+                sent += len(data)
+                if sent > self.reset_after and self._take_reset(target):
+                    _reset(client)
+                    return
+                upstream.sendall(data)
+        except OSError:
+            return
+        finally:
+            for s in (client, upstream):
+                if s is None:
+                    continue
+                with self._lock:
+                    self._conns.discard(s)
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _take_reset(self, target: str) -> bool:
+        with self._lock:
+            if self.resets_left <= 0:
+                return False
+            self.resets_left -= 1
+            self.reset_tunnels.append(target)
+            return True
+
+
+def _copy(src: socket.socket, dst: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := src.recv(65536):
+            dst.sendall(data)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)

@@ -132,3 +132,36 @@ def test_the_s3_adapter_classifies_injected_faults(
     with pytest.raises(TransientError, match="InternalError"):
         store.get("e/1")
     assert store.get("e/1") == b"x"
+
+
+def test_the_connect_proxy_resets_a_tunnel_mid_upload_once(
+    moto: MotoServer, s3_bucket: str
+) -> None:
+    from connector.network import make_proxy
+    from tests.harness.s3faults import ResettingConnectProxy
+
+    proxy = ResettingConnectProxy(reset_after=256 * 1024, resets=1)
+    try:
+        store = S3ObjectStore(
+            s3_bucket,
+            region=moto.region,
+            prefix="staging",
+            endpoint_url=moto.endpoint_url,
+            ca_file=moto.ca_file,
+            sse="AES256",
+            access_key_id=Secret(moto.access_key),
+            secret_access_key=Secret(moto.secret_key),
+            proxy=make_proxy(proxy.proxy_url),
+        )
+        store.put("f/small", b"s" * 1000)  # below the threshold: relayed
+        body = bytes(range(256)) * 4096  # 1 MiB
+        with pytest.raises(TransientError) as info:
+            store.put("f/big", body)
+        assert not isinstance(info.value, PermanentError)
+        assert proxy.reset_tunnels == [f"127.0.0.1:{moto.port}"]
+        store.put("f/big", body)  # a new tunnel, no reset left
+        assert store.get("f/big") == body and store.get("f/small") == b"s" * 1000
+        assert len(proxy.tunnels) >= 2
+        assert set(proxy.tunnels) == {f"127.0.0.1:{moto.port}"}
+    finally:
+        proxy.stop()

@@ -118,3 +118,37 @@ def test_a_permanent_s3_refusal_fails_the_run_at_once_and_leaves_nothing(
     runs = env.cli_json("runs", "retry-403")
     assert [r["state"] for r in runs] == ["FAILED"]
     assert "AccessDenied" in (runs[0]["error"] or "")
+
+
+def test_a_tunnel_reset_mid_upload_through_the_configured_proxy_is_retried(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    from tests.harness.s3faults import ResettingConnectProxy
+
+    proxy = ResettingConnectProxy(reset_after=512 * 1024, resets=1)
+    try:
+        env = write_config(
+            tmp_path / "connector",
+            vcsim,
+            moto,
+            s3_bucket,
+            extra=FAST_RETRY + f'\n[network]\nhttps_proxy = "{proxy.proxy_url}"\n',
+        )
+        uuid, key, _ = vm_with_data(vcsim, "retry-tunnel-reset", seed=7)
+        # a pack of more than the threshold: 1 MiB that does not compress
+        vcsim.write(uuid, key, 4 * MiB, random.Random(8).randbytes(MiB))
+        expected = hashlib.sha256(vcsim.read_disk(uuid, key)).hexdigest()
+        out = tmp_path / "restored.img"
+        proc, restored = replicate_and_restore(env, "retry-tunnel-reset", key, out)
+        assert proxy.reset_tunnels == [f"127.0.0.1:{moto.port}"]
+        retry_lines = [line for line in proc.stderr.splitlines() if "retry.again" in line]
+        assert len(retry_lines) == 1 and "packs/" in retry_lines[0], proc.stderr
+        # a transient class (how the reset surfaces depends on where the upload was)
+        assert any(
+            f"error_class={c}" in retry_lines[0] for c in ("TransientError", "UnreachableError")
+        )
+        assert restored["sha256"] == expected
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == expected
+        assert our_snapshots(vcsim, uuid) == []
+    finally:
+        proxy.stop()
