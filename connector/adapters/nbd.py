@@ -9,8 +9,9 @@ qemu-nbd. The protocol is specified in the NBD project's doc/proto.md.
 
 `NbdReader` implements the `DiskReader` port on top of it: reads are cut to the
 server's maximum request size (qemu-nbd refuses more than 32 MiB), kept a few
-at a time in flight with bounded memory, retried under the reader's
-`RetryPolicy` on transient errors (EIO, a dropped connection), and a failure
+at a time in flight with bounded memory, retried piece by piece under the
+connector's one `RetryPolicy` (from the composition root) on transient errors
+(EIO, a dropped connection), and a failure
 names the disk and the offset. `allocated_extents` asks the server which ranges
 hold data, so a full read can skip what reads as zeros.
 """
