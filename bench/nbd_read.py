@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from connector.adapters.nbd import NbdReader, parse_nbd_uri
 from connector.domain.model import Extent
+from connector.retry import RetryPolicy
 
 MiB = 1024 * 1024
 
@@ -61,6 +62,7 @@ def connector_read(sock: Path, size: int, request: int, in_flight: int) -> int:
     reader = NbdReader(
         parse_nbd_uri(f"nbd+unix:///?socket={sock}"),
         description="bench",
+        retry=RetryPolicy(),
         max_request=request,
         in_flight=in_flight,
     )

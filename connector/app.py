@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ from connector.decorators.bandwidth import (
     Window,
     parse_hhmm,
 )
+from connector.decorators.metrics import MeteredStore, StoreMetrics
+from connector.decorators.retry import RetryingStore
 from connector.errors import ConfigError, ConnectorError
 from connector.logging import register_secret, scrub
 from connector.network import Proxy
@@ -59,6 +62,7 @@ from connector.pipeline.context import PipelineSettings, Reporter, StageContext
 from connector.pipeline.driver import RunPipeline
 from connector.pipeline.replicate import Replicator
 from connector.ports import DiskSource, Hypervisor, ObjectStore
+from connector.retry import RetryPolicy
 from connector.secrets import Secret, is_credential, resolve_secret_path, secret_file_path
 from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
@@ -153,8 +157,20 @@ class App:
         )
 
     @cached_property
+    def retry_policy(self) -> RetryPolicy:
+        """The one retry policy ([retry]): the object store's and every disk reader's."""
+        r = self.config.retry
+        return RetryPolicy(attempts=r.attempts, base_delay=r.base_delay, max_delay=r.max_delay)
+
+    @cached_property
+    def store_metrics(self) -> StoreMetrics:
+        """This process's object-store metrics; the API's /metrics serves them."""
+        return StoreMetrics()
+
+    @cached_property
     def store_objects(self) -> ObjectStore:
-        """The object store the replica store writes through: S3, under the bandwidth limit."""
+        """The object store the replica store writes through: S3 wrapped by
+        `wrap_object_store` (retry, bandwidth limit, metrics)."""
         d = self.config.daemon
         schedule = RateSchedule(
             d.bandwidth_limit,
@@ -162,9 +178,7 @@ class App:
                 Window(parse_hhmm(w.start), parse_hhmm(w.end), w.limit) for w in d.bandwidth_windows
             ),
         )
-        if schedule.unlimited:
-            return self.objects
-        return BandwidthLimitedStore(self.objects, TokenBucket(schedule))
+        return wrap_object_store(self.objects, self.retry_policy, schedule, self.store_metrics)
 
     @cached_property
     def kms_provider(self) -> KmsKeyProvider:
@@ -243,17 +257,26 @@ class App:
 
     @cached_property
     def local(self) -> LocalHypervisor:
-        return LocalHypervisor(local_specs(self.config), self.config.state_dir)
+        return LocalHypervisor(
+            local_specs(self.config), self.config.state_dir, retry=self.retry_policy
+        )
 
     def disk_source(self) -> DiskSource:
         """The transport of the config: how disks are read."""
         t = self.config.transport
         kind = t.kind
         if kind in ("local", "nbd"):
-            return LocalDiskSource(self.local, max_request=t.max_request, in_flight=t.in_flight)
+            return LocalDiskSource(
+                self.local,
+                retry=self.retry_policy,
+                max_request=t.max_request,
+                in_flight=t.in_flight,
+            )
         if kind == "vddk":
             return self.vddk_source()
-        return DatastoreHttpsSource(self.vsphere, max_request=t.max_request, proxy=self.proxy)
+        return DatastoreHttpsSource(
+            self.vsphere, retry=self.retry_policy, max_request=t.max_request, proxy=self.proxy
+        )
 
     def vddk_source(self) -> VddkSource:
         t = self.config.transport
@@ -289,6 +312,7 @@ class App:
             params,
             secret_file_path(vc.password_file),
             self.config.state_dir / "nbd",
+            retry=self.retry_policy,
             max_request=t.max_request,
             in_flight=t.in_flight,
             start_timeout=vddk.start_timeout,
@@ -356,7 +380,9 @@ class App:
             )
         token = self.config.api_token()
         ctx = server_context(cfg.cert_file, resolve_secret_path(cfg.key_file, "API private key"))
-        return ApiServer(cfg.host, cfg.port, ctx, token, self.state)
+        return ApiServer(
+            cfg.host, cfg.port, ctx, token, self.state, collectors=(self.store_metrics,)
+        )
 
     def daemon(self, api: ApiServer | None = None) -> Daemon:
         """The long-running connector: a job's retention removes old runs and their packs.
@@ -437,6 +463,38 @@ class App:
             self.vsphere.close()
         if "state" in self.__dict__:
             self.state.close()
+
+
+def wrap_object_store(
+    store: ObjectStore,
+    retry: RetryPolicy,
+    bandwidth: RateSchedule,
+    metrics: StoreMetrics | None = None,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ObjectStore:
+    """The object store's cross-cutting concerns, stacked in one fixed order.
+
+    From the outside in: retry, then the bandwidth limit, then metrics, then the
+    store itself (S3):
+
+    - retry is outermost, so each attempt passes the limiter again: a retried put
+      sends its bytes again and they count against the limit, as the first ones
+      did (restic's wrapBackend stacks its retry outside the limiter, too). With
+      the limiter outside, retries would send unmetered bytes past the limit.
+    - metrics sit right on the store, inside both: they count every request that
+      reaches S3 (each attempt, the transient errors a retry then hid included)
+      and time S3 itself, not the limiter's pacing or the retry's pauses.
+
+    An unlimited schedule adds no limiter; no `metrics`, no metrics layer.
+    `sleep` is the retry's pause (tests pass their own).
+    """
+    wrapped = store
+    if metrics is not None:
+        wrapped = MeteredStore(wrapped, metrics)
+    if not bandwidth.unlimited:
+        wrapped = BandwidthLimitedStore(wrapped, TokenBucket(bandwidth))
+    return RetryingStore(wrapped, retry, sleep=sleep)
 
 
 @contextmanager

@@ -370,6 +370,21 @@ class DaemonConfig(_Section):
     schedule_unit_seconds: float = Field(default=3600.0, gt=0.0)
 
 
+class RetryConfig(_Section):
+    """How often a transient failure (a 5xx, throttling, a dropped connection, EIO) is
+    tried again within one operation: S3 requests and disk reads. One policy for all."""
+
+    attempts: int = Field(default=4, ge=1, le=20)  # tries in all, the first one included
+    base_delay: float = Field(default=0.25, ge=0.0, le=60.0)  # seconds; doubled each time
+    max_delay: float = Field(default=4.0, ge=0.0, le=600.0)  # seconds; the cap
+
+    @model_validator(mode="after")
+    def _delays(self) -> RetryConfig:
+        if self.max_delay < self.base_delay:
+            raise ValueError("[retry] max_delay must not be below base_delay")
+        return self
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_format: bool = Field(default=False, alias="json")
@@ -386,6 +401,7 @@ class Config(_Section):
     daemon: DaemonConfig = DaemonConfig()
     local: LocalConfig = LocalConfig()
     log: LogConfig = LogConfig()
+    retry: RetryConfig = RetryConfig()
     retention: RetentionConfig = RetentionConfig()
     network: NetworkConfig = NetworkConfig()
     api: ApiConfig | None = None

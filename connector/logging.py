@@ -11,6 +11,7 @@ by a placeholder wherever they appear, exception tracebacks included.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -22,6 +23,15 @@ from connector.secrets import Secret
 _REDACTED = "**********"
 _SECRET_KEYS = ("password", "secret", "token", "key_material", "authorization", "cookie")
 _known_secrets: set[str] = set()
+
+# Credentials that travel inside URLs and request headers: query parameters of
+# presigned AWS URLs (SigV4 and SigV2), SigV4 Authorization values, and the
+# user:password part of a URL.
+_SIGNED_QUERY = re.compile(
+    r"(?i)\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId"
+    r"|Credential)=[^&\s\"',;]+"
+)
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:]*:[^/\s@]*@")
 
 # Library loggers whose level follows [log] library_level rather than [log] level.
 LIBRARY_LOGGERS = (
@@ -54,9 +64,19 @@ def is_secret_key(key: str) -> bool:
 
 
 def scrub(text: str) -> str:
+    """`text` without secrets: every registered secret, the signatures and credentials
+    of signed URLs and Authorization headers, and passwords in URLs.
+
+    The one scrubber: logs, error messages, audit records and the S3 and KMS
+    adapters' errors all go through it.
+    """
     for value in sorted(_known_secrets, key=len, reverse=True):
         if value in text:
             text = text.replace(value, _REDACTED)
+    if "=" in text:
+        text = _SIGNED_QUERY.sub(lambda m: f"{m.group(1)}={_REDACTED}", text)
+    if "@" in text:
+        text = _URL_USERINFO.sub(lambda m: f"{m.group(1)}{_REDACTED}@", text)
     return text
 
 
@@ -155,3 +175,28 @@ def _level(name: str) -> int:
 
 def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)  # the stream of the moment, not of import time
+
+
+def _default() -> None:
+    """Until `configure` runs (a library use, a test script): warnings and errors to
+    stderr, redacted, as the standard library does for its loggers; never stdout."""
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            redact,
+            structlog.dev.ConsoleRenderer(colors=False, exception_formatter=_plain_traceback),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=_stderr_logger,
+        cache_logger_on_first_use=False,
+    )
+
+
+_default()

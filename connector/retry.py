@@ -1,23 +1,32 @@
-"""The retry policy shared by the disk readers: a few attempts, capped jittered backoff.
+"""The one retry policy: how often to try and how long to wait between attempts.
 
-Which failures are worth another attempt is the caller's decision (the
-`retryable` classes); the policy only says how often and how long to wait.
+Built once from the config's [retry] section by the composition root
+(`connector.app`) and handed to the object-store retry decorator
+(`connector.decorators.retry`) and to every disk reader. Which failures are
+worth another attempt is the caller's decision (the `retryable` classes); the
+policy only says how often and how long to wait, with the domain's one backoff
+rule (`connector.domain.backoff.backoff_delay`) and random jitter.
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from connector.domain.backoff import backoff_delay
 from connector.errors import TransientError
+from connector.logging import get_logger, scrub
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_ATTEMPTS = 4
+DEFAULT_BASE_DELAY = 0.25
+DEFAULT_MAX_DELAY = 4.0
 
 
 class Retryable(TransientError):
@@ -28,14 +37,23 @@ class Retryable(TransientError):
 class RetryPolicy:
     """A few attempts with capped, jittered exponential backoff."""
 
-    attempts: int = 4
-    base_delay: float = 0.25
-    max_delay: float = 4.0
+    attempts: int = DEFAULT_ATTEMPTS
+    base_delay: float = DEFAULT_BASE_DELAY
+    max_delay: float = DEFAULT_MAX_DELAY
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
+        if self.base_delay < 0 or self.max_delay < self.base_delay:
+            raise ValueError(
+                f"delays must satisfy 0 <= base_delay <= max_delay, got {self.base_delay} "
+                f"and {self.max_delay}"
+            )
 
     def delay(self, attempt: int) -> float:
         """The pause after failed attempt number `attempt` (1-based)."""
-        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 (jitter, not crypto)
+        jitter = random.random()  # noqa: S311 (jitter, not crypto)
+        return backoff_delay(attempt, self.base_delay, self.max_delay, jitter)
 
     def call(
         self,
@@ -50,9 +68,30 @@ class RetryPolicy:
             try:
                 return fn()
             except retryable as exc:
-                if attempt == self.attempts:
-                    raise TransientError(f"{what} failed after {attempt} attempts: {exc}") from exc
-                pause = self.delay(attempt)
-                log.info("%s failed (%s); retrying in %.2f s", what, exc, pause)
-                sleep(pause)
+                self.wait_or_give_up(attempt, what, exc, sleep)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def wait_or_give_up(
+        self,
+        attempt: int,
+        what: str,
+        exc: BaseException,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """After failed attempt number `attempt`: log and pause, or raise when none is left.
+
+        The error raised says what failed, how often, and the last reason.
+        """
+        if attempt >= self.attempts:
+            raise TransientError(f"{what} failed after {attempt} attempts: {exc}") from exc
+        pause = self.delay(attempt)
+        log.info(
+            "retry.again",
+            what=scrub(what),
+            attempt=attempt,
+            attempts=self.attempts,
+            error=scrub(str(exc)),
+            error_class=type(exc).__name__,
+            pause=round(pause, 3),
+        )
+        sleep(pause)

@@ -125,6 +125,17 @@ def _colons(hexdigest: str) -> str:
     return ":".join(hexdigest[i : i + 2] for i in range(0, len(hexdigest), 2)).upper()
 
 
+def is_connection_drop(exc: BaseException) -> bool:
+    """Whether a TLS-layer error only says the connection went away (reset, closed
+    without close_notify): a dropped connection, not a trust or protocol problem."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+        return True
+    text = str(exc)
+    return "EOF occurred in violation of protocol" in text or "UNEXPECTED_EOF" in text
+
+
 def describe_ssl_error(host: str, exc: BaseException) -> str:
     """A user-facing sentence for a TLS failure against `host`."""
     text = str(exc)

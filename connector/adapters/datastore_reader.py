@@ -13,7 +13,6 @@ UnsupportedSourceError rather than read the wrong data.
 from __future__ import annotations
 
 import http.client
-import logging
 import re
 import ssl
 import threading
@@ -29,12 +28,13 @@ from connector.errors import (
     TLSTrustError,
     UnsupportedSourceError,
 )
+from connector.logging import get_logger
 from connector.network import Proxy, https_connection
 from connector.retry import Retryable
 from connector.retry import RetryPolicy as RetryPolicy  # re-exported: its old home
 from connector.tls import describe_ssl_error
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ class DatastoreHttpsReader:
         size: int,
         *,
         max_request: int = DEFAULT_MAX_REQUEST,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         timeout: float = 120.0,
         description: str = "disk",
         proxy: Proxy | None = None,
@@ -110,7 +110,7 @@ class DatastoreHttpsReader:
         self._target = parts.path + (f"?{parts.query}" if parts.query else "")
         self._size = size
         self._max_request = max_request
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._timeout = timeout
         self._what = description
         self._proxy = proxy
@@ -183,7 +183,7 @@ class DatastoreHttpsReader:
                         f"{what}: vCenter refused the session cookie right after a new login "
                         "(does the user have the Datastore.Browse privilege?)"
                     ) from None
-                log.info("datastore request got HTTP 401; logging in to vCenter again")
+                log.info("datastore.relogin", reason="HTTP 401", disk=self._what)
                 self._session.relogin(generation)
                 relogged = True
 
@@ -298,13 +298,13 @@ class DatastoreHttpsSource:
         session: DatastoreSession,
         *,
         max_request: int = DEFAULT_MAX_REQUEST,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         timeout: float = 120.0,
         proxy: Proxy | None = None,
     ) -> None:
         self._session = session
         self._max_request = max_request
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._timeout = timeout
         self._proxy = proxy
 

@@ -41,10 +41,11 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
+from connector.logging import register_secret, scrub
 from connector.network import Proxy
 from connector.secrets import Secret
 from connector.store.keys import KEY_CONTEXT_PREFIX, KEY_SIZE
-from connector.tls import describe_ssl_error
+from connector.tls import describe_ssl_error, is_connection_drop
 
 _TRANSIENT_CODES = frozenset(
     {
@@ -88,7 +89,9 @@ class KmsKeyProvider:
         if not key_id.strip():
             raise ConfigError("[store] kms_key_id is empty; give a KMS key id, ARN or alias")
         self.key_id = key_id
-        self._secrets = tuple(s.reveal() for s in (access_key_id, secret_access_key) if s)
+        for secret in (access_key_id, secret_access_key):
+            if secret is not None:
+                register_secret(secret)  # a server's message might echo one
         self._client = make_aws_client(
             "kms",
             region=region,
@@ -254,10 +257,7 @@ class KmsKeyProvider:
         self, exc: BaseException, operation: str, key_id: str, stored: str | None
     ) -> ConnectorError:
         error = _map_error(exc, operation, key_id, self.endpoint, stored)
-        text = str(error)
-        for secret in self._secrets:
-            if len(secret) >= 8:
-                text = text.replace(secret, "**********")
+        text = scrub(str(error))
         return type(error)(text) if text != str(error) else error
 
 
@@ -316,6 +316,11 @@ def _map_error(
         return PermanentError(f"KMS {operation} with key {key_id} failed ({detail})")
     if isinstance(exc, BotoCoreError):
         tls_error = _find_cause(exc, ssl.SSLError)
+        if tls_error is not None and is_connection_drop(tls_error):
+            return TransientError(
+                f"KMS {operation} at {endpoint}: the connection was dropped ({tls_error}); "
+                "try again"
+            )
         if tls_error is not None:
             return TLSTrustError(describe_ssl_error(f"the KMS endpoint {endpoint}", tls_error))
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ProxyConnectionError):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import stat
 import subprocess
@@ -39,10 +38,10 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
-from connector.logging import scrub
+from connector.logging import get_logger, scrub
 from connector.retry import Retryable, RetryPolicy
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MiB = 1024 * 1024
 _UUID_NAMESPACE = uuid_mod.UUID("6d1b3f6e-4a39-4c0e-9d7e-6b0f3f2a7c11")
@@ -104,11 +103,11 @@ class LocalFileReader:
         *,
         description: str,
         capacity: int | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
     ) -> None:
         self.path = path
         self.what = description
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -223,12 +222,12 @@ class LocalHypervisor:
         state_dir: Path,
         *,
         nbd_timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
     ) -> None:
         self._vms = {vm.uuid: vm for vm in vms}
         self._markers = state_dir / "local-snapshots"
         self._nbd_timeout = nbd_timeout
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
 
     def spec(self, uuid: str) -> LocalVmSpec:
         try:
@@ -263,11 +262,11 @@ class LocalHypervisor:
                 self._hook(vm, "snapshot", vm.snapshot_command, name)
             disks = tuple(self._disk(vm, d, d.read_path, strict=True) for d in vm.disks)
         except BaseException as exc:
-            log.warning("snapshot of local VM %s failed (%s); releasing it", vm.name, exc)
+            log.warning("local.snapshot_failed", vm=vm.name, error=str(exc), action="releasing it")
             try:
                 self._release(vm, name)
             except ConnectorError as undo:
-                log.error("releasing the snapshot of %s failed too: %s", vm.name, undo)
+                log.error("local.release_failed", vm=vm.name, error=str(undo))
             raise
         return SnapshotInfo(ref=name, name=name, disks=disks)
 
@@ -397,7 +396,7 @@ class LocalHypervisor:
             CONNECTOR_SNAPSHOT=snapshot,
         )
         what = f"the {action} command of local VM {vm.name!r} ({argv[0]})"
-        log.info("running %s", what)
+        log.info("local.hook", command=what)
         try:
             proc = subprocess.run(
                 list(argv),
@@ -431,13 +430,13 @@ class LocalDiskSource:
         self,
         hv: LocalHypervisor,
         *,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         max_request: int = 8 * MiB,
         in_flight: int = 8,
         timeout: float = 120.0,
     ) -> None:
         self._hv = hv
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._max_request = max_request
         self._in_flight = in_flight
         self._timeout = timeout

@@ -9,8 +9,9 @@ qemu-nbd. The protocol is specified in the NBD project's doc/proto.md.
 
 `NbdReader` implements the `DiskReader` port on top of it: reads are cut to the
 server's maximum request size (qemu-nbd refuses more than 32 MiB), kept a few
-at a time in flight with bounded memory, retried under the reader's
-`RetryPolicy` on transient errors (EIO, a dropped connection), and a failure
+at a time in flight with bounded memory, retried piece by piece under the
+connector's one `RetryPolicy` (from the composition root) on transient errors
+(EIO, a dropped connection), and a failure
 names the disk and the offset. `allocated_extents` asks the server which ranges
 hold data, so a full read can skip what reads as zeros.
 """
@@ -21,7 +22,6 @@ import contextlib
 import errno as errno_mod
 import functools
 import ipaddress
-import logging
 import os
 import socket
 import ssl
@@ -43,10 +43,11 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
+from connector.logging import get_logger
 from connector.retry import Retryable, RetryPolicy
 from connector.tls import client_context, describe_ssl_error
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MiB = 1024 * 1024
 DEFAULT_PORT = 10809
@@ -392,7 +393,7 @@ class NbdConnection:
             elif rtype == REP_ACK:
                 return
             elif rtype & REP_FLAG_ERROR:
-                log.info("NBD server %s has no block status: %s", self.address, rtype)
+                log.info("nbd.no_block_status", server=str(self.address), reply_type=rtype)
                 self.allocation_context = None
                 return
             else:
@@ -661,7 +662,7 @@ class NbdReader:
         *,
         description: str,
         capacity: int | None = None,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         max_request: int = DEFAULT_MAX_BLOCK,
         in_flight: int = DEFAULT_IN_FLIGHT,
         timeout: float = 120.0,
@@ -672,7 +673,7 @@ class NbdReader:
             raise ValueError("max_request and in_flight must be positive")
         self.address = address
         self.what = description
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._timeout = timeout
         self._sleep = sleep
         self._on_close = on_close
@@ -876,11 +877,13 @@ class NbdReader:
             raise self._failure(piece, error)
         pause = self._retry.delay(piece.attempts)
         log.info(
-            "reading %s at offset %d failed (%s); retrying in %.2f s",
-            self.what,
-            piece.offset,
-            error,
-            pause,
+            "nbd.read_retry",
+            disk=self.what,
+            offset=piece.offset,
+            attempt=piece.attempts,
+            attempts=self._retry.attempts,
+            error=str(error),
+            pause=round(pause, 3),
         )
         self.retries += 1
         self._sleep(pause)
@@ -908,7 +911,13 @@ class NbdReader:
                 first = min(waiting, key=lambda p: p.offset)
                 raise self._failure(first, exc)
             pause = self._retry.delay(max(worst, 1))
-            log.info("connection to %s lost (%s); reconnecting in %.2f s", self.address, exc, pause)
+            log.info(
+                "nbd.reconnect",
+                server=str(self.address),
+                error=str(exc),
+                attempt=worst,
+                pause=round(pause, 3),
+            )
             self.retries += 1
             self._sleep(pause)
             try:

@@ -14,7 +14,6 @@ start nbdkit from a thread that lives as long as the reads.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import subprocess
@@ -25,9 +24,9 @@ from pathlib import Path
 
 from connector.adapters.nbd import NbdAddress
 from connector.errors import PermanentError, TransientError
-from connector.logging import scrub
+from connector.logging import get_logger, scrub
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SOCKET_NAME = "nbd.sock"
 PIDFILE_NAME = "nbdkit.pid"
@@ -84,7 +83,7 @@ def sweep_stale(run_dir: Path) -> list[Path]:
         shutil.rmtree(workdir, ignore_errors=True)
         removed.append(workdir)
     if removed:
-        log.info("removed %d stale nbdkit directories under %s", len(removed), run_dir)
+        log.info("nbdkit.stale_removed", count=len(removed), run_dir=str(run_dir))
     return removed
 
 
@@ -147,7 +146,9 @@ class NbdkitServer:
             self.stop()
             raise
         os.chmod(self.socket_path, 0o600)
-        log.info("%s listening on %s (pid %d)", self.what, self.socket_path, self.proc.pid)
+        log.info(
+            "nbdkit.listening", what=self.what, socket=str(self.socket_path), pid=self.proc.pid
+        )
         return NbdAddress(socket_path=str(self.socket_path))
 
     def _wait_ready(self, pidfile: Path) -> None:
@@ -194,14 +195,14 @@ class NbdkitServer:
                 try:
                     proc.wait(timeout=self._stop_timeout)
                 except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop on SIGTERM; killing it", self.what)
+                    log.warning("nbdkit.kill", what=self.what, reason="did not stop on SIGTERM")
                     proc.kill()
                     proc.wait()
             tail = self.output_tail()
             if proc.returncode not in (0, -15):
-                log.warning("%s ended with code %s: %s", self.what, proc.returncode, tail)
+                log.warning("nbdkit.failed", what=self.what, code=proc.returncode, output=tail)
             elif tail:
-                log.info("%s stopped; its last output: %s", self.what, tail)
+                log.info("nbdkit.stopped", what=self.what, output=tail)
         workdir, self.workdir = self.workdir, None
         if workdir is not None:
             if self.socket_path is not None:

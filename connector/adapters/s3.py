@@ -14,8 +14,20 @@ Transport rules, applied to every client this module builds (`make_aws_client`):
   managers) get the same floor. If botocore's internals ever change shape, the
   client is refused (ConfigError) rather than used without the floor.
 
-Retries are not done here (one attempt by default): the retry decorator around
-the port decides, from the error class, whether to try again.
+Retries are not done here: every client makes one attempt (botocore's own
+retries are off, `max_attempts=1`). This adapter only says what kind of
+failure it met, mapping each botocore error to a class of `connector.errors`
+(`_map_error`): 5xx, throttling, timeouts and dropped connections are
+`TransientError` (`UnreachableError` when the endpoint cannot be reached),
+403s and missing credentials `AuthenticationError`, a refused TLS certificate
+`TLSTrustError`, a missing object `NotFoundError`, the rest `PermanentError`.
+The composition root (`connector.app.wrap_object_store`) stacks the retry
+decorator (`connector.decorators.retry.RetryingStore`) around the five verbs,
+and it decides from that class alone whether to try again. The methods beyond
+the port (`check_access`, `probe_permissions`, `abort_upload`,
+`abort_incomplete_uploads`) are called on this class directly, without retry:
+they fail early and clearly, or are tried again by their caller (startup
+recovery, the next sweep).
 """
 
 from __future__ import annotations
@@ -33,7 +45,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import boto3
-import structlog
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -65,12 +76,13 @@ from connector.errors import (
     UnreachableError,
 )
 from connector.faults import crash_point
+from connector.logging import get_logger, register_secret, scrub
 from connector.network import Proxy
 from connector.ports import UploadJournal
 from connector.secrets import Secret
-from connector.tls import client_context, describe_ssl_error, load_ca_file
+from connector.tls import client_context, describe_ssl_error, is_connection_drop, load_ca_file
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MiB = 1024 * 1024
 S3_MIN_PART_SIZE = 5 * MiB
@@ -418,7 +430,11 @@ class S3ObjectStore:
         self._threshold = multipart_threshold
         self._part_size = multipart_part_size
         self._journal = upload_journal
-        self._secrets = tuple(s.reveal() for s in (access_key_id, secret_access_key) if s)
+        for secret in (access_key_id, secret_access_key):
+            if secret is not None:
+                # Defence in depth: no message built here quotes a secret, but a
+                # server's message might echo one; the one scrubber removes them.
+                register_secret(secret)
         self._client = make_aws_client(
             "s3",
             region=region,
@@ -578,7 +594,7 @@ class S3ObjectStore:
                 result = call()
             except ClientError as exc:
                 code, status = _code(exc), _status(exc)
-                message = self._scrub(exc.response.get("Error", {}).get("Message") or code)
+                message = scrub(exc.response.get("Error", {}).get("Message") or code)
                 if code in _AUTH_CODES or status == 403 or code.startswith("KMS."):
                     probes.append(
                         PermissionProbe(name, permissions, "denied", f"{code}: {message}")
@@ -766,7 +782,7 @@ class S3ObjectStore:
                 bucket=self._bucket,
                 key=full,
                 upload_id=upload_id,
-                error=self._scrub(str(exc)),
+                error=scrub(str(exc)),
             )
             return False
         except BotoCoreError as exc:
@@ -778,7 +794,7 @@ class S3ObjectStore:
                 bucket=self._bucket,
                 key=full,
                 upload_id=upload_id,
-                error=self._scrub(str(exc)),
+                error=scrub(str(exc)),
             )
             return False
         log.info("s3.multipart_aborted", bucket=self._bucket, key=full, upload_id=upload_id)
@@ -789,19 +805,10 @@ class S3ObjectStore:
             return f"s3://{self._bucket}/{self._prefix}"
         return f"s3://{self._bucket}/{full}"
 
-    def _scrub(self, text: str) -> str:
-        # Defence in depth: no message built here quotes a secret, but a server's
-        # message might echo one. Very short values are left alone (they would
-        # mangle every message and cannot be real AWS keys).
-        for secret in self._secrets:
-            if len(secret) >= 8:
-                text = text.replace(secret, "**********")
-        return text
-
     def _map_error(self, exc: BaseException, operation: str, key: str | None) -> ConnectorError:
         where = self._where(self._prefix + key if key is not None else None)
         error = _map_error(exc, operation, where, self._bucket, self._endpoint, self._kms_key_id)
-        scrubbed = self._scrub(str(error))
+        scrubbed = scrub(str(error))
         if scrubbed != str(error):
             error = type(error)(scrubbed)
         return error
@@ -893,6 +900,11 @@ def _map_error(
                 f"({mismatch}); connect with the name the certificate was issued for"
             )
         tls_error = _find_cause(exc, ssl.SSLError)
+        if tls_error is not None and is_connection_drop(tls_error):
+            return TransientError(
+                f"S3 {operation} of {where} at {endpoint}: the connection was dropped "
+                f"({tls_error}); try again later"
+            )
         if tls_error is not None or isinstance(exc, SSLError):
             return TLSTrustError(describe_ssl_error(f"the S3 endpoint {host}", tls_error or exc))
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ProxyConnectionError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 import socket
 import ssl
 import subprocess
@@ -36,8 +35,6 @@ from connector.errors import (
 )
 from connector.retry import RetryPolicy
 from connector.tls import describe_ssl_error
-
-log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 
@@ -166,7 +163,7 @@ class VddkSource:
         password_file: Path,
         run_dir: Path,
         *,
-        retry: RetryPolicy | None = None,
+        retry: RetryPolicy,
         max_request: int = 8 * MiB,
         in_flight: int = DEFAULT_IN_FLIGHT,
         start_timeout: float = 120.0,
@@ -182,7 +179,7 @@ class VddkSource:
         self._params: VddkParams | None = None
         self._password_file = password_file
         self._run_dir = run_dir
-        self._retry = retry or RetryPolicy()
+        self._retry = retry
         self._max_request = max_request
         self._in_flight = in_flight
         self._start_timeout = start_timeout

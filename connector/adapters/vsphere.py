@@ -16,7 +16,6 @@ store (connector.tls); verification is never switched off.
 from __future__ import annotations
 
 import http.client
-import logging
 import socket
 import ssl
 import threading
@@ -43,11 +42,12 @@ from connector.errors import (
     TransientError,
     UnreachableError,
 )
+from connector.logging import get_logger
 from connector.network import Proxy, https_connection
 from connector.secrets import Secret
 from connector.tls import client_context, describe_ssl_error, pinned_context
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -410,7 +410,7 @@ class VSphereClient:
             ) from None
         self._logged_in = True
         self._generation += 1
-        log.info("logged in to vCenter %s as %s", self._url, self._user)
+        log.info("vcenter.login", url=self._url, user=self._user)
 
     def _ensure_session(self, what: str) -> int:
         with self._lock:
@@ -459,7 +459,7 @@ class VSphereClient:
                     raise TransientError(
                         f"{what}: vCenter at {self._url} refused the session right after login"
                     ) from exc
-                log.info("vCenter session expired; logging in again (%s)", what)
+                log.info("vcenter.session_expired", action="logging in again", during=what)
                 self.relogin(generation)
             except ConnectorError:
                 raise
@@ -481,9 +481,9 @@ class VSphereClient:
         if logged_in:
             try:
                 content.sessionManager.Logout()
-                log.info("logged out of vCenter %s", self._url)
+                log.info("vcenter.logout", url=self._url)
             except Exception as exc:  # the session may be gone already
-                log.debug("logout from %s failed: %s", self._url, type(exc).__name__)
+                log.debug("vcenter.logout_failed", url=self._url, error=type(exc).__name__)
         stub.DropConnections()
 
     def __enter__(self) -> VSphereClient:
@@ -538,7 +538,7 @@ class VSphereClient:
             try:
                 view.DestroyView()
             except Exception as exc:
-                log.debug("DestroyView failed: %s", type(exc).__name__)
+                log.debug("vcenter.destroy_view_failed", error=type(exc).__name__)
 
     def _names(self, content: Any, refs: Iterable[Any], obj_type: Any) -> dict[str, str]:
         """moid -> name for managed objects of one type."""
@@ -606,7 +606,9 @@ class VSphereClient:
         for obj, props in rows:
             uuid = props.get("config.instanceUuid")
             if not uuid:
-                log.warning("skipping VM %s without configuration (inaccessible?)", obj._moId)
+                log.warning(
+                    "vcenter.vm_skipped", vm=obj._moId, reason="no configuration (inaccessible?)"
+                )
                 continue
             host_ref = props.get("runtime.host")
             snapshot_info = props.get("snapshot")
@@ -789,16 +791,17 @@ class VSphereClient:
             if not quiesce_failed:
                 raise
             log.warning(
-                "quiesced snapshot of VM %s failed (%s); taking a crash-consistent one",
-                uuid,
-                fault_name(cause),
+                "vcenter.quiesce_failed",
+                vm=uuid,
+                fault=fault_name(cause),
+                action="taking a crash-consistent snapshot",
             )
             outcome = self._start_task(what + " (not quiesced)", starter(False))
         ref = getattr(outcome.result, "_moId", None)
         if not ref:
             raise PermanentError(f"{what}: the task returned no snapshot")
         snap = self.get_snapshot(uuid, str(ref))
-        log.info("created snapshot %s (%s) of VM %s", name, ref, uuid)
+        log.info("vcenter.snapshot_created", snapshot=name, ref=ref, vm=uuid)
         return snap
 
     def remove_snapshot(self, uuid: str, snapshot_ref: str) -> None:
@@ -816,9 +819,9 @@ class VSphereClient:
             gone = vmodl.fault.ManagedObjectNotFound | vim.fault.NotFound
             if not isinstance(exc.__cause__, gone):
                 raise  # the VM itself is missing
-            log.info("snapshot %s of VM %s is already gone", snapshot_ref, uuid)
+            log.info("vcenter.snapshot_already_gone", ref=snapshot_ref, vm=uuid)
             return
-        log.info("removed snapshot %s of VM %s", snapshot_ref, uuid)
+        log.info("vcenter.snapshot_removed", ref=snapshot_ref, vm=uuid)
 
     def query_changed_areas(
         self, uuid: str, snapshot_ref: str, disk_key: int, start_offset: int, change_id: str

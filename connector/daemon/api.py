@@ -6,8 +6,9 @@
   token coming from a file, a systemd credential or the environment. Tokens
   are compared in constant time. `/healthz` answers `{"status": "ok"}` and
   nothing else, so it can serve load-balancer and container health checks.
-- Endpoints: GET /healthz, /metrics (Prometheus text format), /v1/servers,
-  /v1/runs[?server=<server id>].
+- Endpoints: GET /healthz, /metrics (Prometheus text format: the state store's
+  numbers, the API's requests, and the object store's operations, bytes, errors
+  and latency in this process), /v1/servers, /v1/runs[?server=<server id>].
 - Handshakes happen in the request's thread, not the accept loop, and idle
   connections time out, so a slow or hostile client cannot stall the API.
 
@@ -24,7 +25,7 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from connector import __version__
 from connector.domain.jobs import RUN_COMPLETED
@@ -191,7 +193,9 @@ class ApiServer:
         ctx: ssl.SSLContext,
         token: Secret,
         state: ApiState,
+        collectors: Sequence[Collector] = (),
     ) -> None:
+        """`collectors`: more metrics for /metrics (the object store's, from the app)."""
         if len(token.reveal()) < MIN_TOKEN_LENGTH:
             raise ConfigError(
                 f"the API token is too short: use at least {MIN_TOKEN_LENGTH} random characters "
@@ -202,6 +206,8 @@ class ApiServer:
         self.state = state
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(state))
+        for collector in collectors:
+            self.registry.register(collector)
         self.requests = Counter(
             "connector_api_requests",
             "Requests to the connector's API",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, replace
 
+from connector.domain.backoff import backoff_delay as backoff_delay  # the daemon's import
 from connector.domain.times import parse as parse_time
 from connector.errors import InvalidInputError
 
@@ -197,13 +198,6 @@ def on_demand_refusal(
             "24 hours); wait, or raise [daemon] on_demand_quota_per_24h"
         )
     return None
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Seconds to wait before retry number `attempt` (1-based): exponential, capped."""
-    if attempt < 1:
-        return 0.0
-    return float(min(cap, base * 2 ** (attempt - 1)))
 
 
 def next_run_time(

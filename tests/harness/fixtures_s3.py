@@ -12,6 +12,7 @@ from botocore.exceptions import ClientError
 
 from tests.harness.ca import TestCA, make_ca
 from tests.harness.moto import MotoServer, start_moto
+from tests.harness.s3faults import FaultyS3Proxy
 
 try:  # another engineer owns `test_ca` when the simulator fixtures define it
     from tests.harness.fixtures_vcsim import test_ca  # type: ignore[attr-defined,unused-ignore]
@@ -32,6 +33,16 @@ def moto(test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield handle.server
     finally:
         handle.stop()
+
+
+@pytest.fixture
+def faulty_s3(moto: MotoServer, test_ca: TestCA) -> Iterator[FaultyS3Proxy]:
+    """A fault-injecting HTTPS reverse proxy in front of the session's moto_server."""
+    proxy = FaultyS3Proxy(test_ca.issue("faulty-s3"), moto.port, moto.ca_file)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 @pytest.fixture

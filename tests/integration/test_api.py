@@ -317,3 +317,76 @@ token_file = "token"
             api.stop()
     finally:
         app.close()
+
+
+def test_metrics_show_the_object_store_operations_of_the_app(
+    test_ca: CA, tmp_path: Path, moto: Any, s3_bucket: str, faulty_s3: Any
+) -> None:
+    from connector.app import App
+    from connector.config import load_config
+    from connector.errors import NotFoundError
+    from tests.harness.moto import free_port
+
+    cert = test_ca.issue("api-metrics")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "pw").write_text("unused-password")
+    (tmp_path / "s3-secret").write_text(moto.secret_key + "\n")
+    cfg = tmp_path / "connector.toml"
+    cfg.write_text(
+        f"""
+[vcenter]
+url = "https://vc.example/sdk"
+user = "svc"
+password_file = "pw"
+
+[s3]
+bucket = "{s3_bucket}"
+region = "{moto.region}"
+endpoint_url = "{faulty_s3.url}"
+ca_file = "{moto.ca_file}"
+access_key_id = "{moto.access_key}"
+secret_access_key_file = "s3-secret"
+
+[state]
+path = "state/state.db"
+
+[retry]
+attempts = 3
+base_delay = 0.01
+max_delay = 0.02
+
+[api]
+listen = "127.0.0.1:{free_port()}"
+cert_file = "{cert.cert_file}"
+key_file = "{cert.key_file}"
+token_file = "token"
+"""
+    )
+    app = App(load_config(cfg))
+    try:
+        store = app.store_objects
+        faulty_s3.inject("PUT", "/metrics-test/", status=503, code="SlowDown")
+        store.put("metrics-test/a", b"12345678")  # one 503, then stored by the retry
+        assert store.get("metrics-test/a", 2, 3) == b"345"
+        with pytest.raises(NotFoundError):
+            store.get("metrics-test/absent")
+        assert list(store.list("metrics-test/")) == ["metrics-test/a"]
+        with app.api_server() as api:
+            status, _, body = request(api, "/metrics", ca_file=test_ca.cert_file)
+    finally:
+        app.close()
+    assert status == 200
+    text = body.decode()
+    ops = "connector_object_store_operations_total"
+    assert f'{ops}{{operation="put",outcome="ok"}} 1.0' in text
+    assert f'{ops}{{operation="put",outcome="error"}} 1.0' in text
+    assert f'{ops}{{operation="get",outcome="ok"}} 1.0' in text
+    assert f'{ops}{{operation="list",outcome="ok"}} 1.0' in text
+    errors = "connector_object_store_errors_total"
+    assert f'{errors}{{error="TransientError",operation="put"}} 1.0' in text
+    assert f'{errors}{{error="NotFoundError",operation="get"}} 1.0' in text
+    assert 'connector_object_store_bytes_total{direction="sent"} 8.0' in text
+    assert 'connector_object_store_bytes_total{direction="received"} 3.0' in text
+    assert 'connector_object_store_latency_seconds_count{operation="put"} 2.0' in text
+    # what /metrics showed before is still there
+    assert "connector_servers 0.0" in text and "connector_api_requests_total" in text

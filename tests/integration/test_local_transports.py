@@ -62,7 +62,7 @@ def nbd_pipeline(
     max_request: int = 8 * MiB,
 ) -> tuple[Pipeline, RecordingSource, str]:
     spec = local_vm(name, LocalDiskSpec(2000, "disk", nbd=parse_nbd_uri(uri)), quiescent=True)
-    hv = LocalHypervisor([spec], tmp_path / "state")
+    hv = LocalHypervisor([spec], tmp_path / "state", retry=FAST)
     source = RecordingSource(hv, retry=retry, max_request=max_request, in_flight=4)
     return make_pipeline(tmp_path / "pipeline", hv, source), source, spec.uuid
 
@@ -186,7 +186,7 @@ def test_local_image_three_runs_restore_exactly_and_upload_only_changes(tmp_path
     image = tmp_path / "kvm-web.img"
     write_sparse_image(image, 48 * MiB + 8192, [(2 * MiB, 6 * MiB), (30 * MiB, 2 * MiB)], seed=7)
     spec = local_vm("kvm-web", LocalDiskSpec(2000, "vda", path=image), quiescent=True)
-    hv = LocalHypervisor([spec], tmp_path / "state")
+    hv = LocalHypervisor([spec], tmp_path / "state", retry=FAST)
     p = make_pipeline(tmp_path / "pipeline", hv, LocalDiskSource(hv, retry=FAST))
     rng = random.Random(8)
     runs, expected = [], []
@@ -230,17 +230,17 @@ def test_block_device_is_read_without_allocation_map(tmp_path: Path) -> None:
     from connector.adapters.local import LocalFileReader
 
     with pytest.raises(PermanentError, match="neither a file nor a block device"):
-        LocalFileReader(Path("/dev/null"), description="disk 2000")
-    r = LocalFileReader(image, description="disk 2000", capacity=4 * MiB)
+        LocalFileReader(Path("/dev/null"), description="disk 2000", retry=FAST)
+    r = LocalFileReader(image, description="disk 2000", capacity=4 * MiB, retry=FAST)
     try:
         assert r.allocated_extents() is not None
         assert r.read(MiB, 10) == image.read_bytes()[MiB : MiB + 10]
     finally:
         r.close()
     with pytest.raises(PermanentError, match="fewer than the disk's"):
-        LocalFileReader(image, description="disk 2000", capacity=5 * MiB)
+        LocalFileReader(image, description="disk 2000", capacity=5 * MiB, retry=FAST)
     with pytest.raises(NotFoundError, match="does not exist"):
-        LocalFileReader(tmp_path / "absent", description="disk 2000")
+        LocalFileReader(tmp_path / "absent", description="disk 2000", retry=FAST)
 
 
 # --------------------------------------------------------------------------- hooks
@@ -271,7 +271,7 @@ def test_snapshot_hook_freezes_what_is_read_and_release_hook_cleans_up(tmp_path:
         snapshot_command=tuple(snapshot_cmd),
         release_command=tuple(snapshot_cmd),
     )
-    hv = LocalHypervisor([spec], tmp_path / "state")
+    hv = LocalHypervisor([spec], tmp_path / "state", retry=FAST)
     p = make_pipeline(tmp_path / "pipeline", hv, LocalDiskSource(hv, retry=FAST))
     expected = file_sha(live)
     run = p.replicator.replicate(spec.uuid)
@@ -296,7 +296,7 @@ def test_failing_snapshot_hook_fails_the_run_with_its_message(tmp_path: Path) ->
         snapshot_command=tuple(hook_script(tmp_path, "echo 'lvcreate: no space' >&2\nexit 3\n")),
         release_command=("touch", str(released)),
     )
-    hv = LocalHypervisor([spec], tmp_path / "state")
+    hv = LocalHypervisor([spec], tmp_path / "state", retry=FAST)
     p = make_pipeline(tmp_path / "pipeline", hv, LocalDiskSource(hv, retry=FAST))
     with pytest.raises(PermanentError, match="exit code 3: lvcreate: no space"):
         p.replicator.replicate(spec.uuid)
@@ -317,7 +317,7 @@ def test_snapshot_left_by_a_killed_run_is_released_at_the_next_run(tmp_path: Pat
         snapshot_command=tuple(hook),
         release_command=tuple(hook),
     )
-    hv = LocalHypervisor([spec], tmp_path / "state")
+    hv = LocalHypervisor([spec], tmp_path / "state", retry=FAST)
     hv.create_snapshot(spec.uuid, "connector-r-killed", "")  # the process died here
     marker = json.loads((tmp_path / "state" / "local-snapshots" / f"{spec.uuid}.json").read_text())
     assert marker["snapshots"] == ["connector-r-killed"]

@@ -24,6 +24,7 @@ from connector.adapters.s3 import S3ObjectStore, make_aws_client, tls_minimum_of
 from connector.adapters.vsphere import VSphereClient
 from connector.errors import ConfigError, TLSTrustError
 from connector.network import make_proxy
+from connector.retry import RetryPolicy
 from connector.secrets import Secret
 from tests.harness.ca import TestCA as CA
 from tests.harness.ca import make_ca
@@ -77,7 +78,9 @@ def read_through(client: VSphereClient, sim: Simulator, **source_kw: Any) -> byt
     vm = client.get_vm(uuid_)
     snap = client.create_snapshot(uuid_, "connector-tls", "tls test")
     try:
-        reader = DatastoreHttpsSource(client, **source_kw).open(vm, snap, vm.disks[0])
+        reader = DatastoreHttpsSource(client, retry=RetryPolicy(), **source_kw).open(
+            vm, snap, vm.disks[0]
+        )
         try:
             return reader.read(4096, 150)
         finally:
@@ -167,7 +170,7 @@ def test_datastore_reader_refuses_tls_1_1(vcsim: Simulator, tls11_server: TLSSer
     with vsphere(vcsim) as client:
         client.list_vms()  # logged in to the real simulator
         url = f"{tls11_server.url}/folder/vm/disk-flat.vmdk?dcPath=DC0&dsName=LocalDS_0"
-        reader = DatastoreHttpsReader(client, url, 1 * MiB)
+        reader = DatastoreHttpsReader(client, url, 1 * MiB, retry=RetryPolicy())
         with pytest.raises(TLSTrustError, match=r"older than 1\.2"):
             reader.read(0, 512)
         reader.close()
@@ -250,7 +253,9 @@ def test_datastore_reader_refuses_a_certificate_for_another_host(
 ) -> None:
     with vsphere(vcsim) as client:
         client.list_vms()
-        reader = DatastoreHttpsReader(client, f"{wrong_name_server.url}/folder/x-flat.vmdk", MiB)
+        reader = DatastoreHttpsReader(
+            client, f"{wrong_name_server.url}/folder/x-flat.vmdk", MiB, retry=RetryPolicy()
+        )
         with pytest.raises(TLSTrustError) as info:
             reader.read(0, 512)
         assert "127.0.0.1" in str(info.value) and "host name" in str(info.value)
@@ -265,7 +270,9 @@ def test_datastore_reader_refuses_an_untrusted_certificate(
     try:
         with vsphere(vcsim) as client:
             client.list_vms()
-            reader = DatastoreHttpsReader(client, f"{stranger.url}/folder/x-flat.vmdk", MiB)
+            reader = DatastoreHttpsReader(
+                client, f"{stranger.url}/folder/x-flat.vmdk", MiB, retry=RetryPolicy()
+            )
             with pytest.raises(TLSTrustError) as info:
                 reader.read(0, 512)
             assert "127.0.0.1" in str(info.value) and "not trusted" in str(info.value)

@@ -77,7 +77,7 @@ def vm_setup(tmp_path: Path):
         disks=(LocalDiskSpec(2000, "Hard disk 1", path=image),),
         quiescent=True,
     )
-    hv = LocalHypervisor([spec], tmp_path / "state")
+    hv = LocalHypervisor([spec], tmp_path / "state", retry=FAST)
     return image, password_file, hv, spec
 
 
@@ -132,7 +132,9 @@ def test_nbdkit_serves_one_disk_on_a_private_socket_and_is_gone_after(tmp_path, 
 def test_a_run_through_nbdkit_restores_exactly_and_cleans_up(tmp_path, vm_setup) -> None:
     image, password_file, hv, spec = vm_setup
     run_dir = tmp_path / "state" / "nbd"
-    source = VddkSource(lambda: DOC_PARAMS, password_file, run_dir, rewrite=via_eval(image))
+    source = VddkSource(
+        lambda: DOC_PARAMS, password_file, run_dir, retry=FAST, rewrite=via_eval(image)
+    )
     p = make_pipeline(tmp_path / "pipeline", hv, source)
     run = p.replicator.replicate(spec.uuid)
     assert run.state == "COMPLETED"
@@ -168,7 +170,7 @@ def test_nbdkit_that_cannot_start_is_reported_and_cleaned_up(tmp_path, vm_setup)
         sock = Path(argv[argv.index("--unix") + 1])
         return nbdkit_command("nbdkit", sock, "file", [f"file={tmp_path / 'missing.img'}"])
 
-    source = VddkSource(lambda: DOC_PARAMS, password_file, run_dir, rewrite=broken)
+    source = VddkSource(lambda: DOC_PARAMS, password_file, run_dir, retry=FAST, rewrite=broken)
     vm = hv.get_vm(spec.uuid)
     snap = hv.create_snapshot(spec.uuid, "connector-r-2", "")
     with pytest.raises(PermanentError, match=r"exited with code 1 .*missing\.img"):
@@ -286,6 +288,7 @@ def test_vddk_transport_with_vcenter_passes_the_run_snapshot_and_verified_thumbp
             params,
             Path(vcsim.password_file),
             tmp_path / "state" / "nbd",
+            retry=app.retry_policy,
             rewrite=via_eval(vcsim.disk_path(uuid, key), seen),
         )
         rep = replicator(

@@ -408,7 +408,7 @@ def written_vm(vcsim, client) -> Iterator[tuple[VmInfo, SnapshotInfo, bytes]]:
 
 def test_datastore_reader_reads_exact_bytes_at_unaligned_offsets(vcsim, client, written_vm):
     vm, snap, data = written_vm
-    with DatastoreHttpsSource(client).open(vm, snap, vm.disks[0]) as reader:
+    with DatastoreHttpsSource(client, retry=RetryPolicy()).open(vm, snap, vm.disks[0]) as reader:
         assert isinstance(reader, DatastoreHttpsReader)
         for offset, length in [(0, 1), (1, 4095), (4097, 3), (12345, 65536), (2 * MiB - 7, 7)]:
             assert reader.read(offset, length) == data[offset : offset + length]
@@ -420,7 +420,7 @@ def test_datastore_reader_reads_exact_bytes_at_unaligned_offsets(vcsim, client, 
 
 def test_datastore_reader_splits_big_reads_into_bounded_requests(vcsim, client, written_vm):
     vm, snap, data = written_vm
-    source = DatastoreHttpsSource(client, max_request=64 * 1024)
+    source = DatastoreHttpsSource(client, retry=RetryPolicy(), max_request=64 * 1024)
     reader = source.open(vm, snap, vm.disks[0])
     try:
         before = reader.requests
@@ -452,7 +452,7 @@ def test_datastore_source_refuses_a_vm_with_a_pre_existing_snapshot(vcsim, clien
     try:
         vm = client.get_vm(vm_uuid)
         with pytest.raises(UnsupportedSourceError) as info:
-            DatastoreHttpsSource(client).open(vm, snap, vm.disks[0])
+            DatastoreHttpsSource(client, retry=RetryPolicy()).open(vm, snap, vm.disks[0])
         message = str(info.value)
         assert name in message and vm_uuid in message
         assert "someone-elses" in message
@@ -468,7 +468,9 @@ def test_datastore_source_ignores_our_removed_previous_snapshot(vcsim, client):
     client.remove_snapshot(vm_uuid, old.ref)
     snap = client.create_snapshot(vm_uuid, "connector-now", "")
     try:
-        with DatastoreHttpsSource(client).open(stale, snap, stale.disks[0]) as reader:
+        with DatastoreHttpsSource(client, retry=RetryPolicy()).open(
+            stale, snap, stale.disks[0]
+        ) as reader:
             assert reader.read(0, 4096) == bytes(4096)
     finally:
         client.remove_snapshot(vm_uuid, snap.ref)
@@ -485,7 +487,7 @@ def test_datastore_source_refuses_independent_rdm_and_non_flat_disks(client, wri
     for reason, disk in cases.items():
         bad_snap = replace(snap, disks=(disk,))
         with pytest.raises(UnsupportedSourceError) as info:
-            DatastoreHttpsSource(client).open(vm, bad_snap, disk)
+            DatastoreHttpsSource(client, retry=RetryPolicy()).open(vm, bad_snap, disk)
         assert reason in str(info.value)
         assert vm.uuid in str(info.value) and vm.name in str(info.value)
 
@@ -494,7 +496,7 @@ def test_datastore_source_refuses_a_vanished_snapshot(client, written_vm):
     vm, _snap, _ = written_vm
     gone = SnapshotInfo(ref="snapshot-999999", name="connector-gone")
     with pytest.raises(NotFoundError):
-        DatastoreHttpsSource(client).open(vm, gone, vm.disks[0])
+        DatastoreHttpsSource(client, retry=RetryPolicy()).open(vm, gone, vm.disks[0])
 
 
 # ----------------------------------- reader retry, 401 and short reads (a fake server)

@@ -90,3 +90,77 @@ def test_password_file_must_exist(tmp_path: Path) -> None:
     (tmp_path / "vc.password").write_text("s3cr3t\n")
     assert cfg.vcenter_password().reveal() == "s3cr3t"
     assert "s3cr3t" not in repr(cfg.vcenter_password())
+
+
+def test_retry_defaults_and_the_one_policy_built_from_them(tmp_path: Path) -> None:
+    from connector.app import App
+
+    cfg = load_config(write(tmp_path, GOOD))
+    assert (cfg.retry.attempts, cfg.retry.base_delay, cfg.retry.max_delay) == (4, 0.25, 4.0)
+    tuned = load_config(
+        write(tmp_path, GOOD + "\n[retry]\nattempts = 6\nbase_delay = 0.5\nmax_delay = 10\n")
+    )
+    app = App(tuned)
+    policy = app.retry_policy
+    assert (policy.attempts, policy.base_delay, policy.max_delay) == (6, 0.5, 10.0)
+    assert app.retry_policy is policy  # built once, shared
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("attempts = 0", "retry.attempts"),
+        ("base_delay = -1", "retry.base_delay"),
+        ("base_delay = 5\nmax_delay = 1", "max_delay must not be below base_delay"),
+        ("tries = 3", "retry.tries"),
+    ],
+)
+def test_bad_retry_settings_are_named(tmp_path: Path, section: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD + f"\n[retry]\n{section}\n"))
+    assert message in str(info.value)
+
+
+def test_readers_get_the_one_policy_from_the_composition_root(tmp_path: Path) -> None:
+    from connector.adapters.local import LocalDiskSource, LocalFileReader
+    from connector.app import App
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * 65536)
+    text = f"""
+[s3]
+bucket = "replica-staging"
+
+[state]
+path = "state/state.db"
+
+[transport]
+kind = "local"
+
+[retry]
+attempts = 7
+
+[[local.vms]]
+name = "vm1"
+quiescent = true
+
+[[local.vms.disks]]
+path = "{image}"
+"""
+    app = App(load_config(write(tmp_path, text)))
+    try:
+        policy = app.retry_policy
+        assert policy.attempts == 7
+        source = app.disk_source()
+        assert isinstance(source, LocalDiskSource) and source._retry is policy
+        assert app.local._retry is policy
+        vm = app.local.list_vms()[0]
+        snap = app.local.create_snapshot(vm.uuid, "connector-t", "")
+        reader = source.open(vm, snap, vm.disks[0])
+        try:
+            assert isinstance(reader, LocalFileReader) and reader._retry is policy
+        finally:
+            reader.close()
+            app.local.remove_snapshot(vm.uuid, snap.ref)
+    finally:
+        app.close()
