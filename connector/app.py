@@ -55,7 +55,7 @@ from connector.decorators.bandwidth import (
 )
 from connector.decorators.metrics import MeteredStore, StoreMetrics
 from connector.decorators.retry import RetryingStore
-from connector.errors import ConfigError, ConnectorError
+from connector.errors import ConfigError, ConnectorError, TransientError
 from connector.logging import register_secret, scrub
 from connector.network import Proxy
 from connector.pipeline.context import PipelineSettings, Reporter, StageContext
@@ -348,8 +348,14 @@ class App:
         return Replicator(self.stage_context(reporter))
 
     def open_repository_for_write(self) -> Repository:
-        """Check S3 access, then open (or create) the replica store for writing."""
-        self.objects.check_access()
+        """Check S3 access, then open (or create) the replica store for writing.
+
+        The check is retried like every other request to the store: a transient
+        error (a reset, a 5xx) does not fail a run before its snapshot.
+        """
+        self.retry_policy.call(
+            self.objects.check_access, "checking access to S3", retryable=(TransientError,)
+        )
         return self.repository(create=True)
 
     # -- use cases -------------------------------------------------------------------------

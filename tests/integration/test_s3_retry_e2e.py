@@ -152,3 +152,19 @@ def test_a_tunnel_reset_mid_upload_through_the_configured_proxy_is_retried(
         assert our_snapshots(vcsim, uuid) == []
     finally:
         proxy.stop()
+
+
+def test_a_transient_failure_of_the_access_check_before_the_snapshot_is_retried(
+    env: ConnectorEnv, vcsim: Any, s3_bucket: str, faulty_s3: FaultyS3Proxy, tmp_path: Path
+) -> None:
+    name = "retry-head-bucket"
+    uuid, key, expected = vm_with_data(vcsim, name, seed=7)
+    faulty_s3.inject("HEAD", f"/{s3_bucket}", status=503, code="SlowDown", times=1)
+    out = tmp_path / "restored.img"
+    proc, restored = replicate_and_restore(env, name, key, out)
+    heads = faulty_s3.requests("HEAD", f"/{s3_bucket}")
+    assert heads[0].outcome == "injected 503"
+    assert heads[1].outcome == "forwarded 200"
+    assert any("checking access to S3" in line for line in proc.stderr.splitlines()), proc.stderr
+    assert restored["sha256"] == expected
+    assert our_snapshots(vcsim, uuid) == []
