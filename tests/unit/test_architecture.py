@@ -71,3 +71,28 @@ def test_a_broken_contract_fails_lint_imports(
     name = str(_contracts()[contract]["name"])
     squeezed = "".join(proc.stdout.split())  # the report pads or joins names and verdicts
     assert "".join(name.split()) + "BROKEN" in squeezed, proc.stdout
+
+
+def test_each_stage_body_is_the_run_function_of_the_module_named_after_it() -> None:
+    from connector.pipeline.driver import STAGES
+
+    assert [s.name for s in STAGES] == [
+        "validate",
+        "snapshot",
+        "changes",
+        "transfer",
+        "commit",
+        "cleanup",
+    ]
+    for stage in STAGES:
+        assert stage.run.__module__ == f"connector.pipeline.{stage.name}", stage
+        assert stage.run.__name__ == "run"
+
+
+def test_no_stage_is_dispatched_by_building_a_method_name() -> None:
+    proc = subprocess.run(
+        ["grep", "-rn", 'getattr(self, f"_', str(ROOT / "connector")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
