@@ -156,6 +156,7 @@ def test_check_passes_with_nothing_to_check(tmp_path: Path, in_process_cli: CliR
     config = tmp_path / "connector.toml"
     config.write_text(
         '[s3]\nbucket = "b-1-2"\n[transport]\nkind = "local"\n'
+        f'[state]\npath = "{tmp_path / "state" / "state.db"}"\n'
         '[[local.vms]]\nname = "v"\nquiescent = true\n[[local.vms.disks]]\npath = "vda.img"\n'
     )
     result = in_process_cli.invoke(
