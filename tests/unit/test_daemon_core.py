@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,35 @@ def test_crash_point_does_nothing_unless_named(monkeypatch: pytest.MonkeyPatch) 
     crash_point("after-commit")
     crash_point("before-commit")  # the first of three hits: still alive
     assert os.getpid() > 0
+
+
+def test_a_pause_point_waits_until_its_file_is_removed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    marker = tmp_path / "paused"
+    monkeypatch.setenv("CONNECTOR_TEST_PAUSE_AT", "block-read:2,snapshot-remove:1")
+    monkeypatch.setenv("CONNECTOR_TEST_PAUSE_FILE", str(marker))
+    crash_point("block-read")  # the first hit of two: no pause
+    assert not marker.exists()
+    passed = threading.Event()
+
+    def reach() -> None:
+        crash_point("block-read")
+        passed.set()
+
+    worker = threading.Thread(target=reach)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the pause point wrote no file"
+            time.sleep(0.01)
+        assert marker.read_text().split() == [str(os.getpid()), "block-read"]
+        assert not passed.wait(0.2)  # still paused while the file is there
+    finally:
+        marker.unlink(missing_ok=True)
+        worker.join(10)
+    assert passed.is_set()
 
 
 # -- the executor against the fakes -------------------------------------------------------
