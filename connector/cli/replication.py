@@ -76,6 +76,11 @@ def replicate(
             except RunStopped as exc:
                 _report_stop(exc, vm)
                 raise typer.Exit(stop.exit_code) from None
+        if stop.received is not None:
+            err.print(
+                f"note: {stop.received.name} came after the run was committed; it completed",
+                highlight=False,
+            )
         if as_json:
             print(json.dumps(asdict(run), indent=2))
             return
@@ -93,13 +98,6 @@ def replicate(
 
 def _report_stop(exc: RunStopped, vm: str) -> None:
     """Say on stderr how the stopped run ended and what to do next."""
-    if exc.run is None:
-        err.print(
-            f"[red]error:[/red] {escape(exc.reason)} before the run started; nothing was changed",
-            highlight=False,
-            soft_wrap=True,
-        )
-        return
     err.print(
         f"[red]error:[/red] run {exc.run.id} {exc.run.state}: {escape(exc.run.error or exc.reason)}"
         f"; replicate it again with `connector replicate {escape(vm)}`",

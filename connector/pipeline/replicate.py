@@ -33,10 +33,10 @@ _FINAL = "cleanup"
 class RunStopped(Exception):
     """A stop request ended the run: it is rolled back, with the stop as its reason."""
 
-    def __init__(self, reason: str, run: RunRow | None) -> None:
+    def __init__(self, reason: str, run: RunRow) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.run = run  # None when the stop came before the run was created
+        self.run = run  # as it ended: FAILED with the reason
 
 
 @dataclass
@@ -48,8 +48,6 @@ class Replicator:
     def replicate(self, vm_uuid: str, run_type: str = ON_DEMAND) -> RunRow:
         ctx = self.ctx
         vm = ctx.hv.get_vm(vm_uuid)
-        if ctx.should_stop():
-            raise RunStopped(ctx.stop_reason(), None)
         server = ctx.catalog.upsert_server(vm)
         run_id = new_run_id()
         ctx.runs.create_run(run_id, server.id, run_type)

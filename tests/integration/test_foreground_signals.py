@@ -191,3 +191,26 @@ def test_a_second_signal_during_the_rollback_does_not_cut_it_short(
     assert connector_snapshots(vcsim, uuid) == []
     (stopped,) = env.cli_json("runs", "sig-twice")
     assert stopped["state"] == "FAILED" and stopped["error"].startswith("stopped by SIGTERM")
+
+
+def test_a_signal_after_the_commit_lets_the_run_complete(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    env = make_env(tmp_path / "c", vcsim, moto, s3_bucket)
+    uuid = vcsim.add_vm("sig-late", [16 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    vcsim.write(uuid, key, 1 * MiB, random.Random(6).randbytes(2 * MiB))
+    run = PausedReplicate(env, "sig-late", "after-commit:1")
+    try:
+        run.wait_paused_at("after-commit")
+        run.proc.send_signal(signal.SIGTERM)
+        run.release()
+        code = run.wait()
+    finally:
+        run.kill()
+    stderr = run.err()
+    assert code == 0, stderr
+    assert "note: SIGTERM came after the run was committed; it completed" in stderr
+    assert connector_snapshots(vcsim, uuid) == []
+    (done,) = env.cli_json("runs", "sig-late")
+    assert done["state"] == "COMPLETED" and not done["error"]
