@@ -324,8 +324,10 @@ class App:
         self,
         reporter: Reporter | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        stop_reason: Callable[[], str] | None = None,
     ) -> StageContext:
-        """The ports, settings and helpers every stage of a run is handed."""
+        """The ports, settings and helpers every stage of a run is handed; its stages
+        stop at their next safe point once `should_stop()` is true."""
         ctx = StageContext(
             hv=self.hypervisor,
             source=self.disk_source(),
@@ -341,11 +343,19 @@ class App:
         )
         if reporter is not None:
             ctx.reporter = reporter
+        if stop_reason is not None:
+            ctx.stop_reason = stop_reason
         return ctx
 
-    def replicator(self, reporter: Reporter | None = None) -> Replicator:
-        """Whole runs in the foreground (`connector replicate`)."""
-        return Replicator(self.stage_context(reporter))
+    def replicator(
+        self,
+        reporter: Reporter | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        stop_reason: Callable[[], str] | None = None,
+    ) -> Replicator:
+        """Whole runs in the foreground (`connector replicate`); a run stops at a safe
+        point and is rolled back once `should_stop()` is true."""
+        return Replicator(self.stage_context(reporter, should_stop, stop_reason))
 
     def open_repository_for_write(self) -> Repository:
         """Check S3 access, then open (or create) the replica store for writing.

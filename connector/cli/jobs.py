@@ -13,10 +13,11 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, out, run_with_app
+from connector.cli.common import ConfigOpt, JsonOpt, err, out, run_with_app
 from connector.daemon.queue import RunQueue
 from connector.domain.jobs import (
     AUTOMATIC,
@@ -36,6 +37,7 @@ from connector.domain.jobs import (
     validate_description,
     validate_frequency,
     validate_retention,
+    validate_seed_time,
 )
 from connector.domain.records import RunRow, new_run_id
 from connector.domain.times import iso
@@ -67,14 +69,18 @@ def _now() -> dt.datetime:
 
 
 def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]:
-    """A job as `jobs show --json` prints it: its row, its VM, its next run, and its runs."""
+    """A job as `jobs show --json` prints it: its row, its VM, its next run, and its runs.
+
+    A stored job with an invalid field has no next run and says why in `problem`
+    (the daemon does not schedule it)."""
     server = a.state.server(job.server_id)
+    problem = job.problem
     ran = a.jobs.count_runs(job.id, run_type=AUTOMATIC) > 0
     nxt = (
         next_run_time(
             job.seed, job.frequency_hours, _now(), ran, a.config.daemon.schedule_unit_seconds
         )
-        if not job.paused and job.state in SCHEDULED_STATES
+        if problem is None and not job.paused and job.state in SCHEDULED_STATES
         else None
     )
     doc: dict[str, Any] = asdict(job)
@@ -83,6 +89,7 @@ def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]
         vm_uuid=server.vm_uuid,
         run_once=job.run_once,
         next_run=iso(nxt) if nxt else None,
+        problem=problem,
     )
     if with_runs:
         doc["runs"] = _run_docs(a, a.jobs.runs_of(job.id))
@@ -116,10 +123,13 @@ def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
     docs = [job_document(a, j) for j in rows]
     if as_json:
         print(json.dumps(docs, indent=2))
+        _warn_problems(docs)
         return
     t = Table("job", "vm", "state", "every", "seed", "next run", "keep", "failures", "description")
     for d in docs:
         state = d["state"] + (" (paused)" if d["paused"] else "")
+        if d["problem"]:
+            state += " (invalid, not scheduled)"
         every = "once" if d["run_once"] else f"{d['frequency_hours']} h"
         t.add_row(
             d["id"],
@@ -133,6 +143,18 @@ def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
             d["description"],
         )
     out.print(t)
+    _warn_problems(docs)
+
+
+def _warn_problems(docs: list[dict[str, Any]]) -> None:
+    """One line on stderr per job the daemon skips because a stored field is invalid."""
+    for d in docs:
+        if d["problem"]:
+            err.print(
+                f"[yellow]warning:[/yellow] job {d['id']} is not scheduled: {escape(d['problem'])}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _print_job(a: App, job: JobRow, as_json: bool) -> None:
@@ -140,6 +162,7 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
     doc = job_document(a, job, with_runs=True)
     if as_json:
         print(json.dumps(doc, indent=2))
+        _warn_problems([doc])
         return
     every = "once" if doc["run_once"] else f"every {doc['frequency_hours']} h"
     out.print(
@@ -166,6 +189,7 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
             r["error"] or "",
         )
     out.print(t)
+    _warn_problems([doc])
 
 
 def _frequency(frequency: int | None, run_once: bool) -> int | None:
@@ -191,11 +215,13 @@ def jobs_create(
     """Create a replication job for a VM."""
 
     def go(a: App) -> None:
+        now = _now()
         spec = make_spec(
-            parse_seed_time(seed or "now", _now()),
+            parse_seed_time(seed or "now", now),
             _frequency(frequency, run_once),
             DEFAULT_RETENTION if retention is None else retention,
             description or "",
+            now=now,
         )
         server = a.servers.resolve(vm)
         job = a.jobs.create(server.id, spec)
@@ -241,7 +267,8 @@ def jobs_update(
         if run_once or frequency is not None:
             values["frequency_hours"] = _frequency(frequency, run_once)
         if seed is not None:
-            values["seed_time"] = iso(parse_seed_time(seed, _now()))
+            now = _now()
+            values["seed_time"] = iso(validate_seed_time(parse_seed_time(seed, now), now))
         if retention is not None:
             values["retention"] = validate_retention(retention)
         if description is not None:

@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from connector.app import App
 from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
+from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
 from connector.domain.jobs import LIVE_RUN_STATES
 from connector.errors import PermanentError
+from connector.pipeline.replicate import RunStopped
 from connector.pipeline.restore import restore_disk
 
 
@@ -46,11 +49,17 @@ def replicate(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run one replication of VM now, in the foreground."""
+    """Run one replication of VM now, in the foreground.
+
+    SIGTERM, SIGINT or SIGHUP stops the run at a safe point and rolls it back
+    (snapshot removed, FAILED with the signal as its reason); the command then
+    exits with 128 + the signal's number.
+    """
 
     def go(a: App) -> None:
         server = a.servers.resolve(vm)
         with (
+            StopOnSignals() as stop,
             Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -61,7 +70,17 @@ def replicate(
             ) as progress,
             StateLock(a.config.state.path, "replicate"),
         ):
-            run = a.replicator(RichReporter(progress)).replicate(server.vm_uuid)
+            replicator = a.replicator(RichReporter(progress), stop, lambda: stop.reason)
+            try:
+                run = replicator.replicate(server.vm_uuid)
+            except RunStopped as exc:
+                _report_stop(exc, vm)
+                raise typer.Exit(stop.exit_code) from None
+        if stop.received is not None:
+            err.print(
+                f"note: {stop.received.name} came after the run was committed; it completed",
+                highlight=False,
+            )
         if as_json:
             print(json.dumps(asdict(run), indent=2))
             return
@@ -75,6 +94,16 @@ def replicate(
             )
 
     run_with_app(config, go)
+
+
+def _report_stop(exc: RunStopped, vm: str) -> None:
+    """Say on stderr how the stopped run ended and what to do next."""
+    err.print(
+        f"[red]error:[/red] run {exc.run.id} {exc.run.state}: {escape(exc.run.error or exc.reason)}"
+        f"; replicate it again with `connector replicate {escape(vm)}`",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def runs(

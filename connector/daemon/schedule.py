@@ -85,6 +85,7 @@ class JobScheduler:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self._signatures: dict[str, Signature] = {}
+        self._invalid: dict[str, str] = {}  # job id -> why it is not scheduled (logged once)
         self._fire_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -146,6 +147,15 @@ class JobScheduler:
                     self.jobs.update(job.id, state=JOB_DELETED, message="deleted")
                     log.info("job deleted", job=job.id)
                 continue
+            problem = job.problem
+            if problem is not None:
+                # A bad row must not stop the other jobs: skip it, and say so once.
+                self._drop(job.id)
+                if self._invalid.get(job.id) != problem:
+                    self._invalid[job.id] = problem
+                    log.error("job not scheduled", job=job.id, problem=problem)
+                continue
+            self._invalid.pop(job.id, None)
             signature = self._signature(job)
             if signature == self._signatures.get(job.id):
                 continue
@@ -156,6 +166,8 @@ class JobScheduler:
             self._add(job)
         for job_id in set(self._signatures) - seen:
             self._drop(job_id)
+        for job_id in set(self._invalid) - seen:
+            del self._invalid[job_id]
 
     def _signature(self, job: JobRow) -> Signature | None:
         """What the triggers of a job depend on; None when the job is not to be scheduled."""
@@ -206,7 +218,7 @@ class JobScheduler:
         """The trigger of a job fired: queue a run, or record it as MISSED."""
         with self._fire_lock:
             job = self.jobs.get(job_id)
-            if job.paused or job.state not in SCHEDULED_STATES:
+            if job.paused or job.state not in SCHEDULED_STATES or job.problem is not None:
                 return None
             run_id = new_run_id()
             live = self.jobs.live_runs(job.server_id)

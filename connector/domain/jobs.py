@@ -65,6 +65,13 @@ MAX_FREQUENCY_HOURS = 24
 MAX_RETENTION = 1000
 MAX_DESCRIPTION = 500
 DEFAULT_RETENTION = 5
+# A seed time is at most this far ahead (as AWS SMS allowed) ...
+MAX_SEED_AHEAD = dt.timedelta(days=30)
+# ... and at most this far back: a past seed sets the phase of the schedule and the
+# first run is at once; one from years ago is a typing error.
+MAX_SEED_BEHIND = dt.timedelta(days=365)
+# No stored seed time is older than this, whenever it was written.
+EARLIEST_SEED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,37 @@ def parse_seed_time(text: str, now: dt.datetime) -> dt.datetime:
         ) from None
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise InvalidInputError(_seed_range_message(text.strip(), now)) from None
+
+
+def validate_seed_time(value: dt.datetime, now: dt.datetime) -> dt.datetime:
+    """A seed time given now: from a year before `now` to 30 days after it.
+
+    A seed in the past sets the phase of the schedule (runs at the seed time plus
+    whole periods) and the first run starts at once.
+    """
+    if value.tzinfo is None:
+        raise InvalidInputError("the seed time needs a time zone; write e.g. 2026-12-01T02:00:00Z")
+    if not now - MAX_SEED_BEHIND <= value <= now + MAX_SEED_AHEAD:
+        raise InvalidInputError(_seed_range_message(_show(value), now))
+    return value
+
+
+def _seed_range_message(shown: str, now: dt.datetime) -> str:
+    earliest = _show(now - MAX_SEED_BEHIND)
+    latest = _show(now + MAX_SEED_AHEAD)
+    return (
+        f"seed time {shown} is out of range: give a time from {earliest} "
+        f"(a year ago) to {latest} (30 days ahead), or 'now'"
+    )
+
+
+def _show(value: dt.datetime) -> str:
+    utc = value.astimezone(dt.UTC).replace(tzinfo=None)
+    return f"{utc.year:04d}-{utc.strftime('%m-%dT%H:%M:%S')}Z"
 
 
 def make_spec(
@@ -126,9 +163,11 @@ def make_spec(
     frequency_hours: int | None,
     retention: int,
     description: str,
+    now: dt.datetime | None = None,
 ) -> JobSpec:
+    """A job's settings, each checked (the seed time against `now`, default: the clock)."""
     return JobSpec(
-        seed_time=seed_time,
+        seed_time=validate_seed_time(seed_time, now or dt.datetime.now(dt.UTC)),
         frequency_hours=validate_frequency(frequency_hours),
         retention=validate_retention(retention),
         description=validate_description(description),
@@ -250,3 +289,41 @@ class JobRow:
     @property
     def status(self) -> JobStatus:
         return JobStatus(self.state, self.consecutive_failures, self.message)
+
+    @property
+    def problem(self) -> str | None:
+        """Why this stored job cannot be scheduled (a row written by hand or by an
+        older version), or None when every field is valid."""
+        return stored_job_problem(self)
+
+
+def stored_job_problem(job: JobRow) -> str | None:
+    """What is wrong with a job as stored, or None.
+
+    A stored seed time must be a UTC time from 1970 to 30 days after the row was
+    last changed (every seed accepted by `validate_seed_time` stays valid).
+    """
+    fix = f"fix it with `connector jobs update {job.id} --seed now` or delete the job"
+    try:
+        seed = parse_time(job.seed_time)
+    except (ValueError, TypeError, AttributeError):
+        return f"its stored seed time {job.seed_time!r} is not a valid time; {fix}"
+    try:
+        changed = parse_time(job.updated_at)
+    except (ValueError, TypeError, AttributeError):
+        changed = None
+    if seed.tzinfo is None:
+        return f"its stored seed time {job.seed_time!r} has no time zone; {fix}"
+    if seed < EARLIEST_SEED or (changed is not None and seed > changed + MAX_SEED_AHEAD):
+        return (
+            f"its stored seed time {job.seed_time} is out of range (1970 to 30 days after "
+            f"the job was last changed); {fix}"
+        )
+    if job.state not in JOB_STATES:
+        return f"its stored state {job.state!r} is unknown; delete the job and create it again"
+    try:
+        validate_frequency(job.frequency_hours)
+        validate_retention(job.retention)
+    except InvalidInputError as exc:
+        return f"its stored {exc}; fix it with `connector jobs update {job.id}`"
+    return None

@@ -19,12 +19,14 @@ def utcnow() -> dt.datetime:
 
 def stamp(value: dt.datetime | None = None) -> str:
     """`2026-12-01T09:38:52.123456Z`: the state database's timestamps."""
-    return (value or utcnow()).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = (value or utcnow()).astimezone(dt.UTC)
+    return f"{utc.year:04d}" + utc.strftime("-%m-%dT%H:%M:%S.%fZ")
 
 
 def iso(value: dt.datetime | None = None) -> str:
     """`2026-12-01T09:38:52Z`: timestamps in documents."""
-    return (value or utcnow()).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    utc = (value or utcnow()).astimezone(dt.UTC)
+    return f"{utc.year:04d}" + utc.strftime("-%m-%dT%H:%M:%SZ")  # %Y is not padded below 1000
 
 
 def compact(value: dt.datetime | None = None) -> str:

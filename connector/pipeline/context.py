@@ -90,6 +90,8 @@ class StageContext:
     settings: PipelineSettings = field(default_factory=PipelineSettings)
     reporter: Reporter = field(default_factory=NullReporter)
     should_stop: Callable[[], bool] = lambda: False
+    # What a stop is called in the run's reason ("stopped by SIGTERM" in the foreground).
+    stop_reason: Callable[[], str] = lambda: "the connector is stopping"
     audit: Auditor | None = None
     # Whether releasing a run's lock may open the store first: the daemon's runs may
     # hold locks written by an earlier process; a foreground run's only by itself.
@@ -116,7 +118,7 @@ class StageContext:
 
     def check_stop(self) -> None:
         if self.should_stop():
-            raise StageInterrupted("the connector is stopping")
+            raise StageInterrupted(self.stop_reason())
 
     def run_snapshot(self, run_id: str) -> SnapshotInfo:
         """The snapshot the snapshot stage recorded for this run."""

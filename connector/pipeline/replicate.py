@@ -4,6 +4,11 @@ The stages of `connector.pipeline.driver.STAGES`, run here one after the other
 without retries (the daemon drives the same table from its queue). The
 snapshot is removed after every run, failed ones included. The next changeIds
 are stored only after the run's commit object is durable.
+
+A stop request (the context's `should_stop`, set by the CLI on SIGTERM, SIGINT
+or SIGHUP) is honoured between stages and between reads of the transfer: the run
+is rolled back (snapshot removed, FAILED with the stop's reason) and `RunStopped`
+raised. Once the run is committed, its cleanup still runs and it completes.
 """
 
 from __future__ import annotations
@@ -14,12 +19,24 @@ from connector.domain.jobs import ON_DEMAND
 from connector.domain.records import RunRow, new_run_id
 from connector.errors import ConnectorError
 from connector.logging import get_logger, scrub
-from connector.pipeline.context import StageContext
+from connector.pipeline.context import StageContext, StageInterrupted
 from connector.pipeline.driver import DONE, FIRST, RunPipeline
 
 log = get_logger(__name__)
 
-__all__ = ["Replicator", "new_run_id"]
+__all__ = ["Replicator", "RunStopped", "new_run_id"]
+
+# The stage that runs even when a stop is requested: it only removes the snapshot.
+_FINAL = "cleanup"
+
+
+class RunStopped(Exception):
+    """A stop request ended the run: it is rolled back, with the stop as its reason."""
+
+    def __init__(self, reason: str, run: RunRow) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.run = run  # as it ended: FAILED with the reason
 
 
 @dataclass
@@ -40,6 +57,8 @@ class Replicator:
         stage = FIRST
         try:
             while stage != DONE:
+                if stage != _FINAL:
+                    ctx.check_stop()
                 stage = pipeline.execute(run_id, stage)
         except BaseException as exc:
             message = scrub(str(exc)) if isinstance(exc, ConnectorError) else _describe(exc)
@@ -52,6 +71,8 @@ class Replicator:
                     what = f"vm {vm.uuid}"
                     ctx.audit.record("run.finish", what, "failure", run=run_id, error=message)
             log.error("run failed", run=run_id, error=message)
+            if isinstance(exc, StageInterrupted):
+                raise RunStopped(message, ctx.runs.run(run_id)) from exc
             raise
         finally:
             pipeline.release_lock(run_id)
@@ -61,4 +82,6 @@ class Replicator:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(exc, StageInterrupted):
+        return scrub(str(exc))
     return scrub(f"unexpected {type(exc).__name__}: {exc}")

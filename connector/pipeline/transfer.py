@@ -78,6 +78,7 @@ def _transfer_disk(
 
     def progress(done: int, total: int) -> None:
         report(done, total)
+        crash_point("block-read")
         ctx.check_stop()
 
     reader = ctx.source.open(vm, snap, disk)

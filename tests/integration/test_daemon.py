@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import random
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -273,10 +275,9 @@ def snapshot_state(env: ConnectorEnv) -> Any:
 
 def test_jobs_cli_lifecycle(cli_env: tuple[ConnectorEnv, str]) -> None:
     env, vm = cli_env
-    job = env.cli_json(
-        "jobs", "create", vm, "-f", "12", "--seed", "2030-01-01T02:00:00Z", "-d", "web tier"
-    )
-    assert job["vm_name"] == vm and job["next_run"] == "2030-01-01T02:00:00Z"
+    seed = (dt.datetime.now(dt.UTC) + dt.timedelta(days=20)).strftime("%Y-%m-%dT02:00:00Z")
+    job = env.cli_json("jobs", "create", vm, "-f", "12", "--seed", seed, "-d", "web tier")
+    assert job["vm_name"] == vm and job["next_run"] == seed
     assert job["state"] == "PENDING" and job["description"] == "web tier"
     listed = env.cli_json("jobs", "list")
     assert [j["id"] for j in listed] == [job["id"]]
@@ -302,6 +303,9 @@ def test_jobs_cli_lifecycle(cli_env: tuple[ConnectorEnv, str]) -> None:
     assert again.returncode == 2 and "already has job" in again.stderr
 
 
+RANGE = "is out of range: give a time from"
+
+
 def test_bad_input_is_refused_and_changes_nothing(cli_env: tuple[ConnectorEnv, str]) -> None:
     env, vm = cli_env
     cases: list[tuple[tuple[str, ...], int, str]] = [
@@ -311,6 +315,9 @@ def test_bad_input_is_refused_and_changes_nothing(cli_env: tuple[ConnectorEnv, s
         (("jobs", "create", vm), 2, "--frequency HOURS (1 to 24), or --run-once"),
         (("jobs", "create", vm, "-f", "2", "--run-once"), 2, "not both"),
         (("jobs", "create", vm, "-f", "2", "--seed", "soon"), 2, "not an ISO 8601 time"),
+        (("jobs", "create", vm, "-f", "1", "--seed", "0001-01-01T00:00:00Z"), 2, RANGE),
+        (("jobs", "create", vm, "-f", "1", "--seed", "1969-12-31T23:00:00Z"), 2, RANGE),
+        (("jobs", "create", vm, "-f", "1", "--seed", "2099-01-01T00:00:00Z"), 2, RANGE),
         (("jobs", "create", vm, "-f", "2", "-r", "0"), 2, "retention 0 is out of range"),
     ]
     for args, code, message in cases:
@@ -326,6 +333,7 @@ def test_bad_input_is_refused_and_changes_nothing(cli_env: tuple[ConnectorEnv, s
         (("jobs", "update", "nope", "-f", "2"), 1, "no job 'nope'"),
         (("jobs", "update", vm, "-f", "25"), 2, "frequency 25 is out of range"),
         (("jobs", "update", vm, "-f", "0"), 2, "frequency 0 is out of range"),
+        (("jobs", "update", vm, "--seed", "0001-01-01T00:00:00Z"), 2, RANGE),
         (("jobs", "update", vm), 2, "nothing to change"),
         (("jobs", "start", "nope"), 1, "no job 'nope'"),
         (("jobs", "pause", "nope"), 1, "no job 'nope'"),
@@ -339,6 +347,59 @@ def test_bad_input_is_refused_and_changes_nothing(cli_env: tuple[ConnectorEnv, s
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
         assert snapshot_state(env) == before
+
+
+def test_a_stored_job_with_a_bad_seed_is_reported_and_skipped_and_the_others_run(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    env = write_config(tmp_path / "c", vcsim, moto, s3_bucket, extra=FAST)
+    uuid = vcsim.add_vm("good-job-vm", [16 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    vcsim.write(uuid, key, MiB, random.Random(9).randbytes(MiB))
+    vcsim.add_vm("bad-job-vm", [16 * MiB])
+    bad = env.cli_json("jobs", "create", "bad-job-vm", "-f", "1")["id"]
+    # The row an older version stored for `--seed 0001-01-01T00:00:00Z`.
+    with sqlite3.connect(env.workdir / "state" / "state.db") as db:
+        db.execute("UPDATE jobs SET seed_time = '1-01-01T00:00:00Z' WHERE id = ?", (bad,))
+    db.close()
+    good = env.cli_json("jobs", "create", "good-job-vm", "--run-once")["id"]
+    warning = (
+        f"warning: job {bad} is not scheduled: its stored seed time '1-01-01T00:00:00Z' is "
+        f"not a valid time; fix it with `connector jobs update {bad} --seed now`"
+    )
+
+    listed = env.cli("jobs", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert bad in listed.stdout and good in listed.stdout and "invalid" in listed.stdout
+    assert warning in listed.stderr and "Traceback" not in listed.stderr
+    shown = env.cli("jobs", "show", bad)
+    assert shown.returncode == 0, shown.stderr
+    assert f"job {bad}: VM bad-job-vm" in shown.stdout
+    assert warning in shown.stderr and "Traceback" not in shown.stderr
+    doc = env.cli_json("jobs", "show", bad)
+    assert doc["next_run"] is None and "not a valid time" in doc["problem"]
+
+    daemon = start_daemon(env)
+    try:
+        daemon.wait_ready()
+        done = wait_for(
+            "the good job's run to complete",
+            lambda: [r for r in job_doc(env, good)["runs"] if r["state"] == "COMPLETED"],
+            timeout=120,
+            every=0.3,
+        )
+        assert len(done) == 1
+        assert job_doc(env, bad)["runs"] == []
+    finally:
+        assert daemon.terminate() == 0, daemon.log()
+    log = daemon.log()
+    assert "job not scheduled" in log and bad in log and "not a valid time" in log
+    assert "Traceback" not in log
+    assert connector_snapshots(vcsim, uuid) == []
+
+    fixed = env.cli("jobs", "update", bad, "--seed", "now", "--json")
+    assert fixed.returncode == 0 and json.loads(fixed.stdout)["problem"] is None
+    assert "warning" not in fixed.stderr
 
 
 def test_on_demand_quota(cli_env: tuple[ConnectorEnv, str]) -> None:

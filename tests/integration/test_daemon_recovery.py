@@ -55,6 +55,7 @@ CRASH_POINTS = [
     "snapshot-create",
     "snapshot-created",
     "changes",
+    "block-read",
     "multipart-created",
     "multipart-part",
     "pack-uploaded",

@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,78 @@ def test_seed_time_parsing() -> None:
     assert J.parse_seed_time("2026-12-01T02:00", now).tzinfo is not None
     with pytest.raises(InvalidInputError, match="ISO 8601"):
         J.parse_seed_time("tomorrow-ish", now)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "0001-01-01T00:00:00Z",  # stored before as an unreadable "1-01-01T00:00:00Z"
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+        "1969-12-31T23:59:59Z",
+        "2024-12-01T10:00:00Z",  # two years back
+        "2026-02-01T10:00:01Z",  # just over 30 days ahead
+        "9999-12-31T23:00:00-05:00",  # beyond year 9999 in UTC
+    ],
+)
+def test_seed_times_out_of_range_are_refused_with_the_range(text: str) -> None:
+    now = dt.datetime(2026, 1, 2, 10, tzinfo=UTC)
+    with pytest.raises(InvalidInputError, match="out of range: give a time from") as caught:
+        J.validate_seed_time(J.parse_seed_time(text, now), now)
+    assert "2025-01-02T10:00:00Z" in str(caught.value)
+    assert "2026-02-01T10:00:00Z" in str(caught.value)
+
+
+def test_seed_times_from_a_year_back_to_30_days_ahead_are_accepted() -> None:
+    now = dt.datetime(2026, 1, 2, 10, tzinfo=UTC)
+    for value in (
+        now,
+        now - dt.timedelta(days=365),
+        now + dt.timedelta(days=30),
+        dt.datetime(2026, 1, 1, 2, tzinfo=UTC),
+    ):
+        assert J.validate_seed_time(value, now) == value
+    assert J.make_spec(now - dt.timedelta(hours=3), 12, 5, "", now=now).seed_time < now
+    with pytest.raises(InvalidInputError, match="out of range"):
+        J.make_spec(dt.datetime(1, 1, 1, tzinfo=UTC), 1, 5, "", now=now)
+
+
+def _row(**values: object) -> J.JobRow:
+    fields: dict[str, object] = dict(
+        id="j-1",
+        server_id="s-1",
+        state=J.JOB_PENDING,
+        paused=False,
+        seed_time="2026-01-01T02:00:00Z",
+        frequency_hours=12,
+        retention=5,
+        description="",
+        consecutive_failures=0,
+        message="",
+        created_at="2026-01-01T00:00:00.000000Z",
+        updated_at="2026-01-01T00:00:00.000000Z",
+    )
+    fields.update(values)
+    return J.JobRow(**fields)  # type: ignore[arg-type]
+
+
+def test_a_stored_job_with_a_bad_field_says_what_is_wrong() -> None:
+    assert _row().problem is None
+    assert _row(seed_time="2025-01-01T00:00:00Z").problem is None  # a job running for a year
+    assert _row(seed_time="2026-01-31T00:00:00Z").problem is None  # 30 days after its change
+    cases = {
+        "1-01-01T00:00:00Z": "is not a valid time",
+        "0001-01-01T00:00:00Z": "out of range",
+        "2026-03-01T00:00:00Z": "out of range",
+        "2026-01-01T02:00:00": "has no time zone",
+        "": "is not a valid time",
+    }
+    for seed, message in cases.items():
+        problem = _row(seed_time=seed).problem
+        assert problem is not None and message in problem, seed
+        assert "connector jobs update j-1 --seed now" in problem
+    frequency = _row(frequency_hours=0).problem
+    assert frequency is not None and "frequency 0 is out of range" in frequency
+    assert "unknown" in (_row(state="BOGUS").problem or "")
 
 
 def test_retention_and_description_are_checked() -> None:
@@ -206,6 +279,35 @@ def test_crash_point_does_nothing_unless_named(monkeypatch: pytest.MonkeyPatch) 
     assert os.getpid() > 0
 
 
+def test_a_pause_point_waits_until_its_file_is_removed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    marker = tmp_path / "paused"
+    monkeypatch.setenv("CONNECTOR_TEST_PAUSE_AT", "block-read:2,snapshot-remove:1")
+    monkeypatch.setenv("CONNECTOR_TEST_PAUSE_FILE", str(marker))
+    crash_point("block-read")  # the first hit of two: no pause
+    assert not marker.exists()
+    passed = threading.Event()
+
+    def reach() -> None:
+        crash_point("block-read")
+        passed.set()
+
+    worker = threading.Thread(target=reach)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the pause point wrote no file"
+            time.sleep(0.01)
+        assert marker.read_text().split() == [str(os.getpid()), "block-read"]
+        assert not passed.wait(0.2)  # still paused while the file is there
+    finally:
+        marker.unlink(missing_ok=True)
+        worker.join(10)
+    assert passed.is_set()
+
+
 # -- the executor against the fakes -------------------------------------------------------
 
 
@@ -318,6 +420,25 @@ def test_a_scheduled_run_completes_and_retention_is_applied(tmp_path: Path) -> N
     ctl = w.ledger.control(runs[-1].id)
     assert ctl is not None and ctl.detail == "" and ctl.attempts == 0
     assert w.reporter._disks == {}  # nothing kept of ended runs
+
+
+def test_a_stored_job_with_a_bad_seed_is_skipped_and_the_others_are_scheduled(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    good = w.vm_with_job("vm-good")
+    bad = w.vm_with_job("vm-bad")
+    w.jobs.update(bad, seed_time="1-01-01T00:00:00Z")  # as an older version stored year 1
+    w.scheduler.sync()
+    assert w.scheduler.scheduler.get_job(f"every:{good}") is not None
+    assert w.scheduler.scheduler.get_job(f"every:{bad}") is None
+    assert w.scheduler.fire(bad) is None and not w.queue.tasks
+    assert w.scheduler.fire(good) is not None
+    w.drain()
+    assert [r.state for r in w.jobs.runs_of(good)] == ["COMPLETED"]
+    w.jobs.update(bad, seed_time="2026-01-01T00:00:00Z")  # fixed: scheduled at the next sync
+    w.scheduler.sync()
+    assert w.scheduler.scheduler.get_job(f"every:{bad}") is not None
 
 
 def test_a_fire_during_an_active_run_is_missed_not_queued(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from connector.adapters.state import StateStore
 from connector.errors import IntegrityError, UnsupportedSourceError
 from connector.fakes import FakeDiskSource, FakeHypervisor, MemoryObjectStore
 from connector.pipeline.context import PipelineSettings
+from connector.pipeline.replicate import RunStopped
 from connector.pipeline.restore import restore_disk
 from connector.store.keys import LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
@@ -130,6 +131,44 @@ def test_failure_removes_the_snapshot_and_records_the_reason(env):
     (run,) = state.runs()
     assert run.state == "FAILED" and "store is gone" in (run.error or "")
     assert not any(k.startswith("runs/") for k in objects.objects)
+
+
+def test_a_stop_between_reads_rolls_the_run_back_with_its_reason(env, tmp_path):
+    hv, objects, provider, state, rep = env
+    uuid = hv.add_vm("app", [8 * MiB])
+    hv.write(uuid, 2000, 0, random.Random(4).randbytes(6 * MiB))
+    reads = 0
+    real_open = rep.ctx.source.open
+
+    def counting_open(*args):
+        reader = real_open(*args)
+        read = reader.read
+
+        def counted(offset: int, length: int) -> bytes:
+            nonlocal reads
+            reads += 1
+            data: bytes = read(offset, length)
+            return data
+
+        reader.read = counted
+        return reader
+
+    rep.ctx.source.open = counting_open
+    rep.ctx.settings.max_read = MiB
+    rep.ctx.should_stop = lambda: reads >= 2
+    rep.ctx.stop_reason = lambda: "stopped by SIGTERM"
+    with pytest.raises(RunStopped) as stopped:
+        rep.replicate(uuid)
+    assert reads == 2  # the stop is seen right after the read that asked for it
+    assert stopped.value.run.state == "FAILED"
+    assert stopped.value.run.error == "stopped by SIGTERM"
+    assert hv.vms[uuid].snapshots == {}
+    assert not any(k.startswith("runs/") for k in objects.objects)
+    rep.ctx.should_stop = lambda: False
+    run = rep.replicate(uuid)
+    assert run.state == "COMPLETED"
+    expected = hashlib.sha256(hv.vms[uuid].disks[2000].data).hexdigest()
+    assert restore_sha(objects, provider, state, run, 2000, tmp_path) == expected
 
 
 def test_flipped_byte_in_a_pack_is_refused_on_restore(env, tmp_path):
