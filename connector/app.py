@@ -418,6 +418,7 @@ class App:
                 retry_backoff=cfg.retry_backoff,
                 retry_backoff_max=cfg.retry_backoff_max,
                 admission_interval=cfg.admission_interval,
+                retention_retry_backoff=cfg.retention_retry_backoff,
             ),
             retention=self.retention.apply,
             stopping=stopping,

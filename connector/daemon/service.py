@@ -36,7 +36,6 @@ log = get_logger(__name__)
 
 HEALTH_CHECK_INTERVAL = 10.0
 DISCOVERY_FIRST_AFTER = 60.0
-SWEEP_INTERVAL = 300.0
 
 
 class ApiServer(Protocol):
@@ -127,8 +126,15 @@ class Daemon:
                 cfg.discovery_interval,
                 first_after=min(cfg.discovery_interval, DISCOVERY_FIRST_AFTER),
             )
-            every = max(SWEEP_INTERVAL, cfg.discovery_interval)
+            every = cfg.sweep_interval
             scheduler.add_periodic("sweep", periodic_sweep, every, first_after=every)
+            # Retention that could not be applied after a run is tried again when due.
+            scheduler.add_periodic(
+                "retention",
+                parts.executor.retry_retention,
+                cfg.sync_interval,
+                first_after=cfg.sync_interval,
+            )
             scheduler.start()
             if self.api is not None:
                 self.api.start()

@@ -519,3 +519,63 @@ def test_admission_limits_runs_per_esxi_host(tmp_path: Path) -> None:
     assert ctl is not None and "max_runs_per_host" in ctl.detail
     w.drain()
     assert w.state.run(run_b).state == "COMPLETED"
+
+
+def test_retention_that_cannot_run_is_recorded_and_tried_again_until_applied(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path, retention_retry_backoff=60.0, retry_backoff_max=600.0)
+    job_id = w.vm_with_job("vm-ret", retention=1)
+    assert w.scheduler.fire(job_id)
+    w.drain()
+    apply = w.executor.retention
+    failures = [UnreachableError("cannot reach the S3 endpoint https://s3.test (refused)")] * 2
+
+    def flaky(server_id: str, n: int) -> object:
+        if failures:
+            raise failures.pop()
+        return apply(server_id, n)
+
+    w.executor.retention = flaky
+    assert w.scheduler.fire(job_id)
+    w.drain()
+    job = w.jobs.get(job_id)
+    assert job.retention_due is not None and job.retention_attempts == 1
+    assert "cannot reach the S3 endpoint" in (job.retention_error or "")
+    runs = w.jobs.runs_of(job_id)
+    assert [r.state for r in runs] == ["COMPLETED", "COMPLETED"]  # nothing deleted yet
+    now = dt.datetime.now(UTC)
+    next_at = dt.datetime.strptime(job.retention_next_at or "", "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert 55 <= (next_at.replace(tzinfo=UTC) - now).total_seconds() <= 61
+    # not due yet: the periodic retry leaves it alone
+    w.executor.retry_retention()
+    assert w.jobs.get(job_id).retention_attempts == 1 and len(failures) == 1
+    assert [j.id for j in w.jobs.retention_to_retry(now + dt.timedelta(seconds=61))] == [job_id]
+    # due: the second try fails too, and waits twice as long
+    w.jobs.update(job_id, retention_next_at="2000-01-01T00:00:00.000000Z")
+    w.executor.retry_retention()
+    job = w.jobs.get(job_id)
+    assert job.retention_attempts == 2 and not failures
+    next_at = dt.datetime.strptime(job.retention_next_at or "", "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert 115 <= (next_at.replace(tzinfo=UTC) - dt.datetime.now(UTC)).total_seconds() <= 121
+    # the third try applies it
+    w.jobs.update(job_id, retention_next_at="2000-01-01T00:00:00.000000Z")
+    w.executor.retry_retention()
+    job = w.jobs.get(job_id)
+    assert job.retention_due is None and job.retention_attempts == 0
+    assert job.retention_error is None
+    assert [r.state for r in w.jobs.runs_of(job_id)] == ["DELETED", "COMPLETED"]
+
+
+def test_owed_retention_of_a_deleted_job_is_dropped_not_applied(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    job_id = w.vm_with_job("vm-ret-gone", retention=1)
+    token = w.jobs.retention_owed(job_id)
+    w.jobs.update(job_id, state=J.JOB_DELETED)
+    w.executor.retry_retention()
+    assert w.retained == []
+    assert w.jobs.get(job_id).retention_due is None
+    # a stale token settles nothing
+    newer = w.jobs.retention_owed(job_id)
+    assert newer != token and not w.jobs.retention_applied(job_id, token)
+    assert w.jobs.get(job_id).retention_due == newer
