@@ -436,14 +436,14 @@ class App:
                 release_lock=pipeline.release_lock,
             )
 
-        def sweep_before(started_at: str) -> RecoveryReport:
+        def sweep_leftovers() -> RecoveryReport:
             return sweep(
                 self.state,
                 self.ledger,
                 self.hypervisor,
                 self.objects,
-                uploads_before=started_at,
                 release_lock=pipeline.release_lock,
+                stale_upload_age=dt.timedelta(seconds=cfg.stale_upload_age),
             )
 
         return DaemonParts(
@@ -452,7 +452,7 @@ class App:
             jobs=self.jobs,
             discovery=Discovery(self.discovery_hypervisor, self.state),
             recover=recover_all,
-            sweep=sweep_before,
+            sweep=sweep_leftovers,
         )
 
     def close(self) -> None:

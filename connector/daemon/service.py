@@ -29,7 +29,6 @@ from connector.daemon.queue import RunQueue
 from connector.daemon.recovery import RecoveryReport
 from connector.daemon.runner import RunExecutor
 from connector.daemon.schedule import JobScheduler, JobSource
-from connector.domain.times import stamp
 from connector.logging import get_logger
 
 log = get_logger(__name__)
@@ -65,7 +64,7 @@ class DaemonParts:
     jobs: Jobs
     discovery: Discovery
     recover: Callable[[], RecoveryReport]
-    sweep: Callable[[str], object]  # undo leftovers recorded before this time (ISO)
+    sweep: Callable[[], object]  # undo leftovers: of runs that are over, uploads no put owns
 
 
 class Daemon:
@@ -97,7 +96,6 @@ class Daemon:
         lock = self.state_lock
         lock.acquire()
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        started_at = stamp()
         parts: DaemonParts | None = None
         scheduler: JobScheduler | None = None
         consumer = None
@@ -114,11 +112,6 @@ class Daemon:
             scheduler = JobScheduler(
                 parts.jobs, queue, cfg.schedule_unit_seconds, cfg.sync_interval
             )
-            sweep = parts.sweep
-
-            def periodic_sweep() -> None:
-                sweep(started_at)
-
             # Recovery and queued runs go first; the inventory follows within a minute.
             scheduler.add_periodic(
                 "discovery",
@@ -127,7 +120,7 @@ class Daemon:
                 first_after=min(cfg.discovery_interval, DISCOVERY_FIRST_AFTER),
             )
             every = cfg.sweep_interval
-            scheduler.add_periodic("sweep", periodic_sweep, every, first_after=every)
+            scheduler.add_periodic("sweep", parts.sweep, every, first_after=every)
             # Retention that could not be applied after a run is tried again when due.
             scheduler.add_periodic(
                 "retention",

@@ -449,6 +449,9 @@ def test_recovery_resumes_an_active_run_and_removes_leftovers(tmp_path: Path) ->
         def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
             return 0
 
+        def uploads_in_use(self) -> frozenset[str]:
+            return frozenset()
+
     uploads = Uploads()
     report = recover(w.state, w.ledger, w.queue, w.hv, uploads, resume_within=3600)
     assert report.resumed == [run_id] and report.uploads_aborted == 1
@@ -476,6 +479,9 @@ def test_recovery_sweep_removes_the_lock_of_a_run_it_ends(tmp_path: Path) -> Non
 
         def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
             return 0
+
+        def uploads_in_use(self) -> frozenset[str]:
+            return frozenset()
 
     report = sweep(w.state, w.ledger, w.hv, Uploads(), release_lock=w.pipeline.release_lock)
     assert report.snapshots_removed == 1
@@ -579,3 +585,42 @@ def test_owed_retention_of_a_deleted_job_is_dropped_not_applied(tmp_path: Path) 
     newer = w.jobs.retention_owed(job_id)
     assert newer != token and not w.jobs.retention_applied(job_id, token)
     assert w.jobs.get(job_id).retention_due == newer
+
+
+def test_the_sweep_aborts_recorded_uploads_no_put_owns_and_stale_unrecorded_ones(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    w.ledger.upload_started("packs/aa/in-flight", "upload-owned")
+    w.ledger.upload_started("packs/bb/left-over", "upload-orphan")
+    w.ledger.upload_started("packs/cc/refused", "upload-refused")
+
+    class Uploads:
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+            self.listed: list[dt.timedelta] = []
+
+        def abort_upload(self, key: str, upload_id: str) -> bool:
+            self.aborted.append(upload_id)
+            return upload_id != "upload-refused"  # S3 refused this abort
+
+        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+            self.listed.append(older_than)
+            return 2
+
+        def uploads_in_use(self) -> frozenset[str]:
+            return frozenset({"upload-owned"})
+
+    uploads = Uploads()
+    age = dt.timedelta(seconds=90)
+    report = sweep(w.state, w.ledger, w.hv, uploads, stale_upload_age=age)
+    assert uploads.aborted == ["upload-orphan", "upload-refused"]  # never the owned one
+    assert uploads.listed == [age]
+    assert report.uploads_aborted == 3
+    assert report.problems == ["multipart upload of packs/cc/refused could not be aborted"]
+    pending = sorted(e.ref or "" for e in w.ledger.pending("multipart"))
+    assert pending == ["upload-owned", "upload-refused"]  # the refused one is tried again
+    # without an age, no prefix-wide listing
+    uploads.listed.clear()
+    sweep(w.state, w.ledger, w.hv, uploads)
+    assert uploads.listed == []
