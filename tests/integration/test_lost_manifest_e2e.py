@@ -76,8 +76,13 @@ def test_a_deleted_manifest_makes_a_full_read_and_stops_purge(
         assert sha == disk_sha(vcsim, uuid, key)
 
     # dropping the lost run lets purge go on; what is kept still restores exact
+    before = objects(moto, env.bucket)
     refused = env.cli("purge", "--drop-run", second["id"])
     assert refused.returncode == 1 and "--yes" in refused.stderr
+    unknown = env.cli("purge", "--drop-run", "r-20260101T000000000Z-00000000", "--yes")
+    assert unknown.returncode == 1 and "is not in the store" in unknown.stderr
+    assert "Traceback" not in refused.stderr + unknown.stderr
+    assert objects(moto, env.bucket) == before
     done = env.cli("purge", name, "--keep", "1", "--drop-run", second["id"], "--yes", "--json")
     assert done.returncode == 0, done.stderr
     states = {r["id"]: r["state"] for r in env.cli_json("runs", name)}

@@ -624,3 +624,13 @@ def test_the_sweep_aborts_recorded_uploads_no_put_owns_and_stale_unrecorded_ones
     uploads.listed.clear()
     sweep(w.state, w.ledger, w.hv, uploads)
     assert uploads.listed == []
+
+    class Unreachable(Uploads):
+        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+            raise UnreachableError("cannot reach the S3 endpoint https://s3.test (refused)")
+
+    report = sweep(w.state, w.ledger, w.hv, Unreachable(), stale_upload_age=age)
+    assert any(
+        p.startswith("listing incomplete uploads: cannot reach the S3 endpoint")
+        for p in report.problems
+    )

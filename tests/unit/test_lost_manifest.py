@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from connector.adapters.state import StateStore
-from connector.errors import IntegrityError
+from connector.errors import IntegrityError, NotFoundError
 from connector.fakes import FakeDiskSource, FakeHypervisor, MemoryObjectStore
 from connector.pipeline.context import PipelineSettings
 from connector.pipeline.purge import drop_run, purge
 from connector.pipeline.restore import restore_disk
 from connector.store.keys import LocalKeyProvider, generate_key_file
-from connector.store.repository import Repository, manifest_key
+from connector.store.repository import Repository, commit_key, manifest_key
 from tests.harness.pipeline import replicator
 from tests.unit.fake_store import HookedObjects
 
@@ -157,3 +157,33 @@ def test_purge_deletes_nothing_while_a_committed_runs_manifest_is_missing(
     assert all("no run record in the store any more" in (d.reason or "") for d in nxt.disks)
     for k in (2000, 2001):
         assert restored(objects, provider, nxt, k, tmp_path / f"n{k}.img") == sha(hv, uuid, k)
+
+
+def test_purge_stops_on_a_damaged_run_record_and_drop_run_needs_a_committed_run(env) -> None:
+    hv, objects, provider, state, rep = env
+    uuid = hv.add_vm("purge-record", [8 * MiB])
+    runs = []
+    for i in range(2):
+        hv.write(uuid, 2000, i * MiB, bytes([i + 1]) * 9000)
+        runs.append(rep.replicate(uuid))
+    sid = runs[0].server_id
+    record = commit_key(sid, runs[0].id)
+    blob = bytearray(objects.get(record))
+    blob[30] ^= 1
+    objects.put(record, bytes(blob))
+    before = dict(objects.objects)
+    repo = Repository.open(objects, provider)
+    with pytest.raises(IntegrityError) as caught:
+        purge(repo, state, {sid: 1})
+    message = str(caught.value)
+    assert f"the run record of run {runs[0].id}" in message and "cannot be read" in message
+    assert "nothing was deleted" in message and "--drop-run" in message
+    assert objects.objects == before
+    with pytest.raises(NotFoundError) as gone:
+        drop_run(repo, state, sid, "r-20260101T000000000Z-00000000")
+    assert "has no run record in the store" in str(gone.value)
+    # a dry run changes nothing
+    assert drop_run(repo, state, sid, runs[0].id, dry_run=True).deleted == [runs[0].id]
+    assert objects.objects == before
+    drop_run(repo, state, sid, runs[0].id)
+    assert purge(repo, state, {sid: 1}).retention[0].kept == [runs[1].id]
