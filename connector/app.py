@@ -434,6 +434,7 @@ class App:
                 retry_backoff=cfg.retry_backoff,
                 retry_backoff_max=cfg.retry_backoff_max,
                 admission_interval=cfg.admission_interval,
+                retention_retry_backoff=cfg.retention_retry_backoff,
             ),
             retention=self.retention.apply,
             stopping=stopping,
@@ -451,14 +452,14 @@ class App:
                 release_lock=pipeline.release_lock,
             )
 
-        def sweep_before(started_at: str) -> RecoveryReport:
+        def sweep_leftovers() -> RecoveryReport:
             return sweep(
                 self.state,
                 self.ledger,
                 self.hypervisor,
                 self.objects,
-                uploads_before=started_at,
                 release_lock=pipeline.release_lock,
+                stale_upload_age=dt.timedelta(seconds=cfg.stale_upload_age),
             )
 
         return DaemonParts(
@@ -467,7 +468,7 @@ class App:
             jobs=self.jobs,
             discovery=Discovery(self.discovery_hypervisor, self.state),
             recover=recover_all,
-            sweep=sweep_before,
+            sweep=sweep_leftovers,
         )
 
     def close(self) -> None:

@@ -366,6 +366,16 @@ class DaemonConfig(_Section):
     retry_backoff_max: float = Field(default=600.0, ge=0.0)
     resume_within: float = Field(default=6 * 3600.0, ge=0.0)  # older interrupted runs roll back
     admission_interval: float = Field(default=5.0, gt=0.0)  # re-check of a run waiting a slot
+    # A job's retention that could not be applied (purge guard busy, S3 down) is tried
+    # again after this many seconds, doubled each time up to retry_backoff_max.
+    retention_retry_backoff: float = Field(default=30.0, gt=0.0, le=3600.0)
+    # The sweep of leftovers while the daemon runs: snapshots of runs that are over,
+    # multipart uploads the connector started and no put owns any more.
+    sweep_interval: float = Field(default=300.0, gt=0.0, le=86400.0)
+    # Incomplete multipart uploads under the prefix that no put of this process owns
+    # are aborted by the sweep once this old (their id may never have reached the
+    # ledger: a lost CreateMultipartUpload reply). Well above a request's time out.
+    stale_upload_age: float = Field(default=3600.0, gt=0.0, le=7 * 86400.0)
     # Testing aid: how many seconds one scheduling "hour" lasts. Leave at 3600.
     schedule_unit_seconds: float = Field(default=3600.0, gt=0.0)
 

@@ -136,6 +136,64 @@ class JobStore:
             message=status.message,
         )
 
+    # -- retention owed after completed runs -------------------------------------------
+
+    def retention_owed(self, job_id: str) -> str:
+        """Record that the job's retention must be applied now; returns the record's token
+        (its time, to the microsecond), which a later try must present to settle it."""
+        token = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        with self._tx() as c:
+            c.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id)
+                .values(
+                    retention_due=token,
+                    retention_attempts=0,
+                    retention_next_at=token,
+                    retention_error=None,
+                )
+            )
+        return token
+
+    def retention_applied(self, job_id: str, token: str) -> bool:
+        """Settle the owed retention, unless a newer run owes it again since `token`."""
+        with self._tx() as c:
+            done = c.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.retention_due == token)
+                .values(
+                    retention_due=None,
+                    retention_attempts=0,
+                    retention_next_at=None,
+                    retention_error=None,
+                )
+            )
+        return bool(done.rowcount)
+
+    def retention_failed(self, job_id: str, token: str, error: str, next_at: dt.datetime) -> None:
+        """Count a failed try of the owed retention and when to try again."""
+        with self._tx() as c:
+            c.execute(
+                jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.retention_due == token)
+                .values(
+                    retention_attempts=jobs.c.retention_attempts + 1,
+                    retention_next_at=next_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    retention_error=error,
+                )
+            )
+
+    def retention_to_retry(self, now: dt.datetime) -> list[JobRow]:
+        """Jobs whose owed retention is due for another try at `now`."""
+        cutoff = now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        with self._tx() as c:
+            rows = c.execute(
+                sa.select(jobs)
+                .where(jobs.c.retention_due.is_not(None), jobs.c.retention_next_at <= cutoff)
+                .order_by(jobs.c.retention_next_at)
+            ).all()
+        return [JobRow(**r._mapping) for r in rows]
+
     # -- runs of jobs --------------------------------------------------------------
 
     def create_run(

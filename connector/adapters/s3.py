@@ -37,6 +37,7 @@ import contextlib
 import datetime as dt
 import re
 import ssl
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -430,6 +431,10 @@ class S3ObjectStore:
         self._threshold = multipart_threshold
         self._part_size = multipart_part_size
         self._journal = upload_journal
+        # Multipart uploads a put of this process is using now: the sweep of leftovers
+        # aborts only uploads outside this set (`uploads_in_use`).
+        self._in_use: set[str] = set()
+        self._in_use_lock = threading.Lock()
         for secret in (access_key_id, secret_access_key):
             if secret is not None:
                 # Defence in depth: no message built here quotes a secret, but a
@@ -676,20 +681,30 @@ class S3ObjectStore:
         )
         return probes
 
-    def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
-        """Abort multipart uploads under the prefix started more than `older_than` ago.
+    def uploads_in_use(self) -> frozenset[str]:
+        """The ids of the multipart uploads that puts of this process are using now."""
+        with self._in_use_lock:
+            return frozenset(self._in_use)
 
-        For startup recovery after a crash (a process kill skips the in-process abort).
-        Returns how many were aborted.
+    def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+        """Abort multipart uploads under the prefix started more than `older_than` ago
+        that no put of this process is using.
+
+        For startup recovery after a crash (a process kill skips the in-process abort),
+        and for the daemon's sweep: an upload whose CreateMultipartUpload reply was lost
+        never reached the ledger, and only this listing finds it. Returns how many were
+        aborted.
         """
         cutoff = dt.datetime.now(dt.UTC) - older_than
         paginator = self._client.get_paginator("list_multipart_uploads")
         aborted = 0
         try:
             for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix):
+                in_use = self.uploads_in_use()
                 for upload in page.get("Uploads", ()):
-                    if upload["Initiated"] <= cutoff:
-                        self._abort_multipart(upload["Key"], upload["UploadId"])
+                    if upload["Initiated"] > cutoff or upload["UploadId"] in in_use:
+                        continue
+                    if self._abort_multipart(upload["Key"], upload["UploadId"]):
                         aborted += 1
         except (ClientError, BotoCoreError) as exc:
             raise self._map_error(exc, "list multipart uploads of", None) from exc
@@ -727,6 +742,10 @@ class S3ObjectStore:
                 **self._sse_args(),
             )
             upload_id: str = created["UploadId"]
+            # In use until the put is over, settled or not: the sweep leaves it alone.
+            with self._in_use_lock:
+                self._in_use.add(upload_id)
+            on_failure.callback(self._release, upload_id)
             # Registered right where the upload exists: any failure below aborts it.
             on_failure.callback(self._abort_and_settle, key, full, upload_id)
             if self._journal is not None:
@@ -758,8 +777,17 @@ class S3ObjectStore:
                 MultipartUpload={"Parts": parts},
             )
             on_failure.pop_all()  # completed: nothing to abort
-        if self._journal is not None:
-            self._journal.upload_ended(key, upload_id)
+        try:
+            if self._journal is not None:
+                self._journal.upload_ended(key, upload_id)
+        finally:
+            self._release(upload_id)
+
+    def _release(self, upload_id: str) -> None:
+        """The put is over with this upload (after its ledger record was settled, or
+        left for the sweep): from now on the sweep may abort it."""
+        with self._in_use_lock:
+            self._in_use.discard(upload_id)
 
     def _abort_and_settle(self, key: str, full: str, upload_id: str) -> None:
         if self._abort_multipart(full, upload_id) and self._journal is not None:

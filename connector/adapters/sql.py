@@ -177,6 +177,11 @@ jobs = sa.Table(
     sa.Column("message", sa.Text, nullable=False, default=""),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("updated_at", sa.String(32), nullable=False),
+    # Retention owed after a completed run, until it is applied (NULL: none owed).
+    sa.Column("retention_due", sa.String(40)),  # since when (microseconds: also a token)
+    sa.Column("retention_attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("retention_next_at", sa.String(40)),  # the next try, ISO 8601 UTC
+    sa.Column("retention_error", sa.Text),  # why the last try failed
 )
 
 

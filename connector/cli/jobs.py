@@ -90,10 +90,24 @@ def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]
         run_once=job.run_once,
         next_run=iso(nxt) if nxt else None,
         problem=problem,
+        retention_pending=_retention_pending(job),
     )
     if with_runs:
         doc["runs"] = _run_docs(a, a.jobs.runs_of(job.id))
     return doc
+
+
+def _retention_pending(job: JobRow) -> dict[str, Any] | None:
+    """The retention a completed run owes and has not had applied yet, or None."""
+    if job.retention_due is None:
+        return None
+    return {
+        "state": "failed" if job.retention_attempts else "pending",
+        "since": job.retention_due,
+        "attempts": job.retention_attempts,
+        "next_try": job.retention_next_at,
+        "error": job.retention_error,
+    }
 
 
 def _run_docs(a: App, rows: list[RunRow]) -> list[dict[str, Any]]:
@@ -172,6 +186,16 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
         f"  {doc['description']}\n  {doc['message']}",
         highlight=False,
     )
+    owed = doc["retention_pending"]
+    if owed is not None and owed["attempts"]:
+        out.print(
+            f"  [yellow]retention not applied[/yellow] since {owed['since']}: "
+            f"{owed['attempts']} tries failed, the last with: {owed['error']}; "
+            f"next try at {owed['next_try']} (while `connector run` runs)",
+            highlight=False,
+        )
+    elif owed is not None:
+        out.print(f"  retention pending since {owed['since']}", highlight=False)
     t = Table("run", "type", "state", "stage", "progress", "started", "finished", "error")
     for r in doc["runs"]:
         p = r["progress"] or {}

@@ -20,6 +20,9 @@ from connector.pipeline.purge import (
     remove_server,
 )
 from connector.pipeline.purge import (
+    drop_run as drop_one_run,
+)
+from connector.pipeline.purge import (
     purge as purge_store,
 )
 from connector.pipeline.verify import VerifyReport, verify_store
@@ -180,7 +183,17 @@ def purge(
         bool,
         typer.Option("--remove-server", help="Delete every run of VM (a VM or job that is gone)."),
     ] = False,
-    yes: Annotated[bool, typer.Option("--yes", help="Confirm --remove-server.")] = False,
+    drop_run: Annotated[
+        str | None,
+        typer.Option(
+            "--drop-run",
+            metavar="RUN",
+            help="Delete this committed run first (one whose manifest is lost or damaged).",
+        ),
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm --remove-server or --drop-run.")
+    ] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -195,8 +208,17 @@ def purge(
                 "--remove-server deletes every run of the VM from the store; add --yes to "
                 "confirm (or --dry-run to see what would go)"
             )
+        if drop_run is not None and not (yes or dry_run):
+            raise PermanentError(
+                f"--drop-run deletes run {drop_run} from the store; add --yes to confirm "
+                "(or --dry-run to see what would go)"
+            )
         repo = a.repository()
         with a.retention.guard():
+            dropped: list[RetentionResult] = []
+            if drop_run is not None:
+                server_id = _server_of_run(a, repo.scan_runs(), drop_run)
+                dropped = [drop_one_run(repo, a.state, server_id, drop_run, dry_run=dry_run)]
             if remove_vm:
                 assert vm is not None
                 server = a.servers.resolve(vm, refresh=False)
@@ -212,8 +234,10 @@ def purge(
                 policies = a.retention.policies(ids)
                 if keep is not None:
                     policies = dict.fromkeys(policies, keep)
-                report = purge_store(repo, a.state, policies, settings)
+                exclude = {(r.server_id, run) for r in dropped for run in r.deleted}
+                report = purge_store(repo, a.state, policies, settings, exclude_runs=exclude)
                 results, gc = report.retention, report.gc
+            results = dropped + results
         names = {s.id: s.name for s in a.state.servers()}
         doc = {"dry_run": dry_run, "retention": [asdict(r) for r in results], "gc": asdict(gc)}
         if as_json:

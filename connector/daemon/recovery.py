@@ -13,8 +13,15 @@ Before the queue's workers start:
    at startup), and, belt and braces, any incomplete upload under the store's
    prefix (one whose id never reached the ledger).
 
-`sweep` (steps 2 and 3 without the prefix-wide abort) also runs periodically,
-so leftovers that could not be removed at startup (vCenter or S3 down) go later.
+`sweep` (steps 2 and 3) also runs periodically while the daemon runs, so
+leftovers that could not be removed at startup (vCenter or S3 down) go later,
+and so do those of the running process: a recorded multipart upload that no
+put owns any more (its abort failed) is aborted, and so is an incomplete
+upload under the prefix older than `stale_upload_age` that no put owns (one
+whose CreateMultipartUpload reply was lost, so its id never reached the
+ledger). What a put owns comes from the S3 adapter (`uploads_in_use`): an
+upload is owned from the moment its id is known until its put is over and its
+record is settled, so the ledger is read first and the owned set after it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ log = get_logger(__name__)
 
 class UploadAborter(Protocol):
     def abort_upload(self, key: str, upload_id: str) -> bool: ...
+
+    def uploads_in_use(self) -> frozenset[str]: ...
 
     def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int: ...
 
@@ -113,13 +122,15 @@ def sweep(
     uploads: UploadAborter,
     report: RecoveryReport | None = None,
     keep: set[str] | None = None,
-    uploads_before: str | None = None,
     release_lock: Callable[[str], None] | None = None,
+    stale_upload_age: dt.timedelta | None = None,
 ) -> RecoveryReport:
-    """Undo the recorded side effects of runs that are over (or unknown).
+    """Undo the recorded side effects of runs that are over (or unknown), and the
+    multipart uploads no put owns any more.
 
-    `uploads_before` (an ISO time) limits the aborts to uploads recorded before
-    it: while the daemon runs, later ones may be in flight in this process.
+    With `stale_upload_age`, also abort the incomplete uploads under the store's
+    prefix that are older and that no put owns (their id may never have been
+    recorded).
     """
     report = report or RecoveryReport()
     if keep is None:
@@ -138,16 +149,23 @@ def sweep(
             _fail_if_active(state, effect.run_id)
             if release_lock is not None:  # the run is over: so is its hold on the packs
                 release_lock(effect.run_id)
-    for effect in ledger.pending(MULTIPART):
-        if effect.ref is None:
-            continue
-        if uploads_before is not None and effect.created_at >= uploads_before:
+    recorded = ledger.pending(MULTIPART)
+    in_use = uploads.uploads_in_use()  # after the ledger: see the module's docstring
+    for effect in recorded:
+        if effect.ref is None or effect.ref in in_use:
             continue
         if uploads.abort_upload(effect.target, effect.ref):
             ledger.undone(effect.id)
             report.uploads_aborted += 1
         else:
             report.problems.append(f"multipart upload of {effect.target} could not be aborted")
+    if stale_upload_age is not None:
+        try:
+            report.uploads_aborted += uploads.abort_incomplete_uploads(stale_upload_age)
+        except ConnectorError as exc:
+            report.problems.append(f"listing incomplete uploads: {scrub(str(exc))}")
+    if report.uploads_aborted:
+        log.info("multipart uploads aborted", count=report.uploads_aborted)
     return report
 
 

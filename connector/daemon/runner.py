@@ -6,10 +6,21 @@ a PermanentError, or an error the connector did not expect, fails the run at
 once. A failed run is rolled back (snapshot removed) and marked FAILED with
 the reason; its job counts the failure and pauses after `failures_before_pause`
 failures in a row.
+
+After a completed run, the job's retention is owed: recorded in the jobs table
+first, then applied. When it cannot run (another purge holds the state
+database's purge guard, S3 is down, a manifest cannot be read), the failure is
+recorded with the time of the next try (the backoff of the stage retries,
+from `retention_retry_backoff`), and `retry_retention`, called periodically,
+tries again until it is applied. Re-queueing rather than waiting for the guard
+keeps the worker free (a purge from the CLI may hold the guard for minutes),
+covers S3 outages as well as a busy guard, and survives a restart: the record
+is in the state database, and `jobs show` prints it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +66,7 @@ class RunLimits:
     retry_backoff: float = 10.0
     retry_backoff_max: float = 600.0
     admission_interval: float = 5.0
+    retention_retry_backoff: float = 30.0
 
 
 class Enqueue(Protocol):
@@ -256,12 +268,47 @@ class RunExecutor:
             return
         if run.state == RUN_COMPLETED:
             self.jobs.set_status(job.id, on_run_completed(job.status, job.run_once))
-            try:
-                self.retention(job.server_id, job.retention)
-            except Exception as exc:
-                log.error("retention failed", job=job.id, error=scrub(str(exc)))
+            token = self.jobs.retention_owed(job.id)
+            self._apply_retention(self.jobs.get(job.id), token)
         elif run.state == RUN_FAILED:
             self._job_failed(job, run.error or "unknown error")
+
+    # -- retention owed after a completed run ---------------------------------------------
+
+    def retry_retention(self) -> None:
+        """Try again the retention of every job whose owed retention is due (periodic)."""
+        if self.stopping.is_set():
+            return
+        for job in self.jobs.retention_to_retry(dt.datetime.now(dt.UTC)):
+            if job.retention_due is None:
+                continue
+            if job.state == JOB_DELETED:  # its runs stay as they are, like its replicas
+                self.jobs.retention_applied(job.id, job.retention_due)
+                continue
+            self._apply_retention(job, job.retention_due)
+
+    def _apply_retention(self, job: JobRow, token: str) -> None:
+        try:
+            self.retention(job.server_id, job.retention)
+        except Exception as exc:
+            attempt = job.retention_attempts + 1
+            delay = backoff_delay(
+                attempt, self.limits.retention_retry_backoff, self.limits.retry_backoff_max
+            )
+            message = scrub(str(exc)) or type(exc).__name__
+            self.jobs.retention_failed(
+                job.id, token, message, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=delay)
+            )
+            log.warning(
+                "retention could not be applied; it is tried again",
+                job=job.id,
+                attempt=attempt,
+                retry_in=round(delay, 1),
+                error=message,
+            )
+            return
+        if self.jobs.retention_applied(job.id, token):
+            log.info("retention applied", job=job.id, keep=job.retention)
 
     def _job_failed(self, job: JobRow, reason: str) -> None:
         current = self.jobs.get(job.id)

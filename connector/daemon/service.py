@@ -29,14 +29,12 @@ from connector.daemon.queue import RunQueue
 from connector.daemon.recovery import RecoveryReport
 from connector.daemon.runner import RunExecutor
 from connector.daemon.schedule import JobScheduler, JobSource
-from connector.domain.times import stamp
 from connector.logging import get_logger
 
 log = get_logger(__name__)
 
 HEALTH_CHECK_INTERVAL = 10.0
 DISCOVERY_FIRST_AFTER = 60.0
-SWEEP_INTERVAL = 300.0
 
 
 class ApiServer(Protocol):
@@ -66,7 +64,7 @@ class DaemonParts:
     jobs: Jobs
     discovery: Discovery
     recover: Callable[[], RecoveryReport]
-    sweep: Callable[[str], object]  # undo leftovers recorded before this time (ISO)
+    sweep: Callable[[], object]  # undo leftovers: of runs that are over, uploads no put owns
 
 
 class Daemon:
@@ -98,7 +96,6 @@ class Daemon:
         lock = self.state_lock
         lock.acquire()
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        started_at = stamp()
         parts: DaemonParts | None = None
         scheduler: JobScheduler | None = None
         consumer = None
@@ -115,11 +112,6 @@ class Daemon:
             scheduler = JobScheduler(
                 parts.jobs, queue, cfg.schedule_unit_seconds, cfg.sync_interval
             )
-            sweep = parts.sweep
-
-            def periodic_sweep() -> None:
-                sweep(started_at)
-
             # Recovery and queued runs go first; the inventory follows within a minute.
             scheduler.add_periodic(
                 "discovery",
@@ -127,8 +119,15 @@ class Daemon:
                 cfg.discovery_interval,
                 first_after=min(cfg.discovery_interval, DISCOVERY_FIRST_AFTER),
             )
-            every = max(SWEEP_INTERVAL, cfg.discovery_interval)
-            scheduler.add_periodic("sweep", periodic_sweep, every, first_after=every)
+            every = cfg.sweep_interval
+            scheduler.add_periodic("sweep", parts.sweep, every, first_after=every)
+            # Retention that could not be applied after a run is tried again when due.
+            scheduler.add_periodic(
+                "retention",
+                parts.executor.retry_retention,
+                cfg.sync_interval,
+                first_after=cfg.sync_interval,
+            )
             scheduler.start()
             if self.api is not None:
                 self.api.start()

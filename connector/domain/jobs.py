@@ -277,6 +277,11 @@ class JobRow:
     message: str
     created_at: str
     updated_at: str
+    # Retention owed after a completed run (None: none owed), and its failed tries.
+    retention_due: str | None = None
+    retention_attempts: int = 0
+    retention_next_at: str | None = None
+    retention_error: str | None = None
 
     @property
     def run_once(self) -> bool:

@@ -3,8 +3,10 @@
 Per disk of the run's snapshot, QueryChangedDiskAreas against that snapshot
 with the stored changeId, paged by startOffset over the whole capacity; a
 refused changeId, a new, replaced or resized disk, or a CBT reset make a full
-read, recorded with its reason. Each disk's plan is kept in the ledger, so a
-resumed run does not ask again.
+read, recorded with its reason. So does a previous run whose manifest of the
+disk cannot be read (deleted or damaged): the next map is built on that run's
+map, so without it the disk is read in full. Each disk's plan is kept in the
+ledger, so a resumed run does not ask again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from connector.domain.records import DiskStateRow
 from connector.errors import ChangeIdRefused, PermanentError
 from connector.faults import crash_point
 from connector.logging import get_logger
+from connector.pipeline.commit import read_base_map, unreadable_base_reason
 from connector.pipeline.context import RunRef, StageContext
 from connector.ports import Hypervisor
 
@@ -34,6 +37,10 @@ def run(ctx: StageContext, ref: RunRef) -> None:
         ctx.reporter.stage(ref.run_id, "changes", f"disk {disk.key}")
         previous = ctx.disks.disk_state(ref.server_id, disk.key)
         plan = plan_disk(ctx.hv, ref.vm_uuid, snap.ref, disk, previous)
+        if plan.base_run is not None:
+            base_map, why = read_base_map(ctx.repo(), ref.server_id, plan.base_run, disk.key)
+            if base_map is None:
+                plan = without_base(plan, why)
         log.info(
             "disk plan",
             run=ref.run_id,
@@ -186,6 +193,26 @@ def plan_disk(
         tuple(areas),
         previous.change_id,
         previous.last_run_id,
+    )
+
+
+def without_base(plan: DiskPlan, why: str) -> DiskPlan:
+    """The plan for a disk whose base run's manifest cannot be read: a full read that
+    builds a full manifest, recorded with the reason."""
+    assert plan.base_run is not None
+    log.warning(
+        "the previous run's manifest cannot be read; the disk is read in full",
+        base_run=plan.base_run,
+        disk=plan.disk.key,
+        error=why,
+    )
+    return DiskPlan(
+        plan.disk,
+        "full",
+        unreadable_base_reason(plan.base_run, why),
+        (Extent(0, plan.disk.capacity),),
+        None,
+        None,
     )
 
 

@@ -8,15 +8,23 @@ the transfer stage writes it once the disk's packs are durable.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from connector.domain.extents import block_count
-from connector.domain.manifest import BlockMap, DiskManifest, apply_changes, diff_maps, leaves
+from connector.domain.manifest import (
+    BlockMap,
+    BlockRef,
+    DiskManifest,
+    apply_changes,
+    diff_maps,
+    leaves,
+)
 from connector.domain.merkle import merkle_root
 from connector.domain.model import DiskInfo, SnapshotInfo
 from connector.domain.records import NO_DISK, DiskResult, DiskStateRow
 from connector.domain.times import iso
-from connector.errors import PermanentError
+from connector.errors import IntegrityError, NotFoundError, PermanentError, StoreFormatError
 from connector.faults import crash_point
 from connector.pipeline.context import RunRef, StageContext
 from connector.store.repository import Repository, commit_key
@@ -90,6 +98,34 @@ def run(ctx: StageContext, ref: RunRef) -> None:
     ctx.reporter.stage(run_id, "commit", "committed")
 
 
+# What makes a base run's manifest unusable: gone, damaged (it fails authentication), or
+# of a format this version cannot read. Other errors (S3 down, access refused) are not
+# about the manifest and propagate, to be retried or reported as they are.
+UNREADABLE = (NotFoundError, IntegrityError, StoreFormatError)
+
+
+def read_base_map(
+    repo: Repository, server_id: str, base_run: str, disk_key: int
+) -> tuple[BlockMap | None, str]:
+    """The resolved block map of `base_run`'s manifest of a disk, or (None, why) when that
+    run is no longer committed or that manifest (or one its chain resolves through)
+    cannot be read: the disk is then read in full, and its new manifest is a full one
+    that needs no base."""
+    # A base without its commit is no run any more (dropped from the store): purge does
+    # not keep the packs of its map, so nothing may be built on it.
+    if repo.objects.stat(commit_key(server_id, base_run)) is None:
+        return None, f"run {base_run} has no run record in the store any more"
+    try:
+        return repo.resolve_map(repo.read_manifest(server_id, base_run, disk_key)), ""
+    except UNREADABLE as exc:
+        return None, str(exc)
+
+
+def unreadable_base_reason(base_run: str, why: str) -> str:
+    """How a full read forced by an unreadable base manifest is recorded."""
+    return f"the manifest of the previous run {base_run} cannot be read ({why}); full read"
+
+
 def build_manifest(
     repo: Repository,
     server_id: str,
@@ -101,14 +137,18 @@ def build_manifest(
     changes: BlockMap,
     previous_chain: int,
     stats: dict[str, Any],
+    base_map: Mapping[int, BlockRef | None] | None = None,
 ) -> tuple[DiskManifest, int]:
     """The manifest for one disk and the chain length it ends.
 
-    `base_run` is the run whose map `changes` applies to (None: a full read).
+    `base_run` is the run whose map `changes` applies to (None: a full read);
+    `base_map` is that run's resolved map when the caller has read it already.
     """
     if base_run is not None:
-        base = repo.read_manifest(server_id, base_run, disk.key)
-        previous = repo.resolve_map(base)
+        if base_map is None:
+            base = repo.read_manifest(server_id, base_run, disk.key)
+            base_map = repo.resolve_map(base)
+        previous = dict(base_map)
         full = apply_changes(previous, changes)
     else:
         previous = {}

@@ -228,6 +228,28 @@ def remove_server(
     return result
 
 
+def drop_run(
+    repo: Repository, state: PurgeState, server_id: str, run_id: str, dry_run: bool = False
+) -> RetentionResult:
+    """Delete one committed run whose map cannot be resolved (a manifest deleted or damaged),
+    so that purge can go on: its commit goes, so it stops existing; its manifests go with
+    retention, unless a kept run's chain resolves through them. The next run of its
+    disks does not build on it (it has no commit any more): it reads them in full."""
+    result = RetentionResult(server_id=server_id, keep=0, dry_run=dry_run)
+    if repo.objects.stat(commit_key(server_id, run_id)) is None:
+        raise NotFoundError(
+            f"run {run_id} has no run record in the store (server {server_id}); list the "
+            "runs with `connector runs`"
+        )
+    result.deleted = [run_id]
+    if dry_run:
+        return result
+    repo.delete_commit(server_id, run_id)
+    state.mark_runs_deleted({run_id})
+    log.warning("run dropped from the store", server=server_id, run=run_id)
+    return result
+
+
 def _chain_bases(
     repo: Repository, server_id: str, runs: dict[str, RunObjects], retained: set[str]
 ) -> dict[tuple[str, int], set[str]]:
@@ -360,18 +382,50 @@ def referenced_packs(
         for run_id, objs in sorted(runs.items()):
             if not objs.commit or (server_id, run_id) in exclude:
                 continue
-            for disk_key in objs.disks:
+            for disk_key in _committed_disks(repo, server_id, run_id, objs):
                 chain = [manifests.get(run_id, disk_key)]
                 while chain[-1].base_run is not None:
                     base = chain[-1].base_run
                     if any(m.run_id == base for m in chain):
                         raise IntegrityError(f"the manifest chain of run {run_id} loops")
-                    chain.append(manifests.get(base, disk_key))
+                    chain.append(manifests.get(base, disk_key, needed_by=run_id))
                 full: BlockMap = {}
                 for m in reversed(chain):
                     full = apply_changes(full, m.entries)
                 out.update(ref.pack_id for ref in full.values() if ref is not None)
     return out
+
+
+def _committed_disks(repo: Repository, server_id: str, run_id: str, objs: RunObjects) -> list[int]:
+    """The disks a committed run's record names, each of which must have its manifest."""
+    try:
+        record = repo.read_commit(server_id, run_id)
+        disks = sorted(int(d["disk_key"]) for d in record["disks"])
+    except NotFoundError:
+        return []  # deleted since the listing: the run no longer exists
+    except (ConnectorError, KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(
+            f"purge stopped, nothing was deleted: the run record of run {run_id} "
+            f"(server {server_id}) cannot be read ({exc}), so the packs it needs are "
+            f"unknown. {_WHAT_TO_DO}"
+        ) from exc
+    missing = [d for d in disks if d not in objs.disks]
+    if missing:
+        raise IntegrityError(
+            f"purge stopped, nothing was deleted: committed run {run_id} (server "
+            f"{server_id}) has no manifest for disk {missing[0]} (object "
+            f"runs/{server_id}/{run_id}/disk-{missing[0]} is missing), so the packs it "
+            f"needs are unknown. {_WHAT_TO_DO}"
+        )
+    return disks
+
+
+# What a user does about a committed run whose manifest or record cannot be read.
+_WHAT_TO_DO = (
+    "Run `connector verify` to list every damaged run; put the object back from a copy "
+    "(an earlier version, if the bucket keeps versions), or, if that run is lost, remove "
+    "it with `connector purge --drop-run RUN --yes`; then run purge again"
+)
 
 
 class _Manifests:
@@ -380,16 +434,17 @@ class _Manifests:
         self.server_id = server_id
         self.cache: dict[tuple[str, int], DiskManifest] = {}
 
-    def get(self, run_id: str, disk_key: int) -> DiskManifest:
+    def get(self, run_id: str, disk_key: int, needed_by: str | None = None) -> DiskManifest:
         key = (run_id, disk_key)
         if key not in self.cache:
             try:
                 self.cache[key] = self.repo.read_manifest(self.server_id, run_id, disk_key)
             except ConnectorError as exc:
+                whose = f", the base of committed run {needed_by}," if needed_by else ""
                 raise IntegrityError(
-                    f"purge stopped before deleting any pack: the manifest of run {run_id} "
-                    f"disk {disk_key} (server {self.server_id}) cannot be read ({exc}), so the "
-                    "packs it needs are unknown. Run `connector verify`"
+                    f"purge stopped, nothing was deleted: the manifest of run {run_id} "
+                    f"disk {disk_key}{whose} (server {self.server_id}) cannot be read ({exc}), "
+                    f"so the packs it needs are unknown. {_WHAT_TO_DO}"
                 ) from exc
         return self.cache[key]
 
@@ -471,13 +526,21 @@ def purge(
     state: PurgeState,
     policies: dict[str, int],
     settings: PurgeSettings | None = None,
+    exclude_runs: Iterable[tuple[str, str]] = (),
 ) -> PurgeReport:
-    """Apply retention to each server of `policies` (server id -> runs to keep), then GC."""
+    """Apply retention to each server of `policies` (server id -> runs to keep), then GC.
+
+    `exclude_runs` ((server, run) pairs) are runs a dry run counts as deleted already.
+    """
     settings = settings or PurgeSettings()
+    excluded = set(exclude_runs)
+    # Before anything is deleted: every committed run's map must resolve, or the packs
+    # it needs are unknown and purge stops here (an IntegrityError naming the run).
+    referenced_packs(repo, excluded)
     results = [
         apply_retention(repo, state, server_id, keep, dry_run=settings.dry_run)
         for server_id, keep in sorted(policies.items())
     ]
-    exclude = {(r.server_id, run_id) for r in results for run_id in r.deleted}
+    exclude = excluded | {(r.server_id, run_id) for r in results for run_id in r.deleted}
     gc = collect_garbage(repo, state, settings, exclude_runs=exclude)
     return PurgeReport(results, gc)

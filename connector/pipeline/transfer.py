@@ -20,8 +20,8 @@ from connector.domain.manifest import BlockMap, BlockRef
 from connector.domain.model import DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.domain.records import DiskResult
 from connector.faults import crash_point
-from connector.pipeline.changes import DiskPlan, skip_unallocated
-from connector.pipeline.commit import build_manifest
+from connector.pipeline.changes import DiskPlan, skip_unallocated, without_base
+from connector.pipeline.commit import build_manifest, read_base_map
 from connector.pipeline.context import RunRef, StageContext
 from connector.ports import AllocationAware, DiskReader, StreamingReader
 from connector.store.repository import PackWriter, Repository
@@ -81,13 +81,17 @@ def _transfer_disk(
         crash_point("block-read")
         ctx.check_stop()
 
+    # The map this disk's manifest builds on, read before any block: when it went since
+    # the plan was made (deleted, damaged), the disk is read in full instead.
+    base_map = None
+    if plan.base_run is not None:
+        base_map, why = read_base_map(repo, ref.server_id, plan.base_run, disk.key)
+        if base_map is None:
+            plan = without_base(plan, why)
     reader = ctx.source.open(vm, snap, disk)
     try:
         plan = skip_unallocated(plan, allocated_extents(reader))
-        compare_with = None
-        if plan.mode == "compare" and plan.base_run is not None:
-            base = repo.read_manifest(ref.server_id, plan.base_run, disk.key)
-            compare_with = repo.resolve_map(base)
+        compare_with = base_map if plan.mode == "compare" else None
         result = transfer_disk(
             reader,
             writer,
@@ -113,6 +117,7 @@ def _transfer_disk(
         changes=result.changes,
         previous_chain=int(plan_json["previous_chain"]),
         stats={"mode": plan.mode, "reason": plan.reason},
+        base_map=base_map,
     )
     outcome = DiskResult(
         disk_key=disk.key,

@@ -9,7 +9,11 @@ or answers it with an injected fault instead:
   403 AccessDenied...), as S3 itself would send it;
 - a connection reset: the proxy reads the whole request, then closes the client
   connection with a TCP RST (SO_LINGER 0), as a dropped connection looks to the
-  client while it waits for the answer.
+  client while it waits for the answer;
+- a lost reply (`drop_reply`): the request is forwarded and moto_server acts on
+  it, then the client's connection is reset instead of answered, so the client
+  never learns what S3 did (a CreateMultipartUpload whose upload id never
+  arrives).
 
 A fault matches by method and by a substring of the request path, a number of
 times (or always). Every request is recorded with what was done with it, so a
@@ -50,6 +54,7 @@ class Fault:
     reset: bool = False
     times: int | None = 1
     hits: int = 0
+    drop_reply: bool = False  # forward, then reset instead of answering
 
     def matches(self, method: str, path: str) -> bool:
         if self.times is not None and self.hits >= self.times:
@@ -78,6 +83,7 @@ class FaultyS3Proxy:
         self.upstream_ctx = ssl.create_default_context(cafile=str(upstream_ca))
         self.faults: list[Fault] = []
         self.seen: list[Seen] = []
+        self.dropped_replies: list[bytes] = []  # the bodies the client never got
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -104,10 +110,13 @@ class FaultyS3Proxy:
         code: str = "InternalError",
         reset: bool = False,
         times: int | None = 1,
+        drop_reply: bool = False,
     ) -> Fault:
-        if (status is None) == (not reset):
-            raise ValueError("inject a status or a reset, one of the two")
-        fault = Fault(method.upper(), path_contains, status, code, reset, times)
+        if [status is not None, reset, drop_reply].count(True) != 1:
+            raise ValueError("inject a status, a reset or a dropped reply, one of the three")
+        fault = Fault(
+            method.upper(), path_contains, status, code, reset, times, drop_reply=drop_reply
+        )
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -167,6 +176,16 @@ class FaultyS3Proxy:
                     fault = self._match(method, path)
                     if fault is not None and fault.reset:
                         self._record(method, path, "reset")
+                        _reset(tls)
+                        return
+                    if fault is not None and fault.drop_reply:
+                        upstream = upstream or http.client.HTTPSConnection(
+                            "127.0.0.1", self.upstream_port, context=self.upstream_ctx, timeout=60
+                        )
+                        status, _r, _h, out_body = _forward(upstream, method, path, headers, body)
+                        self._record(method, path, f"forwarded {status}, reply dropped")
+                        with self._lock:
+                            self.dropped_replies.append(out_body)
                         _reset(tls)
                         return
                     if fault is not None:

@@ -425,6 +425,9 @@ def test_on_demand_quota(cli_env: tuple[ConnectorEnv, str]) -> None:
     ("section", "message"),
     [
         ("[daemon]\nmax_concurrent_runs = 0\n", "daemon.max_concurrent_runs"),
+        ("[daemon]\nsweep_interval = 0\n", "daemon.sweep_interval"),
+        ("[daemon]\nstale_upload_age = -1\n", "daemon.stale_upload_age"),
+        ("[daemon]\nretention_retry_backoff = 0\n", "daemon.retention_retry_backoff"),
         ("[daemon]\nbandwidth_windows = [{start = '25:00', end = '06:00', limit = 1}]\n", "start"),
         ("[daemon]\nno_such_setting = 1\n", "no_such_setting"),
         ("[daemon\n", "not valid TOML"),

@@ -165,3 +165,24 @@ def test_the_connect_proxy_resets_a_tunnel_mid_upload_once(
         assert set(proxy.tunnels) == {f"127.0.0.1:{moto.port}"}
     finally:
         proxy.stop()
+
+
+def test_a_dropped_reply_reaches_s3_but_never_the_client(
+    faulty_s3: FaultyS3Proxy, moto: MotoServer, s3_bucket: str
+) -> None:
+    faulty_s3.inject("POST", "?uploads", drop_reply=True)
+    s3 = client_via(faulty_s3, moto)
+    with pytest.raises(ConnectionClosedError):
+        s3.create_multipart_upload(Bucket=s3_bucket, Key="a/big")
+    (seen,) = faulty_s3.requests("POST", "?uploads")
+    assert seen.outcome == "forwarded 200, reply dropped"
+    (lost,) = faulty_s3.dropped_replies
+    # S3 made the upload: it is open, and its id is in the reply the client never got
+    uploads = moto.boto3_client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == ["a/big"]
+    assert uploads[0]["UploadId"].encode() in lost
+    # only once: the next request is answered
+    s3.create_multipart_upload(Bucket=s3_bucket, Key="a/big")
+    assert faulty_s3.requests("POST", "?uploads")[-1].outcome == "forwarded 200"
+    with pytest.raises(ValueError):
+        faulty_s3.inject("POST", "?uploads", drop_reply=True, reset=True)

@@ -570,6 +570,9 @@ def test_recovery_resumes_an_active_run_and_removes_leftovers(tmp_path: Path) ->
         def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
             return 0
 
+        def uploads_in_use(self) -> frozenset[str]:
+            return frozenset()
+
     uploads = Uploads()
     report = recover(w.state, w.ledger, w.queue, w.hv, uploads, resume_within=3600)
     assert report.resumed == [run_id] and report.uploads_aborted == 1
@@ -597,6 +600,9 @@ def test_recovery_sweep_removes_the_lock_of_a_run_it_ends(tmp_path: Path) -> Non
 
         def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
             return 0
+
+        def uploads_in_use(self) -> frozenset[str]:
+            return frozenset()
 
     report = sweep(w.state, w.ledger, w.hv, Uploads(), release_lock=w.pipeline.release_lock)
     assert report.snapshots_removed == 1
@@ -640,3 +646,112 @@ def test_admission_limits_runs_per_esxi_host(tmp_path: Path) -> None:
     assert ctl is not None and "max_runs_per_host" in ctl.detail
     w.drain()
     assert w.state.run(run_b).state == "COMPLETED"
+
+
+def test_retention_that_cannot_run_is_recorded_and_tried_again_until_applied(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path, retention_retry_backoff=60.0, retry_backoff_max=600.0)
+    job_id = w.vm_with_job("vm-ret", retention=1)
+    assert w.scheduler.fire(job_id)
+    w.drain()
+    apply = w.executor.retention
+    failures = [UnreachableError("cannot reach the S3 endpoint https://s3.test (refused)")] * 2
+
+    def flaky(server_id: str, n: int) -> object:
+        if failures:
+            raise failures.pop()
+        return apply(server_id, n)
+
+    w.executor.retention = flaky
+    assert w.scheduler.fire(job_id)
+    w.drain()
+    job = w.jobs.get(job_id)
+    assert job.retention_due is not None and job.retention_attempts == 1
+    assert "cannot reach the S3 endpoint" in (job.retention_error or "")
+    runs = w.jobs.runs_of(job_id)
+    assert [r.state for r in runs] == ["COMPLETED", "COMPLETED"]  # nothing deleted yet
+    now = dt.datetime.now(UTC)
+    next_at = dt.datetime.strptime(job.retention_next_at or "", "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert 55 <= (next_at.replace(tzinfo=UTC) - now).total_seconds() <= 61
+    # not due yet: the periodic retry leaves it alone
+    w.executor.retry_retention()
+    assert w.jobs.get(job_id).retention_attempts == 1 and len(failures) == 1
+    assert [j.id for j in w.jobs.retention_to_retry(now + dt.timedelta(seconds=61))] == [job_id]
+    # due: the second try fails too, and waits twice as long
+    w.jobs.update(job_id, retention_next_at="2000-01-01T00:00:00.000000Z")
+    w.executor.retry_retention()
+    job = w.jobs.get(job_id)
+    assert job.retention_attempts == 2 and not failures
+    next_at = dt.datetime.strptime(job.retention_next_at or "", "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert 115 <= (next_at.replace(tzinfo=UTC) - dt.datetime.now(UTC)).total_seconds() <= 121
+    # the third try applies it
+    w.jobs.update(job_id, retention_next_at="2000-01-01T00:00:00.000000Z")
+    w.executor.retry_retention()
+    job = w.jobs.get(job_id)
+    assert job.retention_due is None and job.retention_attempts == 0
+    assert job.retention_error is None
+    assert [r.state for r in w.jobs.runs_of(job_id)] == ["DELETED", "COMPLETED"]
+
+
+def test_owed_retention_of_a_deleted_job_is_dropped_not_applied(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    job_id = w.vm_with_job("vm-ret-gone", retention=1)
+    token = w.jobs.retention_owed(job_id)
+    w.jobs.update(job_id, state=J.JOB_DELETED)
+    w.executor.retry_retention()
+    assert w.retained == []
+    assert w.jobs.get(job_id).retention_due is None
+    # a stale token settles nothing
+    newer = w.jobs.retention_owed(job_id)
+    assert newer != token and not w.jobs.retention_applied(job_id, token)
+    assert w.jobs.get(job_id).retention_due == newer
+
+
+def test_the_sweep_aborts_recorded_uploads_no_put_owns_and_stale_unrecorded_ones(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path)
+    w.ledger.upload_started("packs/aa/in-flight", "upload-owned")
+    w.ledger.upload_started("packs/bb/left-over", "upload-orphan")
+    w.ledger.upload_started("packs/cc/refused", "upload-refused")
+
+    class Uploads:
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+            self.listed: list[dt.timedelta] = []
+
+        def abort_upload(self, key: str, upload_id: str) -> bool:
+            self.aborted.append(upload_id)
+            return upload_id != "upload-refused"  # S3 refused this abort
+
+        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+            self.listed.append(older_than)
+            return 2
+
+        def uploads_in_use(self) -> frozenset[str]:
+            return frozenset({"upload-owned"})
+
+    uploads = Uploads()
+    age = dt.timedelta(seconds=90)
+    report = sweep(w.state, w.ledger, w.hv, uploads, stale_upload_age=age)
+    assert uploads.aborted == ["upload-orphan", "upload-refused"]  # never the owned one
+    assert uploads.listed == [age]
+    assert report.uploads_aborted == 3
+    assert report.problems == ["multipart upload of packs/cc/refused could not be aborted"]
+    pending = sorted(e.ref or "" for e in w.ledger.pending("multipart"))
+    assert pending == ["upload-owned", "upload-refused"]  # the refused one is tried again
+    # without an age, no prefix-wide listing
+    uploads.listed.clear()
+    sweep(w.state, w.ledger, w.hv, uploads)
+    assert uploads.listed == []
+
+    class Unreachable(Uploads):
+        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+            raise UnreachableError("cannot reach the S3 endpoint https://s3.test (refused)")
+
+    report = sweep(w.state, w.ledger, w.hv, Unreachable(), stale_upload_age=age)
+    assert any(
+        p.startswith("listing incomplete uploads: cannot reach the S3 endpoint")
+        for p in report.problems
+    )
