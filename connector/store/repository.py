@@ -22,6 +22,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from connector.domain.ids import (
+    check_disk_key,
+    check_pack_id,
+    check_purge_id,
+    check_run_id,
+    check_server_id,
+)
 from connector.domain.manifest import BlockMap, BlockRef, DiskManifest, apply_changes
 from connector.domain.times import iso
 from connector.errors import IntegrityError, NotFoundError, StoreFormatError
@@ -47,23 +54,35 @@ class StoreConfig:
     created_at: str
 
 
+# The key builders check every id (connector.domain.ids), so that no malformed id,
+# from the command line or anywhere else, names an object outside its place.
+
+
 def pack_key(pack_id: str) -> str:
+    check_pack_id(pack_id)
     return f"packs/{pack_id[:2]}/{pack_id}"
 
 
 def manifest_key(server_id: str, run_id: str, disk_key: int) -> str:
+    check_server_id(server_id)
+    check_run_id(run_id)
+    check_disk_key(disk_key)
     return f"runs/{server_id}/{run_id}/disk-{disk_key}"
 
 
 def commit_key(server_id: str, run_id: str) -> str:
+    check_server_id(server_id)
+    check_run_id(run_id)
     return f"runs/{server_id}/{run_id}/commit"
 
 
 def lock_key(run_id: str) -> str:
+    check_run_id(run_id)
     return f"locks/{run_id}"
 
 
 def condemned_key(purge_id: str) -> str:
+    check_purge_id(purge_id)
     return f"condemned/{purge_id}"
 
 
