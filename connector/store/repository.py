@@ -228,20 +228,34 @@ class Repository:
         return plain
 
     def pack_header(self, pack_id: str) -> list[BlockRef]:
-        """The block entries of a pack, read from its sealed header."""
+        """The block entries of a pack, read from its sealed header.
+
+        The trailer (header length, magic) must be whole and the header must
+        authenticate against the pack's id: a damaged one is a StoreFormatError
+        or an IntegrityError that names the pack, never garbage entries.
+        """
         key = pack_key(pack_id)
         size = self.objects.stat(key)
         if size is None:
             raise NotFoundError(f"pack {pack_id} is missing from the store")
+        if size < _PACK_TRAILER.size:
+            raise StoreFormatError(f"pack {pack_id} is {size} bytes, too short for a trailer")
         tail = self.objects.get(key, size - _PACK_TRAILER.size, _PACK_TRAILER.size)
         hlen, magic = _PACK_TRAILER.unpack(tail)
         if magic != PACK_MAGIC:
-            raise StoreFormatError(f"pack {pack_id} has no valid trailer")
+            raise StoreFormatError(f"pack {pack_id} has no valid trailer (its magic is damaged)")
         start = size - _PACK_TRAILER.size - hlen
+        if start < 0:
+            raise StoreFormatError(
+                f"pack {pack_id} has a damaged trailer: it gives a header of {hlen} bytes "
+                f"in a pack of {size}"
+            )
         sealed = self.objects.get(key, start, hlen)
         plain = self.keys.open(
             sealed, b"pack-header:" + pack_id.encode(), f"header of pack {pack_id}"
         )
+        if len(plain) % _PACK_ENTRY.size:
+            raise StoreFormatError(f"the header of pack {pack_id} is not a list of entries")
         return [
             BlockRef(bytes(bid), pack_id, off, length)
             for bid, off, length, _raw in _PACK_ENTRY.iter_unpack(plain)
