@@ -47,7 +47,9 @@ def restore_disk(
     of the disk, zeros included, and the node itself is never replaced.
     Anything else (a character device, a FIFO, a socket, a folder, a path
     under /proc or /sys, a missing folder) is refused with InvalidInputError
-    before a byte is written; a write that fails midway raises
+    before a byte is written, and so is a file that cannot be made or cannot
+    grow to the disk's size (read-only, EFBIG, no room for the stored blocks)
+    or a device smaller than the disk; a write that fails midway raises
     RestoreWriteError and leaves no temporary file.
     """
     check_target(target, device)
@@ -73,7 +75,8 @@ def restore_disk(
         fd = _open_device(target, manifest.capacity)
         out_path = target
     else:
-        out_path, fd = _create_partial(target, manifest.capacity)
+        stored = sum(last_len if index == nblocks - 1 else manifest.block_size for index, _ in refs)
+        out_path, fd = _create_partial(target, manifest.capacity, stored)
     ok = False
     written = 0
     try:
@@ -192,8 +195,9 @@ def check_target(target: Path, device: bool = False) -> None:
         raise InvalidInputError(f"{folder} is not a folder; give a path inside a folder")
 
 
-def _create_partial(target: Path, capacity: int) -> tuple[Path, int]:
-    """A new temporary file beside `target`, sized to `capacity` (InvalidInputError if not)."""
+def _create_partial(target: Path, capacity: int, stored: int) -> tuple[Path, int]:
+    """A new temporary file beside `target`, sized to `capacity` (sparse), on a file system
+    with room for the `stored` bytes of data blocks; InvalidInputError if not."""
     partial = target.with_name(f".{target.name}.{os.urandom(4).hex()}.partial")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -216,7 +220,22 @@ def _create_partial(target: Path, capacity: int) -> tuple[Path, int]:
         raise InvalidInputError(
             f"cannot make {target} {capacity} bytes long: {_why(exc)}; give another path"
         ) from None
+    fs = os.fstatvfs(fd)
+    free = fs.f_bavail * fs.f_frsize
+    if stored > free:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+        raise InvalidInputError(
+            f"no space for {target}: its file system has {_mib(free)} free and the image "
+            f"needs {_mib(stored)} (the zero blocks take no space); free space there or "
+            "give a path on another file system"
+        )
     return partial, fd
+
+
+def _mib(n: int) -> str:
+    """A byte count in MiB, one decimal."""
+    return f"{n / (1024 * 1024):.1f} MiB"
 
 
 def _open_device(target: Path, capacity: int) -> int:

@@ -10,7 +10,6 @@ takes true/false only for its booleans, and says so when given a folder.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import resource
@@ -374,29 +373,33 @@ def test_restore_onto_a_read_only_file_system_is_refused(replica: Replica, tmp_p
         assert list(ro.iterdir()) == []
 
 
-def test_restore_that_runs_out_of_space_midway_exits_1_and_leaves_nothing(
+def test_restore_onto_a_file_system_without_room_is_refused(
     replica: Replica, tmp_path: Path
 ) -> None:
-    # 3 MiB stored in an 8 MiB sparse image: the third block no longer fits in 2 MiB
+    # 3 MiB of stored blocks in an 8 MiB sparse image: 2 MiB of room is not enough
     with tmpfs(tmp_path / "small", "size=2m") as small:
         target = small / "disk.img"
         proc = replica.env.cli(
             "restore", VM, "--run", replica.run_id, "--disk", str(replica.disk_key),
             "--to", str(target),
         )  # fmt: skip
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         message = " ".join(proc.stderr.split())
-        assert f"writing the image to {target} failed after" in message
-        assert os.strerror(errno.ENOSPC) in message
-        assert "the partial file was removed: free space there, or give another path" in message
+        assert f"no space for {target}: its file system has 2.0 MiB free" in message
+        assert "the image needs 3.0 MiB" in message and "free space there" in message
         assert list(small.iterdir()) == []
 
 
 @contextlib.contextmanager
-def loop_device(backing: Path, size: int, fill: bytes) -> Iterator[Path]:
-    """A loop block device over a file of `size` bytes of `fill`, detached afterwards."""
-    backing.write_bytes(fill * (size // len(fill)))
+def loop_device(backing: Path, size: int, fill: bytes, sparse: bool = False) -> Iterator[Path]:
+    """A loop block device over a file of `size` bytes of `fill` (or a sparse file of `size`
+    bytes), detached afterwards."""
+    if sparse:
+        with open(backing, "wb") as f:
+            f.truncate(size)
+    else:
+        backing.write_bytes(fill * (size // len(fill)))
     found = subprocess.run(
         ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True
     )
@@ -441,3 +444,22 @@ def test_restore_to_device_smaller_than_the_disk_is_refused(
         assert "give a device at least as large" in message
         with open(device, "rb") as f:
             assert f.read() == b"\x55" * (DISK_SIZE // 2)
+
+
+def test_restore_to_device_that_fails_midway_exits_1(replica: Replica, tmp_path: Path) -> None:
+    # a loop device of the disk's size over a sparse file on a 2 MiB tmpfs: the device
+    # takes the first writes, then its backing store is full and writes fail (EIO)
+    with (
+        tmpfs(tmp_path / "small", "size=2m") as small,
+        loop_device(small / "backing", DISK_SIZE, b"\0", sparse=True) as device,
+    ):
+        proc = replica.env.cli(
+            "restore", VM, "--run", replica.run_id, "--disk", str(replica.disk_key),
+            "--to-device", str(device),
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        message = " ".join(proc.stderr.split())
+        assert f"writing the image to {device} failed after" in message
+        assert "the device holds a partial image: restore again once it is fixed" in message
+        assert stat.S_ISBLK(os.stat(device).st_mode)
