@@ -29,6 +29,10 @@ class RestoreResult:
     blocks: int
 
 
+class RestoreWriteError(PermanentError):
+    """Writing the image failed midway (no space, an I/O error); no partial file is left."""
+
+
 def restore_disk(
     repo: Repository,
     server_id: str,
@@ -79,6 +83,10 @@ def restore_disk(
         out_path, fd = _create_partial(target, manifest.capacity, stored)
     ok = False
     written = 0
+
+    def failed(exc: OSError) -> RestoreWriteError:
+        return RestoreWriteError(_write_failure(target, device, exc, written, len(refs)))
+
     try:
         try:
             if device:
@@ -99,23 +107,22 @@ def restore_disk(
                 if progress is not None:
                     progress(written, len(refs))
             os.fsync(fd)
+        except OSError as exc:
+            raise failed(exc) from None
         finally:
             os.close(fd)
         if not device:
-            os.replace(out_path, target)
+            try:
+                os.replace(out_path, target)
+            except OSError as exc:
+                raise failed(exc) from None
         ok = True
-    except OSError as exc:
-        raise RestoreWriteError(_write_failure(target, device, exc, written, len(refs))) from None
     finally:
         if not ok and not device:
             out_path.unlink(missing_ok=True)
     return RestoreResult(
         target, manifest.capacity, sha256_file(target, manifest.capacity), len(refs)
     )
-
-
-class RestoreWriteError(PermanentError):
-    """Writing the image failed midway (no space, an I/O error); no partial file is left."""
 
 
 _KERNEL_FILE_SYSTEMS = (Path("/proc"), Path("/sys"))
