@@ -284,6 +284,16 @@ CASES: dict[str, Case] = {
         2,
         ["--keep must be a whole number"],
     ),
+    "jobs create with a huge frequency": Case(
+        lambda r, t: ["jobs", "create", VM, "-f", str(10**30)],
+        2,
+        [f"frequency {10**30} is out of range"],
+    ),
+    "jobs create with a huge retention": Case(
+        lambda r, t: ["jobs", "create", VM, "-f", "2", "-r", str(10**30)],
+        2,
+        [f"retention {10**30} is out of range"],
+    ),
     'enable_cbt = "yes"': Case(
         lambda r, t: ["runs"],
         2,
