@@ -246,10 +246,17 @@ def _mib(n: int) -> str:
 
 
 def _open_device(target: Path, capacity: int) -> int:
-    """The block device open for writing, when it holds `capacity` bytes (InvalidInputError)."""
+    """The block device open for writing, when no one else uses it and it holds `capacity`
+    bytes (InvalidInputError if not)."""
     try:
-        fd = os.open(target, os.O_WRONLY)
+        # O_EXCL on a block device: an exclusive open, refused while it is mounted or in use
+        fd = os.open(target, os.O_WRONLY | os.O_EXCL)
     except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise InvalidInputError(
+                f"the block device {target} is in use (mounted, part of a volume, or open "
+                "by another program); unmount or release it first, or give another device"
+            ) from None
         raise InvalidInputError(
             f"cannot open the block device {target} for writing: {_why(exc)}"
         ) from None

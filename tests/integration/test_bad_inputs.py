@@ -474,3 +474,23 @@ def test_restore_to_device_that_fails_midway_exits_1(replica: Replica, tmp_path:
         assert f"writing the image to {device} failed after" in message
         assert "the device holds a partial image: restore again once it is fixed" in message
         assert stat.S_ISBLK(os.stat(device).st_mode)
+
+
+def test_restore_to_device_in_use_is_refused(replica: Replica, tmp_path: Path) -> None:
+    # an exclusive open, as a mount holds one: the connector must not write under it
+    with loop_device(tmp_path / "backing", DISK_SIZE, b"\x33") as device:
+        holder = os.open(device, os.O_RDONLY | os.O_EXCL)
+        try:
+            proc = replica.env.cli(
+                "restore", VM, "--run", replica.run_id, "--disk", str(replica.disk_key),
+                "--to-device", str(device),
+            )  # fmt: skip
+        finally:
+            os.close(holder)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        message = " ".join(proc.stderr.split())
+        assert f"the block device {device} is in use" in message
+        assert "unmount or release it first" in message
+        with open(device, "rb") as f:
+            assert f.read() == b"\x33" * DISK_SIZE
