@@ -9,8 +9,18 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
+from connector.domain.ids import MAX_KEEP
 from connector.errors import ConfigError
 from connector.network import Proxy, make_proxy, parse_proxy_url, split_no_proxy
 from connector.secrets import (
@@ -51,7 +61,7 @@ class VCenterConfig(_Section):
     password_env: str | None = None  # or the name of an environment variable
     ca_file: Path | None = None
     thumbprint: str | None = None
-    enable_cbt: bool = True
+    enable_cbt: StrictBool = True
 
     @field_validator("url")
     @classmethod
@@ -89,7 +99,7 @@ class S3Config(_Section):
     ca_file: Path | None = None
     sse: Literal["AES256", "aws:kms"] = "AES256"
     kms_key_id: str | None = None
-    use_fips_endpoint: bool = False
+    use_fips_endpoint: StrictBool = False
     access_key_id: str | None = None
     multipart_threshold: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
     multipart_part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
@@ -162,7 +172,7 @@ class StoreConfig(_Section):
 
 class RetentionConfig(_Section):
     # Runs to keep per VM when no per-VM setting exists (`connector retention`); 0 keeps all.
-    keep: int = Field(default=0, ge=0)
+    keep: int = Field(default=0, ge=0, le=MAX_KEEP)
     # A run lock older than this is reported as stale (`connector purge --break-stale-locks`).
     stale_lock_hours: float = Field(default=24.0, gt=0)
 
@@ -298,7 +308,7 @@ class LocalDiskConfig(_Section):
 class LocalVmConfig(_Section):
     name: str = Field(min_length=1)
     uuid: str | None = None  # default: derived from the name
-    quiescent: bool = False  # nothing writes to the disks during a run: read them as they are
+    quiescent: StrictBool = False  # nothing writes to the disks during a run: read them as they are
     snapshot_command: list[str] | None = Field(default=None, min_length=1)
     release_command: list[str] | None = Field(default=None, min_length=1)
     hook_timeout: float = Field(default=600.0, gt=0)
@@ -397,7 +407,7 @@ class RetryConfig(_Section):
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
-    json_format: bool = Field(default=False, alias="json")
+    json_format: StrictBool = Field(default=False, alias="json")
     # botocore, urllib3, pyVmomi...: their debug output is voluminous
     library_level: Literal["debug", "info", "warning", "error"] = "warning"
 
@@ -522,14 +532,23 @@ def config_path(explicit: Path | None) -> Path:
 
 def load_config(path: Path) -> Config:
     """Load and validate; every problem is a ConfigError that names the file and the key."""
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(
+            f"config file {path} is a folder, not a file; pass the path of the TOML file in it "
+            f"(e.g. --config {path / 'connector.toml'})"
+        )
+    if not path.exists():
         raise ConfigError(
             f"config file {path} does not exist; pass --config or set CONNECTOR_CONFIG"
         )
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file; pass a TOML file")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     base = path.parent
     _resolve_paths(raw, base)
     _resolve_nested_paths(raw, base)
@@ -537,11 +556,18 @@ def load_config(path: Path) -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {_problem(err)}"
             for err in exc.errors(include_input=False, include_url=False)
         )
         raise ConfigError(f"config file {path} is invalid: {problems}") from None
     return cfg.model_copy(update={"source": path})
+
+
+def _problem(err: ErrorDetails) -> str:
+    """What is wrong with one setting, in words that say what to write instead."""
+    if err["type"] == "bool_type":
+        return "must be true or false (a TOML boolean, without quotes)"
+    return err["msg"]
 
 
 _PATH_KEYS = {

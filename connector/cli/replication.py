@@ -20,10 +20,11 @@ from connector.app import App
 from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
 from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
+from connector.domain.ids import check_disk_key, check_run_id
 from connector.domain.jobs import LIVE_RUN_STATES
-from connector.errors import PermanentError
+from connector.errors import InvalidInputError
 from connector.pipeline.replicate import RunStopped
-from connector.pipeline.restore import restore_disk
+from connector.pipeline.restore import check_target, restore_disk
 
 
 class RichReporter:
@@ -144,18 +145,41 @@ def restore(
     vm: Annotated[str, typer.Argument(help="VM name or instance UUID.")],
     run: Annotated[str, typer.Option("--run", help="Run id (see `connector runs`).")],
     disk: Annotated[int, typer.Option("--disk", help="Disk device key, e.g. 2000.")],
-    to: Annotated[Path, typer.Option("--to", help="Target file (or block device).")],
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", help="New image file (a regular file; never a device node)."),
+    ] = None,
+    to_device: Annotated[
+        Path | None,
+        typer.Option(
+            "--to-device",
+            help="Block device to overwrite in place with the image (at least the disk's size).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a raw image of one disk as it was at one run, checking every block."""
 
     def go(a: App) -> dict[str, Any]:
+        if (to is None) == (to_device is None):
+            raise InvalidInputError(
+                "give exactly one target: --to FILE for an image file, or --to-device DEVICE "
+                "to overwrite a block device"
+            )
+        target = to if to is not None else to_device
+        assert target is not None
+        device = to_device is not None
+        check_run_id(run)
+        check_disk_key(disk)
+        check_target(target, device)
+        if not device and target.exists():
+            raise InvalidInputError(f"{target} already exists; remove it or choose another path")
         server = a.servers.resolve(vm, refresh=False)
-        if to.exists() and to.is_file():
-            raise PermanentError(f"{to} already exists; remove it or choose another path")
         with (
-            a.audited("restore", f"vm {server.vm_uuid}", run=run, disk=disk, target=str(to)) as rec,
+            a.audited(
+                "restore", f"vm {server.vm_uuid}", run=run, disk=disk, target=str(target)
+            ) as rec,
             Progress(console=err, disable=as_json) as progress,
         ):
             repo = a.repository()
@@ -165,8 +189,9 @@ def restore(
                 server.id,
                 run,
                 disk,
-                to,
+                target,
                 lambda done, total: progress.update(task, completed=done, total=total),
+                device=device,
             )
             rec["sha256"] = res.sha256
         result = {"path": str(res.path), "size": res.size, "sha256": res.sha256}

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from connector.app import App
 from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
+from connector.domain.ids import check_keep, check_run_id
 from connector.errors import ConnectorError, PermanentError
 from connector.pipeline.purge import (
     GcResult,
@@ -41,6 +42,8 @@ def verify(
     """Check that every block each run needs is present and authenticates; exit 1 on a fault."""
 
     def go(a: App) -> VerifyReport:
+        if run is not None:
+            check_run_id(run)
         repo = a.repository()
         targets: dict[str, list[str] | None]
         if vm is not None:
@@ -119,7 +122,7 @@ def _print_verify(report: VerifyReport, names: dict[str, str]) -> None:
 def retention(
     vm: Annotated[str | None, typer.Argument(help="VM name or instance UUID.")] = None,
     keep: Annotated[
-        int | None, typer.Argument(help="Runs to keep (0 keeps all); omit to show.", min=0)
+        int | None, typer.Argument(help="Runs to keep (0 keeps all); omit to show.")
     ] = None,
     reset: Annotated[
         bool, typer.Option("--reset", help="Drop the VM's own setting: use [retention] keep.")
@@ -130,6 +133,8 @@ def retention(
     """Show or set how many recent runs of a VM `connector purge` keeps."""
 
     def go(a: App) -> None:
+        if keep is not None:
+            check_keep(keep)
         if vm is not None and (keep is not None or reset):
             server = a.servers.resolve(vm, refresh=False)
             a.state.set_retention(server.id, None if reset else keep)
@@ -167,7 +172,7 @@ def purge(
     vm: Annotated[str | None, typer.Argument(help="Only this VM (name or UUID).")] = None,
     keep: Annotated[
         int | None,
-        typer.Option("--keep", min=0, help="Keep this many recent runs (0: all) this time."),
+        typer.Option("--keep", help="Keep this many recent runs (0: all) this time."),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would be deleted; delete nothing.")
@@ -200,6 +205,8 @@ def purge(
     """Apply retention, then delete the packs that no kept run references."""
 
     def go(a: App) -> dict[str, Any]:
+        if keep is not None:
+            check_keep(keep, "--keep")
         settings = a.retention.settings(dry_run=dry_run, break_stale_locks=break_stale_locks)
         if remove_vm and vm is None:
             raise PermanentError("--remove-server needs the VM whose runs to delete")

@@ -5,8 +5,10 @@ damaged or swapped one fails), the manifest chain resolves, and the Merkle root
 of the resolved map equals the manifest's and the commit's. Then every stored
 block the runs reference is read once, with ranged GETs grouped per pack, and
 its ciphertext is authenticated against its block id. `deep` also decrypts,
-decompresses and re-hashes each block with the keyed block-id hash, and
-recomputes each disk's Merkle root from those hashes.
+decompresses and re-hashes each block with the keyed block-id hash,
+recomputes each disk's Merkle root from those hashes, and authenticates the
+trailer and sealed header of every pack it reads (the header must list each
+block the manifests place in the pack).
 
 A fault names the server, run, disk, block index and pack; one damaged blob
 shared by several runs (deduplicated) is a fault of each of them.
@@ -204,6 +206,8 @@ def _check_blocks(
             if progress is not None:
                 progress(done, total)
             continue
+        if deep:
+            _check_pack_header(repo, pack_id, refs, uses, report)
         for group in _groups(refs):
             first, last = group[0], group[-1]
             span = last.offset + last.length - first.offset
@@ -225,6 +229,43 @@ def _check_blocks(
             if progress is not None:
                 progress(done, total)
     return hashes
+
+
+def _check_pack_header(
+    repo: Repository,
+    pack_id: str,
+    refs: list[BlockRef],
+    uses: dict[BlockRef, list[_Use]],
+    report: VerifyReport,
+) -> None:
+    """The pack's trailer and sealed header authenticate and list every block used from it.
+
+    A damaged header or trailer is a fault of each disk of each run that uses
+    the pack (not of each block: the blocks are checked on their own).
+    """
+    reason = ""
+    try:
+        listed = set(repo.pack_header(pack_id))
+    except ConnectorError as exc:
+        reason = (
+            f"pack {pack_id} has a damaged header or trailer ({exc}). Its blocks are "
+            "checked one by one and restore does not need the header, but purge cannot index "
+            "the pack again from it: put the object back from an earlier S3 object version "
+            "or a copy of the bucket"
+        )
+    else:
+        unlisted = [r for r in refs if r not in listed]
+        if unlisted:
+            reason = (
+                f"the header of pack {pack_id} does not list {len(unlisted)} of the blocks "
+                "the manifests place in it (the pack object was replaced, or a manifest names "
+                "the wrong pack): put the object back from an earlier S3 object version"
+            )
+    if not reason:
+        return
+    where = sorted({(u.server_id, u.run_id, u.disk_key) for r in refs for u in uses[r]})
+    for server_id, run_id, disk_key in where:
+        report.faults.append(Fault(server_id, run_id, disk_key, None, pack_id, reason))
 
 
 def _check_blob(

@@ -22,6 +22,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from connector.domain.ids import (
+    check_disk_key,
+    check_pack_id,
+    check_purge_id,
+    check_run_id,
+    check_server_id,
+)
 from connector.domain.manifest import BlockMap, BlockRef, DiskManifest, apply_changes
 from connector.domain.times import iso
 from connector.errors import IntegrityError, NotFoundError, StoreFormatError
@@ -47,23 +54,35 @@ class StoreConfig:
     created_at: str
 
 
+# The key builders check every id (connector.domain.ids), so that no malformed id,
+# from the command line or anywhere else, names an object outside its place.
+
+
 def pack_key(pack_id: str) -> str:
+    check_pack_id(pack_id)
     return f"packs/{pack_id[:2]}/{pack_id}"
 
 
 def manifest_key(server_id: str, run_id: str, disk_key: int) -> str:
+    check_server_id(server_id)
+    check_run_id(run_id)
+    check_disk_key(disk_key)
     return f"runs/{server_id}/{run_id}/disk-{disk_key}"
 
 
 def commit_key(server_id: str, run_id: str) -> str:
+    check_server_id(server_id)
+    check_run_id(run_id)
     return f"runs/{server_id}/{run_id}/commit"
 
 
 def lock_key(run_id: str) -> str:
+    check_run_id(run_id)
     return f"locks/{run_id}"
 
 
 def condemned_key(purge_id: str) -> str:
+    check_purge_id(purge_id)
     return f"condemned/{purge_id}"
 
 
@@ -209,20 +228,34 @@ class Repository:
         return plain
 
     def pack_header(self, pack_id: str) -> list[BlockRef]:
-        """The block entries of a pack, read from its sealed header."""
+        """The block entries of a pack, read from its sealed header.
+
+        The trailer (header length, magic) must be whole and the header must
+        authenticate against the pack's id: a damaged one is a StoreFormatError
+        or an IntegrityError that names the pack, never garbage entries.
+        """
         key = pack_key(pack_id)
         size = self.objects.stat(key)
         if size is None:
             raise NotFoundError(f"pack {pack_id} is missing from the store")
+        if size < _PACK_TRAILER.size:
+            raise StoreFormatError(f"pack {pack_id} is {size} bytes, too short for a trailer")
         tail = self.objects.get(key, size - _PACK_TRAILER.size, _PACK_TRAILER.size)
         hlen, magic = _PACK_TRAILER.unpack(tail)
         if magic != PACK_MAGIC:
-            raise StoreFormatError(f"pack {pack_id} has no valid trailer")
+            raise StoreFormatError(f"pack {pack_id} has no valid trailer (its magic is damaged)")
         start = size - _PACK_TRAILER.size - hlen
+        if start < 0:
+            raise StoreFormatError(
+                f"pack {pack_id} has a damaged trailer: it gives a header of {hlen} bytes "
+                f"in a pack of {size}"
+            )
         sealed = self.objects.get(key, start, hlen)
         plain = self.keys.open(
             sealed, b"pack-header:" + pack_id.encode(), f"header of pack {pack_id}"
         )
+        if len(plain) % _PACK_ENTRY.size:
+            raise StoreFormatError(f"the header of pack {pack_id} is not a list of entries")
         return [
             BlockRef(bytes(bid), pack_id, off, length)
             for bid, off, length, _raw in _PACK_ENTRY.iter_unpack(plain)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,17 @@ class ConnectorEnv:
     prefix: str
 
     def cli(
-        self, *args: str, timeout: float = 300, check: bool = False
+        self,
+        *args: str,
+        timeout: float = 300,
+        check: bool = False,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run `connector ARGS` as a real process with this config."""
+        """Run `connector ARGS` as a real process with this config.
+
+        `preexec_fn` runs in the child before the connector starts (to set a
+        resource limit, for example).
+        """
         env = dict(os.environ, CONNECTOR_CONFIG=str(self.config_file), COLUMNS="200")
         proc = subprocess.run(
             [sys.executable, "-m", "connector", *args],
@@ -33,6 +42,7 @@ class ConnectorEnv:
             timeout=timeout,
             env=env,
             check=False,
+            preexec_fn=preexec_fn,
         )
         if check and proc.returncode != 0:
             raise AssertionError(

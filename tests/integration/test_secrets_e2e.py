@@ -123,7 +123,7 @@ def test_no_secret_reaches_logs_audit_or_s3(
     )  # fmt: skip
     assert restored["sha256"] == expected_second != expected
     # An error path prints a message too.
-    run("restore", "secret-e2e", "--run", "r-nonexistent", "--disk", str(key),
+    run("restore", "secret-e2e", "--run", "r-20000101T000000000Z-00000000", "--disk", str(key),
         "--to", str(tmp_path / "x.img"), ok=False)  # fmt: skip
     run("check", "--only", "secrets", "--only", "vcenter.connect", "--only", "s3.permissions")
     # purge: add `run("purge", ...)` here when the command exists.

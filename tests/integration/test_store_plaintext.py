@@ -64,7 +64,8 @@ def test_bucket_holds_no_plaintext_and_no_vm_name(
         # a lock of a run in flight, and a purge that condemns run 1's pack while it waits
         repo = app.repository()
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        repo.write_lock(RunLock("r-inflight", second.server_id, now, "connector-host", 4242))
+        in_flight = "r-20260101T000000000Z-00f11e00"
+        repo.write_lock(RunLock(in_flight, second.server_id, now, "connector-host", 4242))
     finally:
         app.close()
     report = env.cli_json("purge", VM_NAME, "--keep", "1")

@@ -23,6 +23,13 @@ from connector.pipeline.purge import (
 from connector.store.repository import RunLock, commit_key, manifest_key
 from tests.unit.fake_store import Env, MiB, PauseAfterFirstPack, make_env
 
+# Runs that hold locks in these tests (the store refuses ids of another shape).
+DEAD_RUN = "r-20260101T000000000Z-0000dead"
+OLD_RUN = "r-20260101T000000000Z-0000001d"
+BUSY_RUN = "r-20260101T000000000Z-0000b05e"
+NEXT_RUN = "r-20260101T000000000Z-0000000e"
+LIVE_RUN = "r-20260101T000000000Z-000001fe"
+
 
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
@@ -75,7 +82,7 @@ def test_the_lock_of_a_killed_run_goes_with_its_leftover_snapshot(env: Env) -> N
 def test_dry_run_counts_only_what_a_purge_would_delete_now(env: Env) -> None:
     _uuid, runs, _ = three_runs(env)
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    env.repo().write_lock(RunLock("r-live", "s-other", now, "elsewhere", 8))
+    env.repo().write_lock(RunLock(LIVE_RUN, "s-other", now, "elsewhere", 8))
     dry = purge(env.repo(), env.state, {runs[0].server_id: 1}, PurgeSettings(dry_run=True))
     assert dry.retention[0].deleted == [runs[0].id, runs[1].id]
     assert dry.gc.deleted == []  # a run is in flight: condemned packs would wait
@@ -292,7 +299,7 @@ def test_stale_locks_are_reported_and_broken_on_request(env: Env) -> None:
 
     repo.write_lock(
         RunLock(
-            "r-dead",
+            DEAD_RUN,
             runs[0].server_id,
             now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             socket.gethostname(),
@@ -300,15 +307,15 @@ def test_stale_locks_are_reported_and_broken_on_request(env: Env) -> None:
         )
     )
     old = (now - dt.timedelta(hours=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    repo.write_lock(RunLock("r-old", runs[0].server_id, old, "other-host", 1))
+    repo.write_lock(RunLock(OLD_RUN, runs[0].server_id, old, "other-host", 1))
     report = purge(repo, env.state, {runs[0].server_id: 1})
     stale = {i.run_id: i.stale for i in report.gc.locks}
-    assert "process" in (stale["r-dead"] or "") and "gone" in (stale["r-dead"] or "")
-    assert "older than 24 h" in (stale["r-old"] or "")
+    assert "process" in (stale[DEAD_RUN] or "") and "gone" in (stale[DEAD_RUN] or "")
+    assert "older than 24 h" in (stale[OLD_RUN] or "")
     assert report.gc.deleted == [] and report.gc.pending
-    assert set(report.gc.pending[0].waiting_for) == {"r-dead", "r-old"}
+    assert set(report.gc.pending[0].waiting_for) == {DEAD_RUN, OLD_RUN}
     broken = collect_garbage(repo, env.state, PurgeSettings(break_stale_locks=True))
-    assert {i.run_id for i in broken.locks if i.removed} == {"r-dead", "r-old"}
+    assert {i.run_id for i in broken.locks if i.removed} == {DEAD_RUN, OLD_RUN}
     assert not repo.lock_ids()
     assert len(broken.deleted) == 2 and not broken.pending
     assert env.restore_sha(runs[2]) == shas[2]
@@ -318,21 +325,21 @@ def test_a_young_lock_of_another_host_is_not_stale(env: Env) -> None:
     _uuid, runs, _ = three_runs(env)
     repo = env.repo()
     young = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    repo.write_lock(RunLock("r-busy", runs[0].server_id, young, "other-host", 1))
+    repo.write_lock(RunLock(BUSY_RUN, runs[0].server_id, young, "other-host", 1))
     report = collect_garbage(repo, env.state, PurgeSettings(break_stale_locks=True))
-    info = {i.run_id: i for i in report.locks}["r-busy"]
+    info = {i.run_id: i for i in report.locks}[BUSY_RUN]
     assert info.stale is None and not info.removed
-    assert repo.lock_ids() == ["r-busy"]
+    assert repo.lock_ids() == [BUSY_RUN]
 
 
 def test_retention_keeps_the_base_of_a_run_in_flight(env: Env) -> None:
     _uuid, runs, _ = three_runs(env)
     repo = env.repo()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    repo.write_lock(RunLock("r-next", runs[0].server_id, now, "other", 1, (runs[1].id,)))
+    repo.write_lock(RunLock(NEXT_RUN, runs[0].server_id, now, "other", 1, (runs[1].id,)))
     result = apply_retention(repo, env.state, runs[0].server_id, 1)
     assert result.deleted == [runs[0].id]
-    assert runs[1].id in result.protected and "r-next" in result.protected[runs[1].id]
+    assert runs[1].id in result.protected and NEXT_RUN in result.protected[runs[1].id]
     assert commit_key(runs[0].server_id, runs[1].id) in env.objects.objects
 
 
@@ -392,8 +399,8 @@ def test_remove_server_refuses_while_its_run_is_in_flight(env: Env) -> None:
     _uuid, runs, _ = three_runs(env)
     repo = env.repo()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    repo.write_lock(RunLock("r-live", runs[0].server_id, now, "other", 1))
-    with pytest.raises(PermanentError, match="r-live"):
+    repo.write_lock(RunLock(LIVE_RUN, runs[0].server_id, now, "other", 1))
+    with pytest.raises(PermanentError, match=LIVE_RUN):
         remove_server(repo, env.state, runs[0].server_id)
     assert commit_key(runs[0].server_id, runs[0].id) in env.objects.objects
 
