@@ -74,7 +74,7 @@ def replicate(
                 f"{d.blocks_new} new blocks, {d.blocks_dedup} deduplicated"
             )
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def runs(
@@ -108,7 +108,7 @@ def runs(
             )
         out.print(t)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def restore(
@@ -147,4 +147,4 @@ def restore(
             out.print(f"restored {human_size(res.size)} to {res.path}\nsha256 {res.sha256}")
         return result
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)

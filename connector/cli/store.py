@@ -64,7 +64,7 @@ def verify(
             _print_verify(report, names)
         return report
 
-    if not run_with_app(config, go).ok:
+    if not run_with_app(config, go, state_from_store=True).ok:
         raise typer.Exit(1)
 
 
@@ -157,7 +157,7 @@ def retention(
             )
         out.print(t)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def purge(
@@ -222,7 +222,7 @@ def purge(
             _print_purge(results, gc, names)
         return doc
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def _print_purge(results: list[RetentionResult], gc: GcResult, names: dict[str, str]) -> None:
