@@ -93,9 +93,12 @@ def _rebuild_empty_state(a: App) -> None:
         f"the state database was empty: rebuilt {report.servers_added} servers and "
         f"{report.runs_added} runs from the replica store",
         highlight=False,
+        soft_wrap=True,
     )
     for fault in report.faults:
-        err.print(f"[yellow]warning:[/yellow] {escape(scrub(fault))}", highlight=False)
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(scrub(fault))}", highlight=False, soft_wrap=True
+        )
 
 
 def human_size(n: int) -> str:

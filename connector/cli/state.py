@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 
 import typer
+from rich.markup import escape
 
 from connector.app import App
 from connector.application.rebuild import RebuildReport
@@ -63,17 +64,21 @@ def _print_report(r: RebuildReport) -> None:
         f"({r.servers_added} added), {r.runs} committed runs ({r.runs_added} added), "
         f"{r.disks} disk states, {r.blocks} blocks indexed",
         highlight=False,
+        soft_wrap=True,
     )
     for server_id in r.unnamed:
         out.print(
             f"server {server_id} has no server record in the store (written by an older "
             "connector): its runs are listed under its server id",
             highlight=False,
+            soft_wrap=True,
         )
     for fault in r.faults:
-        err.print(f"fault: {fault}", highlight=False)
+        err.print(f"fault: {escape(fault)}", highlight=False, soft_wrap=True)
     if r.faults:
         err.print(
-            "some of the store could not be read; check it with `connector verify`",
+            "everything but what the faults name was rebuilt; a damaged object also shows "
+            "in `connector verify`",
             highlight=False,
+            soft_wrap=True,
         )
