@@ -20,7 +20,7 @@ from rich.markup import escape
 from connector.app import App, build
 from connector.audit import SUCCESS
 from connector.config import config_path, load_config
-from connector.errors import ConfigError, ConnectorError, InvalidInputError
+from connector.errors import ConfigError, ConnectorError, InvalidInputError, TransientError
 from connector.logging import configure, scrub
 
 out = Console()
@@ -84,7 +84,19 @@ def _audit_config_load(a: App) -> None:
 
 def _rebuild_empty_state(a: App) -> None:
     """Rebuild an empty state database from the store (a new or rebuilt machine)."""
-    if not a.state_rebuild.needed():
+    try:
+        if not a.state_rebuild.needed():
+            return
+    except TransientError as exc:
+        # The store cannot be reached now (S3 down): a command that does not need it
+        # goes on; one that does fails on its own, with its own message.
+        err.print(
+            f"[yellow]warning:[/yellow] the state database is empty and the replica store "
+            f"cannot be reached to rebuild it from ({escape(scrub(str(exc)))}); run "
+            "`connector state rebuild` once it can, before the next replication",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     with a.audited("state.rebuild", str(a.config.state.path), automatic=True) as rec:
         report = a.state_rebuild.rebuild()

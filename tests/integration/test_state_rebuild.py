@@ -16,6 +16,7 @@ import pytest
 
 from connector.adapters.state import StateStore
 from tests.harness.connector_env import ConnectorEnv, write_config
+from tests.harness.tcpproxy import TcpProxy
 from tests.integration.store_helpers import (
     MiB,
     app_for,
@@ -288,27 +289,64 @@ def test_rebuild_refuses_a_vm_the_state_database_names_with_another_id(
     assert state_runs(env) == []
 
 
+def test_rebuild_completes_an_older_copy_of_the_state_database(
+    env: ConnectorEnv, vcsim: Any, tmp_path: Path
+) -> None:
+    name = "rebuild-old-copy"
+    uuid = vcsim.add_vm(name, [8 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    write_blocks(vcsim, uuid, key, {0: b"a" * MiB})
+    env.cli("replicate", name, check=True)
+    backup = tmp_path / "backup"
+    shutil.copytree(state_dir(env), backup)  # no process has the database open
+    write_blocks(vcsim, uuid, key, {1: b"b" * MiB})
+    run2 = env.cli_json("replicate", name)
+    shutil.rmtree(state_dir(env))
+    shutil.copytree(backup, state_dir(env))  # the state as the backup had it: one run
+
+    assert len(env.cli_json("runs", name)) == 1  # not empty: nothing is rebuilt by itself
+    proc = env.cli("state", "rebuild")
+    assert proc.returncode == 0, proc.stderr
+    assert "1 servers (0 added), 2 committed runs (1 added), 1 disk states" in proc.stdout
+    runs = env.cli_json("runs", name)
+    assert [r["id"] for r in runs][1] == run2["id"]
+    assert runs[1]["disks"] == run2["disks"]
+    # the next run goes on from the changeId of the store's last run, not the backup's
+    write_blocks(vcsim, uuid, key, {2: b"c" * MiB})
+    run3 = env.cli_json("replicate", name)
+    (disk,) = run3["disks"]
+    assert disk["mode"] == "incremental"
+    assert disk["change_id_from"] == run2["disks"][0]["change_id_to"]
+    assert disk["bytes_read"] == MiB
+    assert restore_cli(env, name, run3["id"], key, tmp_path / "r3.img") == disk_sha(
+        vcsim, uuid, key
+    )
+
+
 def test_a_store_without_server_records_lists_its_runs_by_server_id(
     env: ConnectorEnv, vcsim: Any, moto: Any, tmp_path: Path
 ) -> None:
     name = "rebuild-old-store"
     uuid = vcsim.add_vm(name, [8 * MiB])
     (key,) = vcsim.disk_keys(uuid)
-    write_blocks(vcsim, uuid, key, {2: b"z" * MiB})
-    env.cli("replicate", name, check=True)
-    expected = disk_sha(vcsim, uuid, key)
-    (run,) = env.cli_json("runs", name)
-    server_id = run["server_id"]
-    # as a connector older than the server record wrote it: no record, a bare commit
+    expected = []
+    for block in (2, 5):
+        write_blocks(vcsim, uuid, key, {block: bytes([block]) * MiB})
+        env.cli("replicate", name, check=True)
+        expected.append(disk_sha(vcsim, uuid, key))
+    before = env.cli_json("runs", name)
+    server_id = before[0]["server_id"]
+    # as a connector older than the server record wrote it: no record, bare commits
     app = app_for(env)
     try:
         repo = app.repository()
-        commit = repo.read_commit(server_id, run["id"])
-        for field in ("type", "started_at"):
-            del commit[field]
-        for disk in commit["disks"]:
-            del disk["result"]
-        repo.write_commit(server_id, run["id"], commit)
+        for run in before:
+            commit = repo.read_commit(server_id, run["id"])
+            for field in ("type", "started_at"):
+                del commit[field]
+            for disk in commit["disks"]:
+                del disk["result"]
+            repo.write_commit(server_id, run["id"], commit)
         repo.delete_server(server_id)
     finally:
         app.close()
@@ -318,23 +356,24 @@ def test_a_store_without_server_records_lists_its_runs_by_server_id(
     proc = env.cli("state", "rebuild")
     assert proc.returncode == 0, proc.stderr
     assert f"server {server_id} has no server record in the store" in proc.stdout
-    (rebuilt,) = env.cli_json("runs", server_id)
-    assert (rebuilt["id"], rebuilt["server_id"], rebuilt["state"]) == (
-        run["id"],
-        server_id,
-        "COMPLETED",
-    )
-    started = dt.datetime.fromisoformat(rebuilt["started_at"].replace("Z", "+00:00"))
-    original = dt.datetime.fromisoformat(run["started_at"].replace("Z", "+00:00"))
-    assert abs((started - original).total_seconds()) < 5  # from the run id
-    (disk,) = rebuilt["disks"]
-    assert (disk["mode"], disk["chain"], disk["change_id_to"]) == (
-        "allocated",
-        0,
-        run["disks"][0]["change_id_to"],
-    )
-    out = tmp_path / "old.img"
-    assert restore_cli(env, server_id, run["id"], key, out) == expected
+    rebuilt = env.cli_json("runs", server_id)
+    assert [(r["id"], r["server_id"], r["state"], r["type"]) for r in rebuilt] == [
+        (r["id"], server_id, "COMPLETED", "UNKNOWN") for r in before
+    ]
+    for run, original in zip(rebuilt, before, strict=True):
+        started = dt.datetime.fromisoformat(run["started_at"].replace("Z", "+00:00"))
+        then = dt.datetime.fromisoformat(original["started_at"].replace("Z", "+00:00"))
+        assert abs((started - then).total_seconds()) < 5  # from the run id
+    # mode and reason from the manifests' stats, changeIds and chains from the manifests
+    assert [
+        (d["mode"], d["reason"], d["chain"], d["change_id_to"]) for r in rebuilt for d in r["disks"]
+    ] == [
+        (d["mode"], d["reason"], d["chain"], d["change_id_to"]) for r in before for d in r["disks"]
+    ]
+    assert [d["chain"] for r in rebuilt for d in r["disks"]] == [0, 1]
+    for i, run in enumerate(rebuilt):
+        out = tmp_path / f"old-{i}.img"
+        assert restore_cli(env, server_id, run["id"], key, out) == expected[i]
     # the VM itself is not known by that id: its next run starts a new server
     write_blocks(vcsim, uuid, key, {3: b"w" * MiB})
     run2 = env.cli_json("replicate", name)
@@ -343,3 +382,31 @@ def test_a_store_without_server_records_lists_its_runs_by_server_id(
     assert restore_cli(env, name, run2["id"], key, tmp_path / "new.img") == disk_sha(
         vcsim, uuid, key
     )
+
+
+def test_with_the_store_unreachable_a_command_goes_on_and_says_to_rebuild_later(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    proxy = TcpProxy("127.0.0.1", moto.port)  # down: connections are refused
+    env = write_config(
+        tmp_path / "c",
+        vcsim,
+        moto,
+        s3_bucket,
+        s3={"endpoint_url": f"https://127.0.0.1:{proxy.port}"},
+    )
+    try:
+        name = "rebuild-s3-down"
+        vcsim.add_vm(name, [8 * MiB])
+        proc = env.cli("vms")
+        assert proc.returncode == 0, proc.stderr
+        assert name in proc.stdout
+        assert "the replica store cannot be reached to rebuild it from" in proc.stderr
+        assert "run `connector state rebuild` once it can" in proc.stderr
+        # the explicit rebuild needs the store: it fails and says why
+        (state_dir(env) / "store.key").write_bytes(base64.b64encode(os.urandom(32)))
+        proc = env.cli("state", "rebuild")
+        assert proc.returncode == 1
+        assert "cannot reach the S3 endpoint" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        proxy.down()
