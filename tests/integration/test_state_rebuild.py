@@ -410,3 +410,32 @@ def test_with_the_store_unreachable_a_command_goes_on_and_says_to_rebuild_later(
         assert "cannot reach the S3 endpoint" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         proxy.down()
+
+
+def test_a_kms_store_rebuilds_with_kms_access_and_not_with_the_key_disabled(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    kms = moto.boto3_client("kms")
+    key_id = kms.create_key(Description="rebuild test")["KeyMetadata"]["KeyId"]
+    env = write_config(
+        tmp_path / "c", vcsim, moto, s3_bucket, extra=f'[store]\nkms_key_id = "{key_id}"\n'
+    )
+    name = "rebuild-kms"
+    uuid = vcsim.add_vm(name, [8 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    write_blocks(vcsim, uuid, key, {4: b"k" * MiB})
+    env.cli("replicate", name, check=True)
+    (run,) = env.cli_json("runs", name)
+    lose_state(env)  # nothing to put back: the key is in KMS
+
+    kms.disable_key(KeyId=key_id)
+    try:
+        proc = env.cli("state", "rebuild")
+        assert proc.returncode == 1
+        assert "is disabled" in proc.stderr and "Traceback" not in proc.stderr
+        assert state_runs(env) == [] and catalog(env) == []
+    finally:
+        kms.enable_key(KeyId=key_id)
+    env.cli("state", "rebuild", check=True)
+    out = tmp_path / "kms.img"
+    assert restore_cli(env, name, run["id"], key, out) == disk_sha(vcsim, uuid, key)
