@@ -34,6 +34,7 @@ from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
+from connector.application.rebuild import StateRebuild
 from connector.application.retention import Retention
 from connector.application.servers import Servers
 from connector.audit import FAILURE, SUCCESS, AuditLog
@@ -382,6 +383,18 @@ class App:
             default_keep=self.config.retention.keep,
             stale_lock_age=dt.timedelta(hours=self.config.retention.stale_lock_hours),
             guard_path=self.config.state.path.parent / "purge.lock",
+        )
+
+    @cached_property
+    def state_rebuild(self) -> StateRebuild:
+        """The state database rebuilt from the replica store (`connector state rebuild`)."""
+        return StateRebuild(
+            open_repo=self.repository,
+            store_exists=lambda: self.store_objects.stat("config") is not None,
+            catalog=self.state,
+            disks=self.state,
+            runs=self.state,
+            blocks=self.state,
         )
 
     # -- the API and the daemon ------------------------------------------------------------

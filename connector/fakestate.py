@@ -50,6 +50,7 @@ from connector.domain.records import (
     Effect,
     RunRow,
     ServerRow,
+    server_conflict,
 )
 from connector.domain.times import stamp, utcnow
 from connector.errors import NotFoundError
@@ -160,6 +161,30 @@ class MemoryState:
                 if s.vm_uuid not in present_uuids and s.removed_at is None:
                     s.removed_at = now
 
+    def add_server(self, server_id: str, vm_uuid: str, name: str) -> ServerRow:
+        with self.lock:
+            have = self._servers.get(server_id)
+            if have is None and vm_uuid in self._server_by_uuid:
+                have = self._servers[self._server_by_uuid[vm_uuid]]
+            if have is None:
+                self._server_by_uuid[vm_uuid] = server_id
+                self._servers[server_id] = ServerRow(
+                    id=server_id,
+                    vm_uuid=vm_uuid,
+                    name=name,
+                    ref="",
+                    datacenter="",
+                    power_state="unknown",
+                    cbt_enabled=False,
+                    disks=[],
+                    snapshots=[],
+                    seen_at=self.clock(),
+                    removed_at=None,
+                )
+            elif (have.id, have.vm_uuid) != (server_id, vm_uuid):
+                raise ValueError(server_conflict(server_id, vm_uuid, have.id, have.vm_uuid))
+            return copy.deepcopy(self._servers[server_id])
+
     # -- DiskStates ----------------------------------------------------------------------
 
     def disk_state(self, server_id: str, disk_key: int) -> DiskStateRow | None:
@@ -176,6 +201,10 @@ class MemoryState:
         with self.lock:
             for key in [k for k in self._disk_states if k[0] == server_id]:
                 del self._disk_states[key]
+
+    def put_disk_state(self, row: DiskStateRow) -> None:
+        with self.lock:
+            self._disk_states[(row.server_id, row.disk_key)] = replace(row)
 
     # -- Runs ------------------------------------------------------------------------------
 
@@ -299,6 +328,14 @@ class MemoryState:
                 row = self._runs.get(run_id)
                 if row is not None:
                     row.state = RUN_DELETED
+
+    def import_run(self, run: RunRow) -> bool:
+        with self.lock:
+            if run.id in self._runs:
+                return False
+            self._runs[run.id] = replace(run, stats=_json(run.stats), disks=[])
+            self._run_disks[run.id] = {d.disk_key: _json(d.to_json()) for d in run.disks}
+            return True
 
     # -- BlockStore --------------------------------------------------------------------------
 

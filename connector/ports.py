@@ -191,6 +191,15 @@ class Catalog(Protocol):
         """Servers not in `present_uuids` are marked removed from the inventory."""
         ...
 
+    def add_server(self, server_id: str, vm_uuid: str, name: str) -> ServerRow:
+        """A server with a known id (rebuilt from the replica store), not yet seen in the
+        inventory: discovery later fills in its other fields and keeps its id.
+
+        Adding a server that is there already with that id and UUID is not an error (it
+        is returned as it is); ValueError when the id or the UUID belongs to another one.
+        """
+        ...
+
 
 class DiskStates(Protocol):
     """Per disk of a server: where its next run starts (changeId, last run)."""
@@ -203,6 +212,10 @@ class DiskStates(Protocol):
 
     def forget_disks(self, server_id: str) -> None:
         """The server's next run reads its disks without a base run."""
+        ...
+
+    def put_disk_state(self, row: DiskStateRow) -> None:
+        """Set a disk's state (rebuilt from the replica store), replacing its earlier one."""
         ...
 
 
@@ -262,6 +275,11 @@ class Runs(Protocol):
 
     def mark_runs_deleted(self, run_ids: set[str]) -> None:
         """Runs whose commit was deleted from the store by retention or purge."""
+        ...
+
+    def import_run(self, run: RunRow) -> bool:
+        """Add a run as given, with its disks (a committed run rebuilt from the replica
+        store). False, changing nothing, when a run of that id is there already."""
         ...
 
 

@@ -139,6 +139,29 @@ class SqlRuns:
                     runs.update().where(runs.c.id.in_(ids[i : i + CHUNK])).values(state=RUN_DELETED)
                 )
 
+    def import_run(self, run: RunRow) -> bool:
+        with self.db.tx() as c:
+            if c.execute(sa.select(runs.c.id).where(runs.c.id == run.id)).first() is not None:
+                return False
+            c.execute(
+                runs.insert().values(
+                    id=run.id,
+                    server_id=run.server_id,
+                    type=run.type,
+                    state=run.state,
+                    stage=run.stage,
+                    started_at=run.started_at,
+                    finished_at=run.finished_at,
+                    error=run.error,
+                    snapshot_name=run.snapshot_name,
+                    snapshot_ref=run.snapshot_ref,
+                    stats=json.dumps(run.stats),
+                )
+            )
+            for d in run.disks:
+                c.execute(run_disks.insert().values(run_id=run.id, **d.to_json()))
+        return True
+
     # -- reads ---------------------------------------------------------------------
 
     def run(self, run_id: str) -> RunRow:

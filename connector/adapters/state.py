@@ -21,7 +21,13 @@ from connector.adapters.runs import SqlRuns
 from connector.adapters.sql import CHUNK, Database, blocks, disk_state, packs, retention, servers
 from connector.domain.manifest import BlockRef
 from connector.domain.model import VmInfo
-from connector.domain.records import DiskResult, DiskStateRow, RunRow, ServerRow
+from connector.domain.records import (
+    DiskResult,
+    DiskStateRow,
+    RunRow,
+    ServerRow,
+    server_conflict,
+)
 from connector.domain.times import stamp
 from connector.errors import NotFoundError
 
@@ -113,6 +119,33 @@ class SqlCatalog(_Tables):
             ).all()
         return [_server(r) for r in rows]
 
+    def add_server(self, server_id: str, vm_uuid: str, name: str) -> ServerRow:
+        with self.db.tx() as c:
+            row = c.execute(
+                sa.select(servers.c.id, servers.c.vm_uuid).where(
+                    sa.or_(servers.c.id == server_id, servers.c.vm_uuid == vm_uuid)
+                )
+            ).first()
+            if row is None:
+                c.execute(
+                    servers.insert().values(
+                        id=server_id,
+                        vm_uuid=vm_uuid,
+                        name=name,
+                        ref="",
+                        datacenter="",
+                        power_state="unknown",
+                        cbt_enabled=False,
+                        disks="[]",
+                        snapshots="[]",
+                        seen_at=stamp(),
+                        removed_at=None,
+                    )
+                )
+            elif (row.id, row.vm_uuid) != (server_id, vm_uuid):
+                raise ValueError(server_conflict(server_id, vm_uuid, row.id, row.vm_uuid))
+        return self.server(server_id)
+
 
 class SqlDiskStates(_Tables):
     """The `DiskStates` port (the commit's write of next changeIds is in `SqlRuns`)."""
@@ -138,6 +171,15 @@ class SqlDiskStates(_Tables):
     def forget_disks(self, server_id: str) -> None:
         with self.db.tx() as c:
             c.execute(disk_state.delete().where(disk_state.c.server_id == server_id))
+
+    def put_disk_state(self, row: DiskStateRow) -> None:
+        with self.db.tx() as c:
+            c.execute(
+                disk_state.delete().where(
+                    disk_state.c.server_id == row.server_id, disk_state.c.disk_key == row.disk_key
+                )
+            )
+            c.execute(disk_state.insert().values(**row.__dict__))
 
 
 class SqlBlocks(_Tables):

@@ -32,4 +32,4 @@ def vms(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             )
         out.print(t)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)

@@ -20,7 +20,7 @@ from rich.markup import escape
 from connector.app import App, build
 from connector.audit import SUCCESS
 from connector.config import config_path, load_config
-from connector.errors import ConfigError, ConnectorError, InvalidInputError
+from connector.errors import ConfigError, ConnectorError, InvalidInputError, TransientError
 from connector.logging import configure, scrub
 
 out = Console()
@@ -39,11 +39,18 @@ ConfigOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def run_with_app(config: Path | None, fn: Callable[[App], T], audit_load: bool = True) -> T:
+def run_with_app(
+    config: Path | None,
+    fn: Callable[[App], T],
+    audit_load: bool = True,
+    state_from_store: bool = False,
+) -> T:
     """Load the config, build the app, run `fn`; turn our errors into clear messages.
 
     Every config load is recorded in the audit log (with the file's SHA-256, so a
-    changed config shows), unless `audit_load` is False.
+    changed config shows), unless `audit_load` is False. With `state_from_store`
+    (the commands that read or write the catalog and the runs), an empty state
+    database is first rebuilt from the replica store, when the bucket holds one.
     """
     try:
         cfg = load_config(config_path(config))
@@ -51,6 +58,8 @@ def run_with_app(config: Path | None, fn: Callable[[App], T], audit_load: bool =
         with build(cfg) as a:
             if audit_load:
                 _audit_config_load(a)
+            if state_from_store:
+                _rebuild_empty_state(a)
             return fn(a)
     except (ConfigError, InvalidInputError) as exc:
         print_error(exc)
@@ -71,6 +80,37 @@ def _audit_config_load(a: App) -> None:
     digest = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     a.audit.record("config.load", str(source), SUCCESS, sha256=digest, command=command)
+
+
+def _rebuild_empty_state(a: App) -> None:
+    """Rebuild an empty state database from the store (a new or rebuilt machine)."""
+    try:
+        if not a.state_rebuild.needed():
+            return
+    except TransientError as exc:
+        # The store cannot be reached now (S3 down): a command that does not need it
+        # goes on; one that does fails on its own, with its own message.
+        err.print(
+            f"[yellow]warning:[/yellow] the state database is empty and the replica store "
+            f"cannot be reached to rebuild it from ({escape(scrub(str(exc)))}); run "
+            "`connector state rebuild` once it can, before the next replication",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    with a.audited("state.rebuild", str(a.config.state.path), automatic=True) as rec:
+        report = a.state_rebuild.rebuild()
+        rec.update(servers=report.servers_added, runs=report.runs_added, faults=len(report.faults))
+    err.print(
+        f"the state database was empty: rebuilt {report.servers_added} servers and "
+        f"{report.runs_added} runs from the replica store",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for fault in report.faults:
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(scrub(fault))}", highlight=False, soft_wrap=True
+        )
 
 
 def human_size(n: int) -> str:

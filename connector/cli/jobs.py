@@ -254,7 +254,7 @@ def jobs_create(
         else:
             _print_jobs(a, [job], False)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 @jobs_app.command("list")
@@ -264,13 +264,17 @@ def jobs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List replication jobs."""
-    run_with_app(config, lambda a: _print_jobs(a, a.jobs.all(include_deleted), as_json))
+    run_with_app(
+        config,
+        lambda a: _print_jobs(a, a.jobs.all(include_deleted), as_json),
+        state_from_store=True,
+    )
 
 
 @jobs_app.command("show")
 def jobs_show(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show a job and its runs, with the stage and progress of a running one."""
-    run_with_app(config, lambda a: _print_job(a, a.jobs.find(job), as_json))
+    run_with_app(config, lambda a: _print_job(a, a.jobs.find(job), as_json), state_from_store=True)
 
 
 @jobs_app.command("update")
@@ -306,7 +310,7 @@ def jobs_update(
         _refuse_deleted(row)
         _print_job(a, a.jobs.update(row.id, **values), as_json)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 @jobs_app.command("start")
@@ -340,7 +344,7 @@ def jobs_start(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
                 highlight=False,
             )
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 @jobs_app.command("pause")
@@ -352,7 +356,7 @@ def jobs_pause(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
         _refuse_deleted(row)
         _print_job(a, a.jobs.update(row.id, paused=True), as_json)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 @jobs_app.command("resume")
@@ -365,7 +369,7 @@ def jobs_resume(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False)
         a.jobs.set_status(row.id, status)
         _print_job(a, a.jobs.update(row.id, paused=False), as_json)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 @jobs_app.command("delete")
@@ -383,7 +387,7 @@ def jobs_delete(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False)
         message = "deleting: waiting for the active run to stop" if live else "deleted"
         _print_job(a, a.jobs.update(row.id, state=state, message=message), as_json)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def _refuse_deleted(job: JobRow) -> None:

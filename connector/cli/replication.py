@@ -94,7 +94,7 @@ def replicate(
                 f"{d.blocks_new} new blocks, {d.blocks_dedup} deduplicated"
             )
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def _report_stop(exc: RunStopped, vm: str) -> None:
@@ -138,7 +138,7 @@ def runs(
             )
         out.print(t)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def restore(
@@ -201,4 +201,4 @@ def restore(
             out.print(f"restored {human_size(res.size)} to {res.path}\nsha256 {res.sha256}")
         return result
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)

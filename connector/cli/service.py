@@ -66,5 +66,5 @@ def run_command(config: ConfigOpt = None) -> None:
     def go(a: App) -> int:
         return a.daemon().run()
 
-    code = run_with_app(config, go)
+    code = run_with_app(config, go, state_from_store=True)
     raise typer.Exit(code)

@@ -70,7 +70,7 @@ def verify(
             _print_verify(report, names)
         return report
 
-    if not run_with_app(config, go).ok:
+    if not run_with_app(config, go, state_from_store=True).ok:
         raise typer.Exit(1)
 
 
@@ -165,7 +165,7 @@ def retention(
             )
         out.print(t)
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def purge(
@@ -253,7 +253,7 @@ def purge(
             _print_purge(results, gc, names)
         return doc
 
-    run_with_app(config, go)
+    run_with_app(config, go, state_from_store=True)
 
 
 def _print_purge(results: list[RetentionResult], gc: GcResult, names: dict[str, str]) -> None:

@@ -45,6 +45,13 @@ class ServerRow:
     removed_at: str | None
 
 
+def server_conflict(server_id: str, vm_uuid: str, have_id: str, have_uuid: str) -> str:
+    """Why server `server_id` of VM `vm_uuid` cannot be added beside (have_id, have_uuid)."""
+    if have_id == server_id:
+        return f"server {server_id} is VM {have_uuid} in the catalog, not VM {vm_uuid}"
+    return f"VM {vm_uuid} is server {have_id} in the catalog, not server {server_id}"
+
+
 @dataclass
 class DiskStateRow:
     """Where the next run of a disk starts: its identity, capacity and changeId."""

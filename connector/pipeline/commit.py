@@ -27,7 +27,7 @@ from connector.domain.times import iso
 from connector.errors import IntegrityError, NotFoundError, PermanentError, StoreFormatError
 from connector.faults import crash_point
 from connector.pipeline.context import RunRef, StageContext
-from connector.store.repository import Repository, commit_key
+from connector.store.repository import Repository, ServerRecord, commit_key
 
 # After this many change manifests in a row, a disk's next manifest is a full one,
 # so a restore never follows a long chain.
@@ -61,12 +61,19 @@ def run(ctx: StageContext, ref: RunRef) -> None:
     }
     repo = ctx.repo()
     if repo.objects.stat(commit_key(server_id, run_id)) is None:
+        # The store names its servers itself, so that a connector that lost its state
+        # database can rebuild its catalog from the store (`connector state rebuild`).
+        server = ctx.catalog.server(server_id)
+        repo.ensure_server(ServerRecord(server_id, server.vm_uuid, server.name, iso()))
+        row = ctx.runs.run(run_id)
         repo.write_commit(
             server_id,
             run_id,
             {
                 "run_id": run_id,
                 "server_id": server_id,
+                "type": row.type,
+                "started_at": row.started_at,
                 "created_at": iso(),
                 "snapshot": {"name": snap.name, "ref": snap.ref},
                 "disks": [
@@ -74,6 +81,7 @@ def run(ctx: StageContext, ref: RunRef) -> None:
                         "disk_key": k,
                         "capacity": results[k].capacity,
                         "merkle_root": results[k].merkle_root,
+                        "result": results[k].to_json(),
                     }
                     for k in keys
                 ],

@@ -222,6 +222,7 @@ def remove_server(
     for run_id, objs in sorted(runs.items()):
         for disk_key in objs.disks:
             repo.delete_manifest(server_id, run_id, disk_key)
+    repo.delete_server(server_id)
     state.mark_runs_deleted(set(result.deleted))
     state.set_retention(server_id, None)
     log.info("server removed from the store", server=server_id, runs=len(result.deleted))

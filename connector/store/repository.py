@@ -3,6 +3,7 @@
 Layout under the configured prefix (see docs/format.md):
     config                                   store format, block size, wrapped master key
     packs/<id[:2]>/<id>                      sealed blocks, then a sealed pack header
+    servers/<server id>                      sealed server record: the VM's instance UUID and name
     runs/<server id>/<run id>/disk-<key>     sealed disk manifest
     runs/<server id>/<run id>/commit         sealed run record, written last
     locks/<run id>                           sealed lock of a run in flight
@@ -63,6 +64,10 @@ def pack_key(pack_id: str) -> str:
     return f"packs/{pack_id[:2]}/{pack_id}"
 
 
+def server_key(server_id: str) -> str:
+    return f"servers/{server_id}"
+
+
 def manifest_key(server_id: str, run_id: str, disk_key: int) -> str:
     check_server_id(server_id)
     check_run_id(run_id)
@@ -116,6 +121,33 @@ class RunLock:
             host=doc["host"],
             pid=int(doc["pid"]),
             base_runs=tuple(doc.get("base_runs", ())),
+        )
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """Which VM a server id names: written once, before the server's first commit."""
+
+    server_id: str
+    vm_uuid: str  # the VM's instance UUID
+    name: str  # the VM's name when the record was written
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "server_id": self.server_id,
+            "vm_uuid": self.vm_uuid,
+            "name": self.name,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ServerRecord:
+        return cls(
+            server_id=str(doc["server_id"]),
+            vm_uuid=str(doc["vm_uuid"]),
+            name=str(doc["name"]),
+            created_at=str(doc["created_at"]),
         )
 
 
@@ -260,6 +292,33 @@ class Repository:
             BlockRef(bytes(bid), pack_id, off, length)
             for bid, off, length, _raw in _PACK_ENTRY.iter_unpack(plain)
         ]
+
+    # -- server records ------------------------------------------------------------
+
+    def ensure_server(self, record: ServerRecord) -> bool:
+        """Write the server's record unless it has one; True when it was written."""
+        key = server_key(record.server_id)
+        if self.objects.stat(key) is not None:
+            return False
+        self._put_sealed(key, record.to_json())
+        return True
+
+    def server_ids(self) -> list[str]:
+        """The server ids that have a record in the store."""
+        return [key.removeprefix("servers/") for key in self.objects.list("servers/")]
+
+    def read_server(self, server_id: str) -> ServerRecord:
+        """The record of one server (NotFoundError if it has none)."""
+        key = server_key(server_id)
+        doc = self._get_sealed(key, f"server record {key}")
+        record = ServerRecord.from_json(doc)
+        if record.server_id != server_id:
+            raise IntegrityError(f"server record {key} names server {record.server_id}")
+        return record
+
+    def delete_server(self, server_id: str) -> None:
+        """Delete a server's record (once none of its runs is left)."""
+        self.objects.delete(server_key(server_id))
 
     # -- manifests and commits ---------------------------------------------------
 

@@ -33,6 +33,7 @@ from connector.domain.records import (
     SNAPSHOT,
     DiskResult,
     DiskStateRow,
+    RunRow,
 )
 from connector.errors import NotFoundError
 from connector.ports import (
@@ -268,6 +269,37 @@ class CatalogContract(_Fixture):
         assert stored.name == "web-1"
         assert len(stored.disks) == 2
 
+    def test_add_server_keeps_its_known_id_and_discovery_refreshes_it(
+        self, ports: StatePorts
+    ) -> None:
+        added = ports.catalog.add_server("s-00000000000000aa", "4210aaaa-0001", "old-name")
+        assert (added.id, added.vm_uuid, added.name) == (
+            "s-00000000000000aa",
+            "4210aaaa-0001",
+            "old-name",
+        )
+        assert added.disks == [] and added.removed_at is None
+        assert ports.catalog.find_servers("old-name") == [added]
+        seen = ports.catalog.upsert_server(vm("4210aaaa-0001", "web-1"))
+        assert seen.id == "s-00000000000000aa"
+        assert seen.name == "web-1" and len(seen.disks) == 2
+        assert [s.id for s in ports.catalog.servers()] == ["s-00000000000000aa"]
+
+    def test_add_server_again_is_not_an_error_and_changes_nothing(self, ports: StatePorts) -> None:
+        ports.catalog.add_server("s-1", "u-1", "a")
+        seen = ports.catalog.upsert_server(vm("u-1", "renamed"))
+        again = ports.catalog.add_server("s-1", "u-1", "a")
+        assert again == seen
+        assert again.name == "renamed"
+
+    def test_add_server_refuses_an_id_or_uuid_of_another_server(self, ports: StatePorts) -> None:
+        ports.catalog.add_server("s-1", "u-1", "a")
+        with pytest.raises(ValueError, match="VM u-1 is server s-1 in the catalog, not server s-2"):
+            ports.catalog.add_server("s-2", "u-1", "a")
+        with pytest.raises(ValueError, match="server s-1 is VM u-1 in the catalog, not VM u-2"):
+            ports.catalog.add_server("s-1", "u-2", "b")
+        assert [(s.id, s.vm_uuid) for s in ports.catalog.servers()] == [("s-1", "u-1")]
+
 
 # -- DiskStates (written by Runs.record_commit) ------------------------------------------
 
@@ -296,6 +328,18 @@ class DiskStatesContract(_Fixture):
         row = replace(next_state("s-1", 2000, None, "r-1", chain=0), disk_uuid=None)
         ports.runs.record_commit("r-1", [row], {})
         assert ports.disk_states.disk_state("s-1", 2000) == row
+
+    def test_put_disk_state_sets_and_replaces_one_disks_state(self, ports: StatePorts) -> None:
+        first = next_state("s-1", 2000, "52 aa/1", "r-1", chain=0)
+        ports.disk_states.put_disk_state(first)
+        ports.disk_states.put_disk_state(next_state("s-1", 2001, None, "r-1"))
+        assert ports.disk_states.disk_state("s-1", 2000) == first
+        later = next_state("s-1", 2000, "52 aa/2", "r-2", chain=1)
+        ports.disk_states.put_disk_state(later)
+        assert ports.disk_states.disk_states("s-1") == [
+            later,
+            next_state("s-1", 2001, None, "r-1"),
+        ]
 
     def test_forget_disks_drops_only_that_servers_states(self, ports: StatePorts) -> None:
         ports.runs.create_run("r-1", "s-1", "full")
@@ -479,6 +523,34 @@ class RunsContract(_Fixture):
         assert [r.id for r in ports.runs.runs("s-2")] == ["r-a", "r-0"]
         assert ports.runs.runs("s-none") == []
         assert ports.runs.runs()[2] == ports.runs.run("r-b")
+
+    def test_import_run_adds_a_run_as_given_with_its_disks(self, ports: StatePorts) -> None:
+        ports.runs.create_run("r-2", "s-1", "ON_DEMAND")
+        imported = RunRow(
+            id="r-1",
+            server_id="s-1",
+            type="AUTOMATIC",
+            state=RUN_COMPLETED,
+            stage="done",
+            started_at="2026-11-30T06:00:00.000000Z",
+            finished_at="2026-11-30T06:05:00.000000Z",
+            error=None,
+            snapshot_name="connector-r-1",
+            snapshot_ref="snapshot-7",
+            stats={"bytes_read": 5},
+            disks=[result(2001), result(2000, mode="full", chain=0)],
+        )
+        assert ports.runs.import_run(imported) is True
+        back = ports.runs.run("r-1")
+        assert back == replace(imported, disks=[result(2000, mode="full", chain=0), result(2001)])
+        assert [r.id for r in ports.runs.runs("s-1")] == ["r-1", "r-2"]  # by start time
+
+    def test_import_run_of_a_known_id_changes_nothing(self, ports: StatePorts) -> None:
+        ports.runs.create_run("r-1", "s-1", "ON_DEMAND")
+        before = ports.runs.run("r-1")
+        other = replace(before, state=RUN_COMPLETED, disks=[result(2000)])
+        assert ports.runs.import_run(other) is False
+        assert ports.runs.run("r-1") == before
 
     def test_a_returned_run_is_a_copy(self, ports: StatePorts) -> None:
         ports.runs.create_run("r-1", "s-1", "full")

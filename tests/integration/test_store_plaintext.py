@@ -2,7 +2,8 @@
 
 The store uses the KMS key provider here (the local key file is covered by the
 other tests), and holds every kind of object: config, packs, manifests, run
-records, a run lock and a condemned-packs record.
+records, the server record (which holds the VM's name and instance UUID, sealed),
+a run lock and a condemned-packs record.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def test_bucket_holds_no_plaintext_and_no_vm_name(
     listed = s3.list_objects_v2(Bucket=s3_bucket)["Contents"]
     keys = [o["Key"] for o in listed]
     kinds = {k.split("/")[1] for k in keys}
-    assert kinds == {"config", "packs", "runs", "locks", "condemned"}, kinds
+    assert kinds == {"config", "servers", "packs", "runs", "locks", "condemned"}, kinds
     config = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"{env.prefix}/config")["Body"].read())
     assert config["key"]["provider"] == "kms"
     master = kms.decrypt(
