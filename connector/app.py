@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from connector import __version__
 from connector.adapters.datastore_reader import DatastoreHttpsSource
 from connector.adapters.jobstore import JobStore
 from connector.adapters.kms import KmsKeyProvider
@@ -37,6 +38,7 @@ from connector.adapters.vsphere import VSphereClient
 from connector.application.rebuild import StateRebuild
 from connector.application.retention import Retention
 from connector.application.servers import Servers
+from connector.application.status import Status, StatusSettings
 from connector.audit import FAILURE, SUCCESS, AuditLog
 from connector.check import require_vddk
 from connector.config import Config
@@ -68,6 +70,9 @@ from connector.secrets import Secret, is_credential, resolve_secret_path, secret
 from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
 from connector.store.repository import Repository
 from connector.tls import server_context
+
+# Seconds `connector status` waits for vCenter or S3 to answer.
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -118,11 +123,13 @@ class App:
     def vsphere(self) -> VSphereClient:
         return self.vsphere_client()
 
-    def vsphere_client(self) -> VSphereClient:
-        """A new vCenter client with its own session (the daemon's discovery uses one)."""
+    def vsphere_client(self, timeout: float | None = None) -> VSphereClient:
+        """A new vCenter client with its own session (the daemon's discovery uses one);
+        `timeout` (seconds) bounds each connection, the client's default when None."""
         vc = self.config.require_vcenter()
         password = self.config.vcenter_password()
         register_secret(password)
+        limits: dict[str, float] = {} if timeout is None else {"timeout": timeout}
         return VSphereClient(
             url=vc.url,
             user=vc.user,
@@ -130,10 +137,16 @@ class App:
             ca_file=vc.ca_file,
             thumbprint=vc.thumbprint,
             proxy=self.proxy,
+            **limits,
         )
 
     @cached_property
     def objects(self) -> S3ObjectStore:
+        return self.s3_store()
+
+    def s3_store(self, **limits: Any) -> S3ObjectStore:
+        """A new S3 client of the [s3] section; `limits` are its connect_timeout,
+        read_timeout and max_attempts, its defaults when absent."""
         s3 = self.config.s3
         secret = self.config.s3_secret_key()
         if secret is not None:
@@ -155,6 +168,7 @@ class App:
             multipart_part_size=s3.multipart_part_size,
             upload_journal=self.ledger,
             proxy=self.proxy,
+            **limits,
         )
 
     @cached_property
@@ -395,6 +409,52 @@ class App:
             disks=self.state,
             runs=self.state,
             blocks=self.state,
+        )
+
+    @cached_property
+    def status(self) -> Status:
+        """`connector status`: vCenter and S3 probed with short timeouts, the jobs, the daemon.
+
+        The clients are built here, so a config error fails the command (exit 2)
+        rather than showing as an unreachable service."""
+        probe_vcenter: Callable[[], None] | None = None
+        vcenter_target: str | None = None
+        if self.config.vcenter is not None:
+            client = self.vsphere_client(timeout=PROBE_TIMEOUT)
+            vcenter_target = client.url
+
+            def probe_vcenter() -> None:
+                try:
+                    client.session_generation()  # connects and logs in
+                finally:
+                    client.close()
+
+        store = self.s3_store(
+            connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT, max_attempts=1
+        )
+
+        def probe_s3() -> None:
+            try:
+                store.check_access()
+            finally:
+                store.close()
+
+        s3 = self.config.s3
+        bucket = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+        return Status(
+            jobs=self.jobs,
+            catalog=self.state,
+            runs=self.state,
+            probe_vcenter=probe_vcenter,
+            probe_s3=probe_s3,
+            daemon_holder=StateLock(self.config.state.path, "status").holder,
+            settings=StatusSettings(
+                version=__version__,
+                on_demand_quota=self.config.daemon.on_demand_quota_per_24h,
+                schedule_unit_seconds=self.config.daemon.schedule_unit_seconds,
+                vcenter_target=vcenter_target,
+                s3_target=f"{bucket} at {store.endpoint_url}",
+            ),
         )
 
     # -- the API and the daemon ------------------------------------------------------------

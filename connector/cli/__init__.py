@@ -1,7 +1,7 @@
 """The `connector` command line: the typer app, its commands, and `main()`.
 
 The commands live in modules by subject (catalog, replication, store, security,
-service, jobs, state) and share the options, consoles and config-loading wrapper of
+service, status, jobs, state) and share the options, consoles and config-loading wrapper of
 `connector.cli.common`. They are registered here, in the order `connector --help`
 lists them; the modules import `common` and never this package, so no import
 cycle forms.
@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from connector import __version__
-from connector.cli import catalog, jobs, replication, security, service, state, store
+from connector.cli import catalog, jobs, replication, security, service, state, status, store
 from connector.cli.common import err, out
 
 app = typer.Typer(
@@ -48,6 +48,7 @@ app.command("check")(security.check_cmd)
 app.command("api")(service.api_cmd)
 app.command("purge")(store.purge)
 app.command("health")(service.health_cmd)
+app.command("status")(status.status_cmd)
 app.command("run")(service.run_command)
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(state.state_app, name="state")

@@ -37,6 +37,30 @@ class StateLock:
         os.pwrite(fd, f"pid {os.getpid()}: connector {self.purpose}\n".encode(), 0)
         self._fd = fd
 
+    def holder(self) -> str | None:
+        """Who holds the lock now (`pid 12: connector run`), or None; takes nothing.
+
+        The holder writes that line after it locks and empties it before it lets go,
+        so an empty or absent file means nobody holds it. A line left by a killed
+        process is told from a live holder by trying a shared lock, at once released.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            if not text:
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return text
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
