@@ -170,11 +170,14 @@ class Status:
             reasons.append(f"S3 {s3.target}: {s3.error}")
         daemon = self._daemon()
         jobs = self._jobs.all()
-        health = [self._job(job, now) for job in jobs]
-        for job, h in zip(jobs, health, strict=True):
+        health = []
+        for job in jobs:
+            runs = self._job_runs(job)
+            h = self._job(job, runs, now)
+            health.append(h)
             if job.state in (JOB_PAUSED_ON_FAILURE, JOB_FAILING):
                 reasons.append(f"job {job.id} (VM {h.vm_name}) is {job.state}: {job.message}")
-            reasons += self._stuck_runs(job, now, active_limit)
+            reasons += _stuck_runs(job, runs, now, active_limit)
         waiting = [j.id for j in jobs if _needs_daemon(j)]
         if not daemon.running and waiting:
             reasons.append(
@@ -210,13 +213,12 @@ class Status:
             return []
         return [r for r in self._runs.runs(job.server_id) if r.id in ids]
 
-    def _job(self, job: JobRow, now: dt.datetime) -> JobHealth:
+    def _job(self, job: JobRow, runs: list[RunRow], now: dt.datetime) -> JobHealth:
         try:
             server = self._catalog.server(job.server_id)
             vm_name, vm_uuid = server.name, server.vm_uuid
         except NotFoundError:
             vm_name, vm_uuid = "?", "?"
-        runs = self._job_runs(job)
         completed = [r for r in runs if r.state == RUN_COMPLETED and r.finished_at]
         last_ok = max(completed, key=lambda r: r.finished_at or "", default=None)
         ended = last_ok.finished_at if last_ok else None
@@ -255,18 +257,23 @@ class Status:
         )
         return iso(nxt) if nxt else None
 
-    def _stuck_runs(self, job: JobRow, now: dt.datetime, limit: dt.timedelta) -> list[str]:
-        reasons = []
-        for r in self._job_runs(job):
-            if r.state != RUN_ACTIVE:
-                continue
-            age = now - parse(r.started_at)
-            if age > limit:
-                reasons.append(
-                    f"run {r.id} of job {job.id} has been ACTIVE for {_hours(age)} "
-                    f"(more than {_hours(limit)}), in stage {r.stage}"
-                )
-        return reasons
+
+def _stuck_runs(
+    job: JobRow, runs: list[RunRow], now: dt.datetime, limit: dt.timedelta
+) -> list[str]:
+    """A reason for each run of the job ACTIVE for longer than `limit` (counted from
+    when the run was created, its queueing included)."""
+    reasons = []
+    for r in runs:
+        if r.state != RUN_ACTIVE:
+            continue
+        age = now - parse(r.started_at)
+        if age > limit:
+            reasons.append(
+                f"run {r.id} of job {job.id} has been ACTIVE for {_hours(age)} "
+                f"(more than {_hours(limit)}), in stage {r.stage}"
+            )
+    return reasons
 
 
 def _check(name: str, target: str, probe: Probe) -> Service:
