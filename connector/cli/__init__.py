@@ -25,14 +25,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    """Print the version and exit 0: eager, so it needs no command after it."""
+    if value:
+        out.print(__version__, highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version.", is_eager=True, callback=_print_version
+        ),
+    ] = False,
 ) -> None:
     """Handle the options of `connector` itself: --version prints the version and exits."""
-    if version:
-        out.print(__version__)
-        raise typer.Exit(0)
 
 
 app.command("vms")(catalog.vms)
