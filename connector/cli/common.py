@@ -78,8 +78,20 @@ def _audit_config_load(a: App) -> None:
     """Record the config load, the file's SHA-256 and the command in the audit log."""
     source = a.config.source
     digest = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
-    a.audit.record("config.load", str(source), SUCCESS, sha256=digest, command=command)
+    a.audit.record(
+        "config.load", str(source), SUCCESS, sha256=digest, command=command_name(sys.argv[1:])
+    )
+
+
+def command_name(args: list[str]) -> str:
+    """The command of a `connector` command line: its first word after the global options."""
+    words = iter(args)
+    for word in words:
+        if word in ("--config", "-c"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
 
 
 def _rebuild_empty_state(a: App) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,44 @@ def test_version_prints_the_version_and_exits_0(env: ConnectorEnv) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == __version__
     assert "Missing command" not in proc.stderr
+
+
+def test_config_and_json_work_before_and_after_the_command(
+    env: ConnectorEnv, vcsim: Any, tmp_path: Path
+) -> None:
+    vcsim.add_vm("ergo-global-opts", [8 * MiB])
+    bad = tmp_path / "missing.toml"
+    cases: list[tuple[str, ...]] = [
+        ("--config", str(env.config_file), "vms"),
+        ("vms", "--config", str(env.config_file)),
+        # the command's own option wins over the one before it
+        ("--config", str(bad), "vms", "--config", str(env.config_file)),
+    ]
+    for args in cases:
+        proc = env.cli(*args, env={"CONNECTOR_CONFIG": str(bad)})
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert "ergo-global-opts" in proc.stdout, args
+    proc = env.cli("--config", str(bad), "vms")
+    assert proc.returncode == 2
+    assert str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # without --config, $CONNECTOR_CONFIG is read as before
+    assert env.cli("vms").returncode == 0
+    cases = [("--json", "vms"), ("vms", "--json")]
+    for args in cases:
+        proc = env.cli(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+        rows = json.loads(proc.stdout)
+        assert "ergo-global-opts" in [r["name"] for r in rows], args
+    cases = [("--json", "jobs", "list"), ("jobs", "list", "--json")]
+    for args in cases:
+        proc = env.cli(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert json.loads(proc.stdout) == [], args
+
+
+def test_json_before_a_command_without_json_is_refused(env: ConnectorEnv) -> None:
+    proc = env.cli("--json", "bucket-policy")
+    assert proc.returncode == 2
+    assert "`connector bucket-policy` has no --json option" in proc.stderr
+    assert "Traceback" not in proc.stderr
