@@ -8,14 +8,16 @@ and an exit code: 2 for a bad config or input, 1 for any other error.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from connector.app import App, build
 from connector.audit import SUCCESS
@@ -23,7 +25,16 @@ from connector.config import config_path, load_config
 from connector.errors import ConfigError, ConnectorError, InvalidInputError, TransientError
 from connector.logging import configure, scrub
 
-out = Console()
+
+def _fallback_width() -> int | None:
+    """The width of output that goes to no terminal and no $COLUMNS: wide, not rich's 80."""
+    if os.environ.get("COLUMNS") or sys.stdout.isatty():
+        return None
+    return PIPED_WIDTH
+
+
+PIPED_WIDTH = 200
+out = Console(width=_fallback_width())
 err = Console(stderr=True)
 
 T = TypeVar("T")
@@ -123,6 +134,21 @@ def _rebuild_empty_state(a: App) -> None:
         err.print(
             f"[yellow]warning:[/yellow] {escape(scrub(fault))}", highlight=False, soft_wrap=True
         )
+
+
+def id_table(*headers: str, ids: Collection[str]) -> Table:
+    """A table whose id columns (the headers in `ids`) are never wrapped, folded or cut.
+
+    When the table is wider than the console, only the other columns narrow, and
+    they fold their text rather than cut it.
+    """
+    t = Table()
+    for header in headers:
+        if header in ids:
+            t.add_column(header, no_wrap=True, min_width=len(header))
+        else:
+            t.add_column(header, overflow="fold")
+    return t
 
 
 def human_size(n: int) -> str:

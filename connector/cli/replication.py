@@ -14,10 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
+from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, id_table, out, run_with_app
 from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
 from connector.domain.ids import check_disk_key, check_run_id
@@ -122,7 +121,18 @@ def runs(
             return
         names = {s.id: s.name for s in a.state.servers()}
         progress = a.ledger.controls([r.id for r in rows if r.state in LIVE_RUN_STATES])
-        t = Table("run", "vm", "type", "state", "stage", "started", "finished", "read", "error")
+        t = id_table(
+            "run",
+            "vm",
+            "type",
+            "state",
+            "stage",
+            "started",
+            "finished",
+            "read",
+            "error",
+            ids={"run"},
+        )
         for r in rows:
             ctl = progress.get(r.id)
             t.add_row(

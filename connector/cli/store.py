@@ -8,10 +8,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.progress import Progress
-from rich.table import Table
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
+from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, id_table, out, run_with_app
 from connector.domain.ids import check_keep, check_run_id
 from connector.errors import ConnectorError, PermanentError
 from connector.pipeline.purge import (
@@ -90,7 +89,7 @@ def _server_of_run(a: App, scan: dict[str, Any], run_id: str) -> str:
 def _print_verify(report: VerifyReport, names: dict[str, str]) -> None:
     """A table of the faults and a summary on stdout; one line per fault on stderr."""
     if report.faults:
-        t = Table("vm", "run", "disk", "block", "pack", "fault")
+        t = id_table("vm", "run", "disk", "block", "pack", "fault", ids={"run"})
         for f in report.faults:
             t.add_row(
                 names.get(f.server_id, f.server_id),
@@ -155,7 +154,7 @@ def retention(
         if as_json:
             print(json.dumps(rows, indent=2))
             return
-        t = Table("vm", "server", "keep", "from")
+        t = id_table("vm", "server", "keep", "from", ids={"server"})
         for r in rows:
             t.add_row(
                 str(r["vm"]),

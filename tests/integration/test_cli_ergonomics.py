@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,9 @@ import pytest
 
 from connector import __version__
 from tests.harness.connector_env import ConnectorEnv, write_config
+from tests.integration.store_helpers import MiB, flip_byte, objects, packs, write_blocks
 
 pytestmark = pytest.mark.integration
-
-MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -67,3 +67,38 @@ def test_json_before_a_command_without_json_is_refused(env: ConnectorEnv) -> Non
     assert proc.returncode == 2
     assert "`connector bucket-policy` has no --json option" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ids_are_never_cut_at_80_columns_or_piped(env: ConnectorEnv, vcsim: Any, moto: Any) -> None:
+    name = "ergo-a-vm-with-a-rather-long-name-for-the-table"
+    uuid = vcsim.add_vm(name, [4 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    write_blocks(vcsim, uuid, key, {0: random.Random(80).randbytes(MiB)})
+    assert env.cli("replicate", name).returncode == 0
+    (run,) = env.cli_json("runs", name)
+    job = env.cli_json(
+        "jobs", "create", name, "--frequency", "12", "-d", "a description long enough to wrap"
+    )
+    server_id = run["server_id"]
+    tables = [
+        (("runs",), run["id"]),
+        (("runs", name), run["id"]),
+        (("jobs", "list"), job["id"]),
+        (("jobs", "show", name), job["id"]),
+        (("vms",), uuid),
+        (("retention",), server_id),
+    ]
+    for columns in ("80", ""):  # "": no $COLUMNS, output to a pipe
+        for args, wanted in tables:
+            proc = env.cli(*args, env={"COLUMNS": columns})
+            assert proc.returncode == 0, (args, proc.stderr)
+            assert wanted in proc.stdout, (columns, args, proc.stdout)
+            assert "…" not in proc.stdout, (columns, args, proc.stdout)
+    (pack,) = packs(moto, env.bucket)
+    (pack_object,) = [k for k in objects(moto, env.bucket) if k.endswith(pack)]
+    flip_byte(moto, env.bucket, pack_object, 1000)
+    for columns in ("80", ""):
+        proc = env.cli("verify", name, "--deep", env={"COLUMNS": columns})
+        assert proc.returncode == 1, proc.stderr
+        table = proc.stdout.split("verify:")[0]
+        assert run["id"] in table, (columns, proc.stdout)
