@@ -22,7 +22,15 @@ from rich.table import Table
 from connector.app import App, build
 from connector.audit import SUCCESS
 from connector.config import config_path, load_config
-from connector.errors import ConfigError, ConnectorError, InvalidInputError, TransientError
+from connector.domain.ids import check_run_id
+from connector.domain.jobs import RUN_COMPLETED
+from connector.errors import (
+    ConfigError,
+    ConnectorError,
+    InvalidInputError,
+    PermanentError,
+    TransientError,
+)
 from connector.logging import configure, scrub
 
 
@@ -149,6 +157,22 @@ def id_table(*headers: str, ids: Collection[str]) -> Table:
         else:
             t.add_column(header, overflow="fold")
     return t
+
+
+LATEST = "latest"
+
+
+def run_of(a: App, server_id: str, vm: str, run: str) -> str:
+    """The run id `run` names: itself, or for `latest` the VM's most recent COMPLETED run."""
+    if run != LATEST:
+        return check_run_id(run)
+    done = [r for r in a.state.runs(server_id) if r.state == RUN_COMPLETED]
+    if not done:
+        raise PermanentError(
+            f"--run latest: {vm} has no COMPLETED run; list its runs with "
+            f"`connector runs {vm}`, or replicate it with `connector replicate {vm}`"
+        )
+    return max(done, key=lambda r: (r.started_at, r.id)).id
 
 
 def human_size(n: int) -> str:

@@ -10,9 +10,19 @@ import typer
 from rich.progress import Progress
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, id_table, out, run_with_app
+from connector.cli.common import (
+    LATEST,
+    ConfigOpt,
+    JsonOpt,
+    err,
+    human_size,
+    id_table,
+    out,
+    run_of,
+    run_with_app,
+)
 from connector.domain.ids import check_keep, check_run_id
-from connector.errors import ConnectorError, PermanentError
+from connector.errors import ConnectorError, InvalidInputError, PermanentError
 from connector.pipeline.purge import (
     GcResult,
     RetentionResult,
@@ -30,7 +40,10 @@ from connector.pipeline.verify import VerifyReport, verify_store
 
 def verify(
     vm: Annotated[str | None, typer.Argument(help="Only this VM (name or UUID).")] = None,
-    run: Annotated[str | None, typer.Option("--run", help="Only this run.")] = None,
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="Only this run; latest: the VM's last COMPLETED run."),
+    ] = None,
     deep: Annotated[
         bool,
         typer.Option("--deep", help="Also decrypt, decompress and re-hash every block."),
@@ -41,15 +54,18 @@ def verify(
     """Check that every block each run needs is present and authenticates; exit 1 on a fault."""
 
     def go(a: App) -> VerifyReport:
-        if run is not None:
+        if run is not None and run != LATEST:
             check_run_id(run)
-        repo = a.repository()
+        if run == LATEST and vm is None:
+            raise InvalidInputError("--run latest needs the VM: connector verify VM --run latest")
         targets: dict[str, list[str] | None]
         if vm is not None:
-            targets = {a.servers.resolve(vm, refresh=False).id: [run] if run else None}
-        elif run is not None:
+            server_id = a.servers.resolve(vm, refresh=False).id
+            targets = {server_id: [run_of(a, server_id, vm, run)] if run else None}
+        repo = a.repository()
+        if vm is None and run is not None:
             targets = {_server_of_run(a, repo.scan_runs(), run): [run]}
-        else:
+        elif vm is None:
             targets = dict.fromkeys(repo.scan_runs(), None)
         with Progress(console=err, disable=as_json) as progress:
             task = progress.add_task("verify" + (" --deep" if deep else ""), total=None)
@@ -192,7 +208,8 @@ def purge(
         typer.Option(
             "--drop-run",
             metavar="RUN",
-            help="Delete this committed run first (one whose manifest is lost or damaged).",
+            help="Delete this committed run first (one whose manifest is lost or damaged); "
+            "latest: the VM's last COMPLETED run.",
         ),
     ] = None,
     yes: Annotated[
@@ -214,17 +231,24 @@ def purge(
                 "--remove-server deletes every run of the VM from the store; add --yes to "
                 "confirm (or --dry-run to see what would go)"
             )
-        if drop_run is not None and not (yes or dry_run):
+        drop = drop_run
+        if drop == LATEST:
+            if vm is None:
+                raise InvalidInputError(
+                    "--drop-run latest needs the VM: connector purge VM --drop-run latest --yes"
+                )
+            drop = run_of(a, a.servers.resolve(vm, refresh=False).id, vm, drop)
+        if drop is not None and not (yes or dry_run):
             raise PermanentError(
-                f"--drop-run deletes run {drop_run} from the store; add --yes to confirm "
+                f"--drop-run deletes run {drop} from the store; add --yes to confirm "
                 "(or --dry-run to see what would go)"
             )
         repo = a.repository()
         with a.retention.guard():
             dropped: list[RetentionResult] = []
-            if drop_run is not None:
-                server_id = _server_of_run(a, repo.scan_runs(), drop_run)
-                dropped = [drop_one_run(repo, a.state, server_id, drop_run, dry_run=dry_run)]
+            if drop is not None:
+                server_id = _server_of_run(a, repo.scan_runs(), drop)
+                dropped = [drop_one_run(repo, a.state, server_id, drop, dry_run=dry_run)]
             if remove_vm:
                 assert vm is not None
                 server = a.servers.resolve(vm, refresh=False)

@@ -11,7 +11,7 @@ import pytest
 
 from connector import __version__
 from tests.harness.connector_env import ConnectorEnv, write_config
-from tests.integration.store_helpers import MiB, flip_byte, objects, packs, write_blocks
+from tests.integration.store_helpers import MiB, disk_sha, flip_byte, objects, packs, write_blocks
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +102,73 @@ def test_ids_are_never_cut_at_80_columns_or_piped(env: ConnectorEnv, vcsim: Any,
         assert proc.returncode == 1, proc.stderr
         table = proc.stdout.split("verify:")[0]
         assert run["id"] in table, (columns, proc.stdout)
+
+
+def test_run_latest_is_the_last_completed_run_and_runs_filters(
+    env: ConnectorEnv, vcsim: Any, tmp_path: Path
+) -> None:
+    rng = random.Random(4)
+    name = "ergo-latest"
+    uuid = vcsim.add_vm(name, [4 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    shas = []
+    for _ in range(2):
+        write_blocks(vcsim, uuid, key, {1: rng.randbytes(MiB)})
+        assert env.cli("replicate", name).returncode == 0
+        shas.append(disk_sha(vcsim, uuid, key))
+    first, second = env.cli_json("runs", name)
+    assert [first["state"], second["state"]] == ["COMPLETED", "COMPLETED"]
+
+    out = tmp_path / "latest.img"
+    res = env.cli_json("restore", name, "--run", "latest", "--disk", str(key), "--to", str(out))
+    assert res["run"] == second["id"] and res["sha256"] == shas[1]
+    text = env.cli(
+        "restore", name, "--run", "latest", "--disk", str(key), "--to", str(tmp_path / "t.img")
+    )
+    assert text.returncode == 0, text.stderr
+    assert f"of run {second['id']} to" in text.stdout
+    report = env.cli_json("verify", name, "--run", "latest")
+    assert report["runs"] == 1 and report["faults"] == []
+    dry = env.cli("purge", name, "--drop-run", "latest", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would delete run {second['id']}" in dry.stdout
+
+    # --last and --state
+    assert [r["id"] for r in env.cli_json("runs", name, "--last", "1")] == [second["id"]]
+    assert [r["id"] for r in env.cli_json("runs", "--last", "10000", "--state", "completed")] == [
+        first["id"],
+        second["id"],
+    ]
+    assert env.cli_json("runs", name, "--state", "FAILED") == []
+    table = env.cli("runs", name, "--last", "1")
+    assert table.returncode == 0
+    assert second["id"] in table.stdout and first["id"] not in table.stdout
+
+
+def test_run_latest_without_a_completed_run_and_bad_filters_are_refused(
+    env: ConnectorEnv, vcsim: Any, tmp_path: Path
+) -> None:
+    name = "ergo-never-replicated"
+    vcsim.add_vm(name, [4 * MiB])
+    assert env.cli("vms").returncode == 0
+    proc = env.cli(
+        "restore", name, "--run", "latest", "--disk", "2000", "--to", str(tmp_path / "x")
+    )
+    assert proc.returncode == 1
+    assert f"--run latest: {name} has no COMPLETED run" in proc.stderr
+    assert not (tmp_path / "x").exists()
+    proc = env.cli("verify", name, "--run", "latest")
+    assert proc.returncode == 1
+    assert f"{name} has no COMPLETED run" in proc.stderr
+    proc = env.cli("verify", "--run", "latest")
+    assert proc.returncode == 2
+    assert "--run latest needs the VM" in proc.stderr
+    for args, message in (
+        (("--last", "0"), "--last must be 1 to 10000 runs, not 0"),
+        (("--last", "10001"), "--last must be 1 to 10000 runs, not 10001"),
+        (("--state", "DONE"), "--state 'DONE' is not a run state; use one of PENDING, MISSED"),
+    ):
+        proc = env.cli("runs", *args)
+        assert proc.returncode == 2, args
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
