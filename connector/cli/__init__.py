@@ -20,6 +20,7 @@ from connector.cli import catalog, jobs, replication, security, service, state, 
 from connector.cli.common import ConfigOpt, err, out
 
 app = typer.Typer(
+    rich_markup_mode="markdown",
     add_completion=False,
     no_args_is_help=True,
     help="Replicate vSphere VMs, disk by disk and incrementally, into S3.",

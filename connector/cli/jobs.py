@@ -43,6 +43,7 @@ from connector.domain.times import iso
 from connector.errors import InvalidInputError
 
 jobs_app = typer.Typer(
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     help="Replication jobs: a VM, a seed time, a frequency (or once), a retention.",
 )

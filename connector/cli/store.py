@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress
 
 from connector.app import App
@@ -176,7 +177,7 @@ def retention(
                 str(r["vm"]),
                 str(r["server_id"]),
                 "all" if r["keep"] == 0 else str(r["keep"]),
-                "this VM" if r["source"] == "vm" else "[retention] keep",
+                "this VM" if r["source"] == "vm" else escape("[retention] keep"),
             )
         out.print(t)
 
@@ -314,11 +315,14 @@ def _print_purge(results: list[RetentionResult], gc: GcResult, names: dict[str, 
         )
     for lock in gc.locks:
         if lock.removed:
-            out.print(f"removed the stale lock of run {lock.run_id}: {lock.stale}", highlight=False)
+            out.print(
+                f"removed the stale lock of run {lock.run_id}: {escape(lock.stale or '')}",
+                highlight=False,
+            )
         elif lock.stale:
             out.print(
-                f"[yellow]stale lock[/yellow] of run {lock.run_id}: {lock.stale}; remove it with "
-                "--break-stale-locks if no such run is alive",
+                f"[yellow]stale lock[/yellow] of run {lock.run_id}: {escape(lock.stale)}; "
+                "remove it with --break-stale-locks if no such run is alive",
                 highlight=False,
             )
     for fault in gc.faults:

@@ -172,3 +172,17 @@ def test_run_latest_without_a_completed_run_and_bad_filters_are_refused(
         assert proc.returncode == 2, args
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_section_names_show_literally_in_help_and_check(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    libdir = tmp_path / "no-vddk-here"
+    extra = f'[transport]\nkind = "vddk"\n[transport.vddk]\nlibdir = "{libdir}"\n'
+    env = write_config(tmp_path / "connector", vcsim, moto, s3_bucket, extra=extra)
+    proc = env.cli("retention", "--help")
+    assert proc.returncode == 0
+    assert "use [retention] keep" in proc.stdout
+    proc = env.cli("check", "--only", "transport.vddk")
+    assert proc.returncode == 1
+    assert "point [transport.vddk] libdir at it" in proc.stdout.replace("\n", " ")
