@@ -10,29 +10,85 @@ cycle forms.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from connector import __version__
 from connector.cli import catalog, jobs, replication, security, service, state, status, store
-from connector.cli.common import err, out
+from connector.cli.common import ConfigOpt, err, out
 
 app = typer.Typer(
+    rich_markup_mode="markdown",
     add_completion=False,
     no_args_is_help=True,
     help="Replicate vSphere VMs, disk by disk and incrementally, into S3.",
 )
 
 
+def _print_version(value: bool) -> None:
+    """Print the version and exit 0: eager, so it needs no command after it."""
+    if value:
+        out.print(__version__, highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version.", is_eager=True, callback=_print_version
+        ),
+    ] = False,
+    config: ConfigOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table (commands that can).")
+    ] = False,
 ) -> None:
-    """Handle the options of `connector` itself: --version prints the version and exits."""
-    if version:
-        out.print(__version__)
-        raise typer.Exit(0)
+    """Handle the options of `connector` itself.
+
+    --version prints the version and exits. --config and --json may come before
+    the command as well as after it: they become the defaults of the command's own
+    options, so one given after the command wins, and without either --config the
+    command falls back to $CONNECTOR_CONFIG as before.
+    """
+    given: dict[str, Any] = {}
+    if config is not None:
+        given["config"] = config
+    if as_json:
+        given["as_json"] = True
+    if not given:
+        return
+    sub = ctx.invoked_subcommand
+    group = ctx.command
+    command = group.get_command(ctx, sub) if isinstance(group, TyperGroup) and sub else None
+    if sub is None or command is None:
+        return
+    if as_json and not _takes_json(command):
+        err.print(
+            f"[red]error:[/red] `connector {sub}` has no --json option; run it without --json",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    ctx.default_map = {sub: _defaults_for(command, given)}
+
+
+def _takes_json(command: Any) -> bool:
+    """Whether the command, or any command of the group, has the --json option."""
+    if isinstance(command, TyperGroup):
+        return any(_takes_json(c) for c in command.commands.values())
+    return any(p.name == "as_json" for p in command.params)
+
+
+def _defaults_for(command: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The default map of one command: the global options it has, for it and its subcommands."""
+    if isinstance(command, TyperGroup):
+        return {name: _defaults_for(c, given) for name, c in command.commands.items()}
+    names = {p.name for p in command.params}
+    return {k: v for k, v in given.items() if k in names}
 
 
 app.command("vms")(catalog.vms)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-from rich.table import Table
-
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, human_size, out, run_with_app
+from connector.cli.common import ConfigOpt, JsonOpt, human_size, id_table, out, run_with_app
 
 
 def vms(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
@@ -19,7 +17,9 @@ def vms(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         if as_json:
             print(json.dumps([asdict(r) for r in rows], indent=2))
             return
-        t = Table("name", "instance uuid", "power", "CBT", "disks", "snapshots")
+        t = id_table(
+            "name", "instance uuid", "power", "CBT", "disks", "snapshots", ids={"instance uuid"}
+        )
         for r in rows:
             disks = ", ".join(f"{d['key']}:{human_size(d['capacity'])}" for d in r.disks)
             t.add_row(

@@ -8,22 +8,41 @@ and an exit code: 2 for a bad config or input, 1 for any other error.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from connector.app import App, build
 from connector.audit import SUCCESS
 from connector.config import config_path, load_config
-from connector.errors import ConfigError, ConnectorError, InvalidInputError, TransientError
+from connector.domain.ids import check_run_id
+from connector.domain.jobs import RUN_COMPLETED
+from connector.errors import (
+    ConfigError,
+    ConnectorError,
+    InvalidInputError,
+    PermanentError,
+    TransientError,
+)
 from connector.logging import configure, scrub
 
-out = Console()
+
+def _fallback_width() -> int | None:
+    """The width of output that goes to no terminal and no $COLUMNS: wide, not rich's 80."""
+    if os.environ.get("COLUMNS") or sys.stdout.isatty():
+        return None
+    return PIPED_WIDTH
+
+
+PIPED_WIDTH = 200
+out = Console(width=_fallback_width())
 err = Console(stderr=True)
 
 T = TypeVar("T")
@@ -78,8 +97,20 @@ def _audit_config_load(a: App) -> None:
     """Record the config load, the file's SHA-256 and the command in the audit log."""
     source = a.config.source
     digest = hashlib.sha256(source.read_bytes()).hexdigest() if source else None
-    command = sys.argv[1] if len(sys.argv) > 1 else ""
-    a.audit.record("config.load", str(source), SUCCESS, sha256=digest, command=command)
+    a.audit.record(
+        "config.load", str(source), SUCCESS, sha256=digest, command=command_name(sys.argv[1:])
+    )
+
+
+def command_name(args: list[str]) -> str:
+    """The command of a `connector` command line: its first word after the global options."""
+    words = iter(args)
+    for word in words:
+        if word in ("--config", "-c"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
 
 
 def _rebuild_empty_state(a: App) -> None:
@@ -111,6 +142,37 @@ def _rebuild_empty_state(a: App) -> None:
         err.print(
             f"[yellow]warning:[/yellow] {escape(scrub(fault))}", highlight=False, soft_wrap=True
         )
+
+
+def id_table(*headers: str, ids: Collection[str]) -> Table:
+    """A table whose id columns (the headers in `ids`) are never wrapped, folded or cut.
+
+    When the table is wider than the console, only the other columns narrow, and
+    they fold their text rather than cut it.
+    """
+    t = Table()
+    for header in headers:
+        if header in ids:
+            t.add_column(header, no_wrap=True, min_width=len(header))
+        else:
+            t.add_column(header, overflow="fold")
+    return t
+
+
+LATEST = "latest"
+
+
+def run_of(a: App, server_id: str, vm: str, run: str) -> str:
+    """The run id `run` names: itself, or for `latest` the VM's most recent COMPLETED run."""
+    if run != LATEST:
+        return check_run_id(run)
+    done = [r for r in a.state.runs(server_id) if r.state == RUN_COMPLETED]
+    if not done:
+        raise PermanentError(
+            f"--run latest: {vm} has no COMPLETED run; list its runs with "
+            f"`connector runs {vm}`, or replicate it with `connector replicate {vm}`"
+        )
+    return max(done, key=lambda r: (r.started_at, r.id)).id
 
 
 def human_size(n: int) -> str:

@@ -14,10 +14,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, err, out, run_with_app
+from connector.cli.common import ConfigOpt, JsonOpt, err, id_table, out, run_with_app
 from connector.daemon.queue import RunQueue
 from connector.domain.jobs import (
     AUTOMATIC,
@@ -44,6 +43,7 @@ from connector.domain.times import iso
 from connector.errors import InvalidInputError
 
 jobs_app = typer.Typer(
+    rich_markup_mode="markdown",
     no_args_is_help=True,
     help="Replication jobs: a VM, a seed time, a frequency (or once), a retention.",
 )
@@ -139,7 +139,18 @@ def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
         print(json.dumps(docs, indent=2))
         _warn_problems(docs)
         return
-    t = Table("job", "vm", "state", "every", "seed", "next run", "keep", "failures", "description")
+    t = id_table(
+        "job",
+        "vm",
+        "state",
+        "every",
+        "seed",
+        "next run",
+        "keep",
+        "failures",
+        "description",
+        ids={"job"},
+    )
     for d in docs:
         state = d["state"] + (" (paused)" if d["paused"] else "")
         if d["problem"]:
@@ -196,7 +207,9 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
         )
     elif owed is not None:
         out.print(f"  retention pending since {owed['since']}", highlight=False)
-    t = Table("run", "type", "state", "stage", "progress", "started", "finished", "error")
+    t = id_table(
+        "run", "type", "state", "stage", "progress", "started", "finished", "error", ids={"run"}
+    )
     for r in doc["runs"]:
         p = r["progress"] or {}
         progress = f"{p['done']}/{p['total']} blocks" if p.get("total") else ""

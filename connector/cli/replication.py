@@ -14,17 +14,28 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
+from connector.cli.common import (
+    LATEST,
+    ConfigOpt,
+    JsonOpt,
+    err,
+    human_size,
+    id_table,
+    out,
+    run_of,
+    run_with_app,
+)
 from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
 from connector.domain.ids import check_disk_key, check_run_id
-from connector.domain.jobs import LIVE_RUN_STATES
+from connector.domain.jobs import LIVE_RUN_STATES, RUN_STATES
 from connector.errors import InvalidInputError
 from connector.pipeline.replicate import RunStopped
 from connector.pipeline.restore import check_target, restore_disk
+
+MAX_LAST = 10000
 
 
 class RichReporter:
@@ -109,20 +120,52 @@ def _report_stop(exc: RunStopped, vm: str) -> None:
 
 def runs(
     vm: Annotated[str | None, typer.Argument(help="Only this VM (name or UUID).")] = None,
+    last: Annotated[
+        int | None,
+        typer.Option("--last", metavar="N", help=f"Only the N most recent runs (1 to {MAX_LAST})."),
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            "--state", metavar="STATE", help=f"Only runs in STATE: {', '.join(RUN_STATES)}."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the history of replication runs."""
+    """Show the history of replication runs, oldest first."""
 
     def go(a: App) -> None:
+        if last is not None and not 1 <= last <= MAX_LAST:
+            raise InvalidInputError(f"--last must be 1 to {MAX_LAST} runs, not {last}")
+        wanted = state.upper() if state is not None else None
+        if wanted is not None and wanted not in RUN_STATES:
+            raise InvalidInputError(
+                f"--state {state!r} is not a run state; use one of {', '.join(RUN_STATES)}"
+            )
         server_id = a.servers.resolve(vm, refresh=False).id if vm else None
         rows = a.state.runs(server_id)
+        if wanted is not None:
+            rows = [r for r in rows if r.state == wanted]
+        if last is not None:
+            rows = rows[-last:]
         if as_json:
             print(json.dumps([asdict(r) for r in rows], indent=2))
             return
         names = {s.id: s.name for s in a.state.servers()}
         progress = a.ledger.controls([r.id for r in rows if r.state in LIVE_RUN_STATES])
-        t = Table("run", "vm", "type", "state", "stage", "started", "finished", "read", "error")
+        t = id_table(
+            "run",
+            "vm",
+            "type",
+            "state",
+            "stage",
+            "started",
+            "finished",
+            "read",
+            "error",
+            ids={"run"},
+        )
         for r in rows:
             ctl = progress.get(r.id)
             t.add_row(
@@ -143,7 +186,12 @@ def runs(
 
 def restore(
     vm: Annotated[str, typer.Argument(help="VM name or instance UUID.")],
-    run: Annotated[str, typer.Option("--run", help="Run id (see `connector runs`).")],
+    run: Annotated[
+        str,
+        typer.Option(
+            "--run", help="Run id (see `connector runs`), or latest: the last COMPLETED run."
+        ),
+    ],
     disk: Annotated[int, typer.Option("--disk", help="Disk device key, e.g. 2000.")],
     to: Annotated[
         Path | None,
@@ -170,15 +218,17 @@ def restore(
         target = to if to is not None else to_device
         assert target is not None
         device = to_device is not None
-        check_run_id(run)
+        if run != LATEST:
+            check_run_id(run)
         check_disk_key(disk)
         check_target(target, device)
         if not device and target.exists():
             raise InvalidInputError(f"{target} already exists; remove it or choose another path")
         server = a.servers.resolve(vm, refresh=False)
+        run_id = run_of(a, server.id, vm, run)
         with (
             a.audited(
-                "restore", f"vm {server.vm_uuid}", run=run, disk=disk, target=str(target)
+                "restore", f"vm {server.vm_uuid}", run=run_id, disk=disk, target=str(target)
             ) as rec,
             Progress(console=err, disable=as_json) as progress,
         ):
@@ -187,18 +237,22 @@ def restore(
             res = restore_disk(
                 repo,
                 server.id,
-                run,
+                run_id,
                 disk,
                 target,
                 lambda done, total: progress.update(task, completed=done, total=total),
                 device=device,
             )
             rec["sha256"] = res.sha256
-        result = {"path": str(res.path), "size": res.size, "sha256": res.sha256}
+        result = {"path": str(res.path), "size": res.size, "sha256": res.sha256, "run": run_id}
         if as_json:
             print(json.dumps(result))
         else:
-            out.print(f"restored {human_size(res.size)} to {res.path}\nsha256 {res.sha256}")
+            out.print(
+                f"restored {human_size(res.size)} of run {run_id} to {res.path}\n"
+                f"sha256 {res.sha256}",
+                highlight=False,
+            )
         return result
 
     run_with_app(config, go, state_from_store=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from connector.app import App
 from connector.audit import verify as verify_audit
@@ -21,7 +22,9 @@ from connector.cli.common import ConfigOpt, JsonOpt, err, out, run_with_app
 from connector.errors import ConfigError
 from connector.policies import bucket_policy, iam_policy, is_kms_key_arn
 
-audit_app = typer.Typer(no_args_is_help=True, help="The append-only audit log.")
+audit_app = typer.Typer(
+    rich_markup_mode="markdown", no_args_is_help=True, help="The append-only audit log."
+)
 
 
 @audit_app.command("verify")
@@ -40,7 +43,7 @@ def audit_verify(
             out.print(f"{path}: {result.records} records, chain intact")
             return
         for problem in result.problems:
-            err.print(f"[red]broken:[/red] {problem}", highlight=False, soft_wrap=True)
+            err.print(f"[red]broken:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
         err.print(f"{path}: the chain breaks at line {result.first_bad_line}", highlight=False)
         raise typer.Exit(1)
 
@@ -48,7 +51,7 @@ def audit_verify(
         try:
             check(file)
         except ConfigError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         return
     run_with_app(config, lambda a: check(a.config.audit_path), audit_load=False)
@@ -115,9 +118,11 @@ def check_cmd(
         else:
             marks = {"ok": "[green]ok[/green]", "failed": "[red]FAILED[/red]", "skipped": "skipped"}
             for r in results:
-                out.print(f"{marks[r.status]:>8}  {r.name}: {r.summary}", highlight=False)
+                out.print(
+                    f"{marks[r.status]:>8}  {escape(r.name)}: {escape(r.summary)}", highlight=False
+                )
                 for line in r.details:
-                    out.print(f"            {line}", highlight=False, soft_wrap=True)
+                    out.print(f"            {escape(line)}", highlight=False, soft_wrap=True)
         return sum(r.status == "failed" for r in results)
 
     if run_with_app(config, go):

@@ -21,7 +21,9 @@ from connector.cli.common import ConfigOpt, JsonOpt, err, out, run_with_app
 from connector.errors import NotFoundError
 
 state_app = typer.Typer(
-    no_args_is_help=True, help="The state database: a cache of the replica store."
+    rich_markup_mode="markdown",
+    no_args_is_help=True,
+    help="The state database: a cache of the replica store.",
 )
 
 

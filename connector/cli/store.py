@@ -7,13 +7,23 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import Progress
-from rich.table import Table
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, out, run_with_app
+from connector.cli.common import (
+    LATEST,
+    ConfigOpt,
+    JsonOpt,
+    err,
+    human_size,
+    id_table,
+    out,
+    run_of,
+    run_with_app,
+)
 from connector.domain.ids import check_keep, check_run_id
-from connector.errors import ConnectorError, PermanentError
+from connector.errors import ConnectorError, InvalidInputError, PermanentError
 from connector.pipeline.purge import (
     GcResult,
     RetentionResult,
@@ -31,7 +41,10 @@ from connector.pipeline.verify import VerifyReport, verify_store
 
 def verify(
     vm: Annotated[str | None, typer.Argument(help="Only this VM (name or UUID).")] = None,
-    run: Annotated[str | None, typer.Option("--run", help="Only this run.")] = None,
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="Only this run; latest: the VM's last COMPLETED run."),
+    ] = None,
     deep: Annotated[
         bool,
         typer.Option("--deep", help="Also decrypt, decompress and re-hash every block."),
@@ -42,15 +55,18 @@ def verify(
     """Check that every block each run needs is present and authenticates; exit 1 on a fault."""
 
     def go(a: App) -> VerifyReport:
-        if run is not None:
+        if run is not None and run != LATEST:
             check_run_id(run)
-        repo = a.repository()
+        if run == LATEST and vm is None:
+            raise InvalidInputError("--run latest needs the VM: connector verify VM --run latest")
         targets: dict[str, list[str] | None]
         if vm is not None:
-            targets = {a.servers.resolve(vm, refresh=False).id: [run] if run else None}
-        elif run is not None:
+            server_id = a.servers.resolve(vm, refresh=False).id
+            targets = {server_id: [run_of(a, server_id, vm, run)] if run else None}
+        repo = a.repository()
+        if vm is None and run is not None:
             targets = {_server_of_run(a, repo.scan_runs(), run): [run]}
-        else:
+        elif vm is None:
             targets = dict.fromkeys(repo.scan_runs(), None)
         with Progress(console=err, disable=as_json) as progress:
             task = progress.add_task("verify" + (" --deep" if deep else ""), total=None)
@@ -90,7 +106,7 @@ def _server_of_run(a: App, scan: dict[str, Any], run_id: str) -> str:
 def _print_verify(report: VerifyReport, names: dict[str, str]) -> None:
     """A table of the faults and a summary on stdout; one line per fault on stderr."""
     if report.faults:
-        t = Table("vm", "run", "disk", "block", "pack", "fault")
+        t = id_table("vm", "run", "disk", "block", "pack", "fault", ids={"run"})
         for f in report.faults:
             t.add_row(
                 names.get(f.server_id, f.server_id),
@@ -155,13 +171,13 @@ def retention(
         if as_json:
             print(json.dumps(rows, indent=2))
             return
-        t = Table("vm", "server", "keep", "from")
+        t = id_table("vm", "server", "keep", "from", ids={"server"})
         for r in rows:
             t.add_row(
                 str(r["vm"]),
                 str(r["server_id"]),
                 "all" if r["keep"] == 0 else str(r["keep"]),
-                "this VM" if r["source"] == "vm" else "[retention] keep",
+                "this VM" if r["source"] == "vm" else escape("[retention] keep"),
             )
         out.print(t)
 
@@ -193,7 +209,8 @@ def purge(
         typer.Option(
             "--drop-run",
             metavar="RUN",
-            help="Delete this committed run first (one whose manifest is lost or damaged).",
+            help="Delete this committed run first (one whose manifest is lost or damaged); "
+            "latest: the VM's last COMPLETED run.",
         ),
     ] = None,
     yes: Annotated[
@@ -215,17 +232,24 @@ def purge(
                 "--remove-server deletes every run of the VM from the store; add --yes to "
                 "confirm (or --dry-run to see what would go)"
             )
-        if drop_run is not None and not (yes or dry_run):
+        drop = drop_run
+        if drop == LATEST:
+            if vm is None:
+                raise InvalidInputError(
+                    "--drop-run latest needs the VM: connector purge VM --drop-run latest --yes"
+                )
+            drop = run_of(a, a.servers.resolve(vm, refresh=False).id, vm, drop)
+        if drop is not None and not (yes or dry_run):
             raise PermanentError(
-                f"--drop-run deletes run {drop_run} from the store; add --yes to confirm "
+                f"--drop-run deletes run {drop} from the store; add --yes to confirm "
                 "(or --dry-run to see what would go)"
             )
         repo = a.repository()
         with a.retention.guard():
             dropped: list[RetentionResult] = []
-            if drop_run is not None:
-                server_id = _server_of_run(a, repo.scan_runs(), drop_run)
-                dropped = [drop_one_run(repo, a.state, server_id, drop_run, dry_run=dry_run)]
+            if drop is not None:
+                server_id = _server_of_run(a, repo.scan_runs(), drop)
+                dropped = [drop_one_run(repo, a.state, server_id, drop, dry_run=dry_run)]
             if remove_vm:
                 assert vm is not None
                 server = a.servers.resolve(vm, refresh=False)
@@ -291,11 +315,14 @@ def _print_purge(results: list[RetentionResult], gc: GcResult, names: dict[str, 
         )
     for lock in gc.locks:
         if lock.removed:
-            out.print(f"removed the stale lock of run {lock.run_id}: {lock.stale}", highlight=False)
+            out.print(
+                f"removed the stale lock of run {lock.run_id}: {escape(lock.stale or '')}",
+                highlight=False,
+            )
         elif lock.stale:
             out.print(
-                f"[yellow]stale lock[/yellow] of run {lock.run_id}: {lock.stale}; remove it with "
-                "--break-stale-locks if no such run is alive",
+                f"[yellow]stale lock[/yellow] of run {lock.run_id}: {escape(lock.stale)}; "
+                "remove it with --break-stale-locks if no such run is alive",
                 highlight=False,
             )
     for fault in gc.faults:

@@ -28,13 +28,20 @@ class ConnectorEnv:
         timeout: float = 300,
         check: bool = False,
         preexec_fn: Callable[[], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run `connector ARGS` as a real process with this config.
 
         `preexec_fn` runs in the child before the connector starts (to set a
-        resource limit, for example).
+        resource limit, for example); `env` overrides variables of its
+        environment (`COLUMNS`, `CONNECTOR_CONFIG`).
         """
-        env = dict(os.environ, CONNECTOR_CONFIG=str(self.config_file), COLUMNS="200")
+        env = {
+            **os.environ,
+            "CONNECTOR_CONFIG": str(self.config_file),
+            "COLUMNS": "200",
+            **(env or {}),
+        }
         proc = subprocess.run(
             [sys.executable, "-m", "connector", *args],
             capture_output=True,
