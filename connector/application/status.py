@@ -24,10 +24,8 @@ from connector.domain.jobs import (
     JOB_DELETING,
     JOB_FAILING,
     JOB_PAUSED_ON_FAILURE,
-    ON_DEMAND,
     RUN_ACTIVE,
     RUN_COMPLETED,
-    RUN_MISSED,
     SCHEDULED_STATES,
     JobRow,
     next_run_time,
@@ -53,6 +51,10 @@ class JobSource(Protocol):
     def all(self, include_deleted: bool = False) -> list[JobRow]: ...
 
     def run_ids(self, job_id: str) -> list[str]: ...
+
+    def on_demand_since(self, job_id: str, since: dt.datetime) -> int:
+        """On-demand runs of the job started since `since` (what `jobs start` counts)."""
+        ...
 
 
 class ServerSource(Protocol):
@@ -223,13 +225,8 @@ class Status:
         last_ok = max(completed, key=lambda r: r.finished_at or "", default=None)
         ended = last_ok.finished_at if last_ok else None
         lag = int((now - parse(ended)).total_seconds()) if ended else None
-        # As `JobStore.on_demand_since` counts them for `jobs start`: missed runs do not.
-        since = now - QUOTA_WINDOW
-        used = sum(
-            1
-            for r in runs
-            if r.type == ON_DEMAND and r.state != RUN_MISSED and parse(r.started_at) >= since
-        )
+        # Counted as `jobs start` counts them, so the two never disagree.
+        used = self._jobs.on_demand_since(job.id, now - QUOTA_WINDOW)
         quota = self._settings.on_demand_quota
         return JobHealth(
             id=job.id,

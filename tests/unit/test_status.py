@@ -25,6 +25,7 @@ from connector.domain.jobs import (
 from connector.domain.model import VmInfo
 from connector.domain.records import new_run_id
 from connector.domain.times import iso, utcnow
+from connector.domain.times import parse as parse_time
 from connector.errors import AuthenticationError, UnreachableError
 from connector.fakestate import MemoryLedger, MemoryState
 
@@ -46,6 +47,17 @@ class FakeJobs:
     def run_ids(self, job_id: str) -> list[str]:
         ids = [r.id for r in self.state.runs()]
         return [i for i, c in self.ledger.controls(ids).items() if c.job_id == job_id]
+
+    def on_demand_since(self, job_id: str, since: dt.datetime) -> int:
+        mine = set(self.run_ids(job_id))
+        return sum(
+            1
+            for r in self.state.runs()
+            if r.id in mine
+            and r.type == ON_DEMAND
+            and r.state != RUN_MISSED
+            and parse_time(r.started_at) >= since
+        )
 
 
 @dataclass
