@@ -1,10 +1,13 @@
 """`connector check`: independent checks of a live setup, in one registry.
 
 Each check is a function `Subject -> CheckResult` (the App is a Subject),
-registered with `@register`.
-A check that raises is reported as failed with the error's message; one check
-failing never stops the others. Checks that need a piece of configuration
-that is absent report `skipped`. `run_checks` runs them in registration order.
+registered with `@register`. A result says what was found and, when it failed,
+the fix: what the operator does about it (`connector check` shows one table of
+check, result and fix).
+A check that raises is reported as failed with the error's message (its advice,
+after the first "; ", becomes the fix); one check failing never stops the others.
+Checks that need a piece of configuration that is absent report `skipped`.
+`run_checks` runs them in registration order.
 
 The VDDK check needs only the config (`check_vddk`), so the composition root
 runs it too before it starts the vddk transport (`require_vddk`).
@@ -12,9 +15,14 @@ runs it too before it starts the vddk transport (`require_vddk`).
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from connector.adapters.vddk import dump_vddk_plugin, nbdkit_plugin_dir, vddk_library
@@ -22,8 +30,10 @@ from connector.audit import verify as verify_audit
 from connector.errors import ConfigError, ConnectorError
 from connector.logging import scrub
 from connector.policies import vcenter_privileges
+from connector.secrets import is_credential, secret_file_path
 
 if TYPE_CHECKING:
+    from connector.adapters.kms import KmsKeyProvider
     from connector.adapters.s3 import S3ObjectStore
     from connector.adapters.vsphere import VSphereClient
     from connector.config import Config
@@ -39,6 +49,9 @@ class Subject(Protocol):
 
     @property
     def objects(self) -> S3ObjectStore: ...
+
+    @property
+    def kms_provider(self) -> KmsKeyProvider: ...
 
 
 Status = Literal["ok", "failed", "skipped"]
@@ -56,6 +69,7 @@ class CheckResult:
     summary: str
     missing: list[str] = field(default_factory=list)  # missing permissions, by name
     details: list[str] = field(default_factory=list)
+    fix: str = ""  # what to do about a failure
     name: str = ""
     title: str = ""
 
@@ -105,7 +119,8 @@ def run_checks(app: Subject, only: Iterable[str] = ()) -> list[CheckResult]:
         try:
             result = check.fn(app)
         except ConnectorError as exc:
-            result = CheckResult("failed", scrub(str(exc)))
+            summary, fix = split_advice(scrub(str(exc)))
+            result = CheckResult("failed", summary, fix=fix)
         except Exception as exc:  # a check's own bug must not hide the other checks
             result = CheckResult("failed", scrub(f"{type(exc).__name__}: {exc}"))
         result.name, result.title = check.name, check.title
@@ -113,7 +128,22 @@ def run_checks(app: Subject, only: Iterable[str] = ()) -> list[CheckResult]:
     return results
 
 
+def split_advice(message: str) -> tuple[str, str]:
+    """An error message `what happened; what to do` as (what happened, what to do)."""
+    what, sep, advice = message.partition("; ")
+    return (what, advice) if sep else (message, "")
+
+
 # ------------------------------------------------------------------------- checks
+
+
+@register("config", "the config file is valid")
+def _config(app: Subject) -> CheckResult:
+    cfg = app.config
+    where = str(cfg.source) if cfg.source is not None else "the config"
+    return CheckResult(
+        "ok", f"{where}: valid (transport {cfg.transport.kind}, state {cfg.state.path})"
+    )
 
 
 @register("secrets", "every configured secret can be read")
@@ -163,10 +193,10 @@ def _vcenter_privileges(app: Subject) -> CheckResult:
         details.append(f"{privilege} ({needed[privilege][1]}): missing on {shown}")
     return CheckResult(
         "failed",
-        f"{len(missing)} of {len(needed)} privileges missing; add them to the connector's "
-        "role (docs/permissions.md)",
+        f"{len(missing)} of {len(needed)} privileges missing: {', '.join(sorted(missing))}",
         missing=sorted(missing),
         details=details,
+        fix="add them to the connector's role in vCenter (docs/permissions.md)",
     )
 
 
@@ -193,12 +223,181 @@ def _s3_permissions(app: Subject) -> CheckResult:
             if missing
             else "some requests failed (see details)"
         )
-        return CheckResult("failed", summary, missing=missing, details=details)
+        fix = (
+            "grant them to the connector's AWS credentials (`connector iam-policy`)"
+            if missing
+            else "see the details; `connector status` shows whether S3 is reachable"
+        )
+        return CheckResult("failed", summary, missing=missing, details=details, fix=fix)
     return CheckResult(
         "ok",
         f"s3://{app.objects.bucket}/{app.config.s3.prefix} readable and writable with "
         f"{app.config.s3.sse} encryption",
         details=details,
+    )
+
+
+@register("s3.encryption", "the staging bucket encrypts by default")
+def _s3_encryption(app: Subject) -> CheckResult:
+    s3 = app.config.s3
+    algorithms = app.objects.default_encryption()
+    if algorithms is None:
+        default: dict[str, str] = {"SSEAlgorithm": s3.sse}
+        if s3.sse == "aws:kms" and s3.kms_key_id:
+            default["KMSMasterKeyID"] = s3.kms_key_id
+        rules = [{"ApplyServerSideEncryptionByDefault": default}]
+        document = json.dumps({"Rules": rules}, separators=(",", ":"))
+        return CheckResult(
+            "failed",
+            f"bucket {s3.bucket} has no default encryption: an object put without the "
+            "connector's encryption header would be stored unencrypted",
+            fix=f"aws s3api put-bucket-encryption --bucket {s3.bucket} "
+            f"--server-side-encryption-configuration '{document}'",
+        )
+    return CheckResult(
+        "ok",
+        f"bucket {s3.bucket} encrypts by default with {', '.join(algorithms)}; the connector "
+        f"asks for {s3.sse} on every put",
+    )
+
+
+@register("kms", "the store's KMS key is usable")
+def _kms(app: Subject) -> CheckResult:
+    store = app.config.store
+    if store.kms_key_id is None:
+        how = "a key file" if store.key_env is None else f"${store.key_env}"
+        s3_kms = (
+            "; the S3 SSE-KMS key is tried by s3.permissions (through S3)"
+            if app.config.s3.sse == "aws:kms"
+            else ""
+        )
+        return CheckResult("skipped", f"no [store] kms_key_id: the store key is {how}{s3_kms}")
+    provider = app.kms_provider
+    arn = provider.probe()
+    return CheckResult(
+        "ok", f"{store.kms_key_id} ({arn}) is enabled and gives data keys at {provider.endpoint}"
+    )
+
+
+MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+@register("clock", "this machine's clock agrees with AWS within 5 minutes")
+def _clock(app: Subject) -> CheckResult:
+    before = dt.datetime.now(dt.UTC)
+    server = app.objects.server_time()
+    after = dt.datetime.now(dt.UTC)
+    if server is None:
+        return CheckResult("skipped", "S3 answered without a Date header")
+    return clock_result(before + (after - before) / 2, server)
+
+
+def clock_result(local: dt.datetime, server: dt.datetime) -> CheckResult:
+    """Compare this machine's time with the server's (its Date header has whole seconds)."""
+    skew = local - server
+    seconds = abs(skew.total_seconds())
+    direction = "ahead of" if skew.total_seconds() > 0 else "behind"
+    shown = f"{seconds:.0f} s {direction} S3"
+    if abs(skew) >= MAX_CLOCK_SKEW:
+        return CheckResult(
+            "failed",
+            f"this machine's clock is {shown}: AWS refuses signed requests from a clock "
+            "15 minutes off, and run times and schedules go wrong before that",
+            fix="synchronise the clock with NTP (timedatectl set-ntp true, or chrony)",
+        )
+    return CheckResult("ok", f"clock {shown} (under {MAX_CLOCK_SKEW.seconds // 60} minutes)")
+
+
+MIN_FREE_BYTES = 1024**3  # the state database, the queue, the audit log and NBD sockets
+
+
+@register("state.space", "the state folder has room")
+def _state_space(app: Subject) -> CheckResult:
+    folder = app.config.state_dir
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    usage = shutil.disk_usage(existing)
+    return space_result(folder, existing, usage.free)
+
+
+def space_result(folder: Path, measured: Path, free: int) -> CheckResult:
+    """Enough free space in the state folder's file system (MIN_FREE_BYTES)?"""
+    where = str(folder) if measured == folder else f"{folder} (not created yet; {measured})"
+    shown = f"{free / 1024**3:.1f} GiB free in {where}"
+    if free < MIN_FREE_BYTES:
+        return CheckResult(
+            "failed",
+            f"only {shown}; the state database, the job queue and the audit log need at "
+            f"least {MIN_FREE_BYTES // 1024**3} GiB",
+            fix=f"free space on that file system, or move [state] path elsewhere "
+            f"(df -h {measured})",
+        )
+    return CheckResult("ok", shown)
+
+
+@register("secrets.permissions", "no secret file can be read by other users")
+def _secret_permissions(app: Subject) -> CheckResult:
+    return permissions_result(secret_files(app.config))
+
+
+def secret_files(config: Config) -> list[tuple[str, Path | None]]:
+    """Every secret the config names as a file, with the file it is read from.
+
+    The path is None for a systemd credential outside systemd (no
+    $CREDENTIALS_DIRECTORY: systemd keeps those files). The store key file is
+    included unless the store key comes from KMS or the environment.
+    """
+    found: list[tuple[str, Path | None]] = []
+
+    def add(what: str, path: Path | None) -> None:
+        if path is None:
+            return
+        if is_credential(path) and not os.environ.get("CREDENTIALS_DIRECTORY"):
+            found.append((what, None))
+            return
+        found.append((what, secret_file_path(path)))
+
+    if config.vcenter is not None:
+        add("vCenter password", config.vcenter.password_file)
+    add("S3 secret access key", config.s3.secret_access_key_file)
+    if config.api is not None:
+        add("API token", config.api.token_file)
+        add("API private key", config.api.key_file)
+    if config.store.kms_key_id is None and config.store.key_env is None:
+        key = config.store.key_file if config.store.key_file is not None else config.key_file
+        add("store key", key)
+    return found
+
+
+def permissions_result(files: list[tuple[str, Path | None]]) -> CheckResult:
+    """Fail when a secret file is open to its group or to others (mode & 0o077)."""
+    details: list[str] = []
+    exposed: list[Path] = []
+    for what, path in files:
+        if path is None:
+            details.append(f"{what}: a systemd credential (systemd keeps its file private)")
+            continue
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            details.append(f"{what}: {path} does not exist yet")
+            continue
+        if mode & 0o077:
+            exposed.append(path)
+            details.append(f"{what}: {path} has mode {mode:04o}: other users can read it")
+        else:
+            details.append(f"{what}: {path} mode {mode:04o}")
+    if exposed:
+        shown = ", ".join(str(p) for p in exposed)
+        return CheckResult(
+            "failed",
+            f"readable by other users: {shown}",
+            details=details,
+            fix="; ".join(f"chmod 600 {p}" for p in exposed),
+        )
+    return CheckResult(
+        "ok", f"{len(files)} secret file(s), none open to other users", details=details
     )
 
 
@@ -213,6 +412,8 @@ def _audit(app: Subject) -> CheckResult:
             "failed",
             f"{path}: {result.problems[0]}",
             details=result.problems[1:],
+            fix="restore the audit log from a copy, or move it aside to start a new chain "
+            "(`connector audit verify` names the first changed line)",
         )
     return CheckResult("ok", f"{path}: {result.records} records, chain intact")
 
@@ -285,7 +486,9 @@ def _vddk_result(parts: list[tuple[str, bool, str]]) -> CheckResult:
     ]
     failed = [f"vddk: {part}: {detail}" for part, found, detail in parts if not found]
     if failed:
-        return CheckResult("failed", "; ".join(failed), details=lines)
+        return CheckResult(
+            "failed", "; ".join(failed), details=lines, fix="see docs/transports.md (VDDK)"
+        )
     return CheckResult("ok", "VDDK is present and loads", details=lines)
 
 

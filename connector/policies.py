@@ -112,7 +112,11 @@ def iam_policy(
         {
             "Sid": "StagingBucket",
             "Effect": "Allow",
-            "Action": ["s3:ListBucket", "s3:ListBucketMultipartUploads"],
+            "Action": [
+                "s3:ListBucket",
+                "s3:ListBucketMultipartUploads",
+                "s3:GetEncryptionConfiguration",
+            ],
             "Resource": arn,
         },
         {

@@ -53,8 +53,11 @@ def credential_path(name: str, what: str) -> Path:
     if not cred_dir:
         raise ConfigError(
             f"the {what} is the systemd credential {name!r}, but $CREDENTIALS_DIRECTORY is "
-            f"not set; run under systemd with LoadCredential={name}:/path/to/file, or give "
-            "a file path instead"
+            "not set (systemd sets it only for the service); run the command as the service "
+            f"does: `sudo systemd-run --pipe --wait -p User=connector -p LoadCredential="
+            f"{name}:/etc/connector/credentials/{name} connector ...`, or name the folder "
+            "that holds the credential files: "
+            "`connector --credentials-dir /etc/connector/credentials ...`"
         )
     return Path(cred_dir) / name
 

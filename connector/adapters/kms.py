@@ -187,6 +187,16 @@ class KmsKeyProvider:
 
     # -- helpers -----------------------------------------------------------------
 
+    def probe(self) -> str:
+        """Check that the key can be used now: its state, then one data key, thrown away.
+
+        Returns the key's ARN; raises the connector's errors (unreachable, denied,
+        disabled, deleted) with their messages.
+        """
+        self._check_key_state(self.key_id)
+        resp = self._call("GenerateDataKey", self.key_id, KeyId=self.key_id, KeySpec="AES_256")
+        return str(resp.get("KeyId", self.key_id))
+
     def _record(self, key_arn: str, blob: bytes) -> dict[str, Any]:
         return {
             "provider": self.kind,

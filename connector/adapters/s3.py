@@ -35,6 +35,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime as dt
+import email.utils
 import re
 import ssl
 import threading
@@ -680,6 +681,53 @@ class S3ObjectStore:
             lambda: client.list_multipart_uploads(Bucket=bucket, Prefix=self._prefix),
         )
         return probes
+
+    def default_encryption(self) -> builtins.list[str] | None:
+        """The bucket's default encryption (GetBucketEncryption): its algorithms, or None.
+
+        None means no default encryption is configured. Other failures raise the
+        connector's error classes (403: AuthenticationError naming the permission).
+        """
+        try:
+            resp = self._client.get_bucket_encryption(Bucket=self._bucket)
+        except ClientError as exc:
+            if _code(exc) == "ServerSideEncryptionConfigurationNotFoundError":
+                return None
+            if _code(exc) in _AUTH_CODES or _status(exc) == 403:
+                raise AuthenticationError(
+                    f"reading the default encryption of bucket {self._bucket} was refused "
+                    "(HTTP 403); allow s3:GetEncryptionConfiguration on the bucket "
+                    "(docs/permissions.md)"
+                ) from exc
+            raise self._map_error(exc, "read the default encryption of", None) from exc
+        except BotoCoreError as exc:
+            raise self._map_error(exc, "read the default encryption of", None) from exc
+        rules = resp.get("ServerSideEncryptionConfiguration", {}).get("Rules", [])
+        return [
+            str(r["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"])
+            for r in rules
+            if r.get("ApplyServerSideEncryptionByDefault", {}).get("SSEAlgorithm")
+        ] or None
+
+    def server_time(self) -> dt.datetime | None:
+        """The time S3 says it is (the Date header of a HeadBucket answer), or None.
+
+        A refused request answers with a Date too (a skewed clock is refused with
+        RequestTimeTooSkewed), so it is read from error answers as well.
+        """
+        try:
+            resp = self._client.head_bucket(Bucket=self._bucket)
+        except ClientError as exc:
+            resp = exc.response
+        except BotoCoreError as exc:
+            raise self._map_error(exc, "check the clock against", None) from exc
+        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            return None
+        try:
+            return email.utils.parsedate_to_datetime(date).astimezone(dt.UTC)
+        except (TypeError, ValueError):
+            return None
 
     def uploads_in_use(self) -> frozenset[str]:
         """The ids of the multipart uploads that puts of this process are using now."""

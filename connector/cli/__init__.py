@@ -9,10 +9,13 @@ cycle forms.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from connector import __version__
@@ -47,14 +50,35 @@ def main_options(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of a table (commands that can).")
     ] = False,
+    credentials_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--credentials-dir",
+            help="Read `credential:NAME` secrets from DIR/NAME, as the service reads them "
+            "from systemd's $CREDENTIALS_DIRECTORY (e.g. /etc/connector/credentials).",
+        ),
+    ] = None,
 ) -> None:
     """Handle the options of `connector` itself.
 
     --version prints the version and exits. --config and --json may come before
     the command as well as after it: they become the defaults of the command's own
     options, so one given after the command wins, and without either --config the
-    command falls back to $CONNECTOR_CONFIG as before.
+    command falls back to $CONNECTOR_CONFIG as before. --credentials-dir stands in
+    for systemd's $CREDENTIALS_DIRECTORY, so a command run from a shell reads the
+    same `credential:` secrets as the service.
     """
+    if credentials_dir is not None:
+        if not credentials_dir.is_dir():
+            err.print(
+                f"[red]error:[/red] --credentials-dir {escape(str(credentials_dir))} is not a "
+                "folder; give the folder that holds the credential files "
+                "(the unit's LoadCredential= sources, e.g. /etc/connector/credentials)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
+        os.environ["CREDENTIALS_DIRECTORY"] = str(credentials_dir.resolve())
     given: dict[str, Any] = {}
     if config is not None:
         given["config"] = config

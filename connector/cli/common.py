@@ -8,9 +8,11 @@ and an exit code: 2 for a bad config or input, 1 for any other error.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable, Collection
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -21,6 +23,7 @@ from rich.table import Table
 
 from connector.app import App, build
 from connector.audit import SUCCESS
+from connector.check import CheckResult
 from connector.config import config_path, load_config
 from connector.domain.ids import check_run_id
 from connector.domain.jobs import RUN_COMPLETED
@@ -183,3 +186,27 @@ def human_size(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+_MARKS = {"ok": "[green]ok[/green]", "failed": "[red]FAILED[/red]", "skipped": "skipped"}
+
+
+def print_checks(results: list[CheckResult], as_json: bool) -> int:
+    """Print check results as one table (check, result, fix) or JSON; return the failures."""
+    if as_json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        t = Table("check", "result", "fix", show_lines=True)
+        t.columns[0].no_wrap = True
+        for r in results:
+            result = f"{_MARKS[r.status]}: {escape(r.summary)}"
+            for line in r.details:
+                result += f"\n  {escape(line)}"
+            t.add_row(escape(r.name), result, escape(r.fix) if r.status == "failed" else "")
+        out.print(t, highlight=False)
+        failed = [r.name for r in results if r.status == "failed"]
+        if failed:
+            out.print(f"{len(failed)} check(s) failed: {', '.join(failed)}", highlight=False)
+        else:
+            out.print("every check passed", highlight=False)
+    return sum(r.status == "failed" for r in results)

@@ -8,7 +8,6 @@ config; `audit verify` checks the audit log's hash chain.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +17,7 @@ from rich.markup import escape
 from connector.app import App
 from connector.audit import verify as verify_audit
 from connector.check import run_checks
-from connector.cli.common import ConfigOpt, JsonOpt, err, out, run_with_app
+from connector.cli.common import ConfigOpt, JsonOpt, err, out, print_checks, run_with_app
 from connector.errors import ConfigError
 from connector.policies import bucket_policy, iam_policy, is_kms_key_arn
 
@@ -102,10 +101,12 @@ def check_cmd(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a live setup and name every missing permission.
+    """Check a live setup: one table of check, result and fix; exit 1 if any fails.
 
-    Secrets, vCenter (TLS, login, privileges), S3 (permissions, encryption), the
-    audit log.
+    The config, secrets and their file permissions, vCenter (TLS 1.2+, trusted
+    certificate, login, privileges), S3 (reachable, writable, encrypted by
+    default), the KMS key, the clock against AWS, free space for the state, the
+    audit log, VDDK.
     """
 
     def go(a: App) -> int:
@@ -113,17 +114,7 @@ def check_cmd(
             results = run_checks(a, only or ())
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if as_json:
-            print(json.dumps([asdict(r) for r in results], indent=2))
-        else:
-            marks = {"ok": "[green]ok[/green]", "failed": "[red]FAILED[/red]", "skipped": "skipped"}
-            for r in results:
-                out.print(
-                    f"{marks[r.status]:>8}  {escape(r.name)}: {escape(r.summary)}", highlight=False
-                )
-                for line in r.details:
-                    out.print(f"            {escape(line)}", highlight=False, soft_wrap=True)
-        return sum(r.status == "failed" for r in results)
+        return print_checks(results, as_json)
 
     if run_with_app(config, go):
         raise typer.Exit(1)
