@@ -163,3 +163,23 @@ def test_a_credential_outside_systemd_is_named_not_read(
     assert secrets["status"] == "failed"
     assert "CREDENTIALS_DIRECTORY" in secrets["summary"]
     assert "systemd-run" in secrets["fix"] and "--credentials-dir" in secrets["fix"]
+
+
+def test_credentials_dir_reads_credentials_as_the_service_does(
+    tmp_path: Path, vcsim: Simulator, moto: MotoServer, s3_bucket: str
+) -> None:
+    env = write_config(
+        tmp_path / "c", vcsim, moto, s3_bucket, vcenter={"password_file": "credential:vcenter"}
+    )
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    (creds / "vcenter").write_text(vcsim.password + "\n")
+    (creds / "vcenter").chmod(0o600)
+    proc = env.cli("--credentials-dir", str(creds), "check", "--json", "--only", "secrets")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)[0]["status"] == "ok"
+    proc = env.cli("--credentials-dir", str(creds), "check", "--only", "vcenter.connect")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    missing = env.cli("--credentials-dir", str(tmp_path / "nowhere"), "check")
+    assert missing.returncode == 2
+    assert "--credentials-dir" in missing.stderr and "is not a folder" in missing.stderr
