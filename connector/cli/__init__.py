@@ -1,7 +1,7 @@
 """The `connector` command line: the typer app, its commands, and `main()`.
 
 The commands live in modules by subject (catalog, replication, store, security,
-service, status, jobs, state) and share the options, consoles and config-loading wrapper of
+init, service, status, jobs, state) and share the options, consoles and config-loading wrapper of
 `connector.cli.common`. They are registered here, in the order `connector --help`
 lists them; the modules import `common` and never this package, so no import
 cycle forms.
@@ -19,7 +19,17 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from connector import __version__
-from connector.cli import catalog, jobs, replication, security, service, state, status, store
+from connector.cli import (
+    catalog,
+    init,
+    jobs,
+    replication,
+    security,
+    service,
+    state,
+    status,
+    store,
+)
 from connector.cli.common import ConfigOpt, err, out
 
 app = typer.Typer(
@@ -115,6 +125,7 @@ def _defaults_for(command: Any, given: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in names}
 
 
+app.command("init")(init.init_cmd)
 app.command("vms")(catalog.vms)
 app.command("replicate")(replication.replicate)
 app.command("runs")(replication.runs)

@@ -196,8 +196,10 @@ def print_checks(results: list[CheckResult], as_json: bool) -> int:
     if as_json:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
-        t = Table("check", "result", "fix", show_lines=True)
-        t.columns[0].no_wrap = True
+        t = Table(show_lines=True)
+        t.add_column("check", no_wrap=True)
+        t.add_column("result", overflow="fold", ratio=3)
+        t.add_column("fix", overflow="fold", ratio=2)
         for r in results:
             result = f"{_MARKS[r.status]}: {escape(r.summary)}"
             for line in r.details:
