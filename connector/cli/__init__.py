@@ -1,10 +1,10 @@
 """The `connector` command line: the typer app, its commands, and `main()`.
 
 The commands live in modules by subject (catalog, replication, store, security,
-init, service, status, jobs, state) and share the options, consoles and config-loading wrapper of
-`connector.cli.common`. They are registered here, in the order `connector --help`
-lists them; the modules import `common` and never this package, so no import
-cycle forms.
+init, service, status, jobs, state, support) and share the options, consoles and
+config-loading wrapper of `connector.cli.common`. They are registered here, in
+the order `connector --help` lists them; the modules import `common` and never
+this package, so no import cycle forms.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from connector.cli import (
     state,
     status,
     store,
+    support,
 )
 from connector.cli.common import ConfigOpt, err, out
 
@@ -141,6 +142,7 @@ app.command("purge")(store.purge)
 app.command("health")(service.health_cmd)
 app.command("status")(status.status_cmd)
 app.command("run")(service.run_command)
+app.command("support-bundle")(support.support_bundle_cmd)
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(state.state_app, name="state")
 
