@@ -509,7 +509,7 @@ class App:
                 admission_interval=cfg.admission_interval,
                 retention_retry_backoff=cfg.retention_retry_backoff,
             ),
-            retention=self.retention.apply,
+            retention=self.retention.apply_policy,
             stopping=stopping,
             on_run_end=reporter.forget,
         )

@@ -25,9 +25,26 @@ class Retention:
     guard_path: Path  # the advisory lock file beside the state database
 
     def policies(self, server_ids: set[str]) -> dict[str, int]:
-        """Runs to keep per server: its own setting, else the default."""
+        """Runs to keep per server: its own setting, else the default.
+
+        The one rule of the connector: a server's own setting (`connector retention
+        VM N`, or its job's `--retention N`, which set the same value), else
+        `[retention] keep` (default 0: all). `purge`, `retention` and the daemon's
+        retention after a job's run all keep what it says.
+        """
         settings = self.state.retention_settings()
         return {sid: settings.get(sid, self.default_keep) for sid in sorted(server_ids)}
+
+    def keep_for(self, server_id: str) -> tuple[int, str]:
+        """Runs one server keeps, and where that number comes from ("vm" or "default")."""
+        settings = self.state.retention_settings()
+        if server_id in settings:
+            return settings[server_id], "vm"
+        return self.default_keep, "default"
+
+    def apply_policy(self, server_id: str) -> PurgeReport:
+        """Apply the server's retention by the one rule (`policies`): what a job's run owes."""
+        return self.apply(server_id, self.keep_for(server_id)[0])
 
     def settings(self, dry_run: bool = False, break_stale_locks: bool = False) -> PurgeSettings:
         return PurgeSettings(

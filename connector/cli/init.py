@@ -169,7 +169,7 @@ def render_config(s: InitSettings) -> str:
         '# kms_key_id = "alias/connector-replicas"   # AWS KMS instead of a key file',
         "",
         "[retention]",
-        "keep = 0                         # runs kept per VM unless its job or VM says; 0: all",
+        "keep = 0                         # runs kept per VM without its own --retention; 0: all",
         "",
         "[log]",
         'level = "info"',

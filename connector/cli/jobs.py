@@ -20,7 +20,6 @@ from connector.cli.common import ConfigOpt, JsonOpt, err, id_table, out, run_wit
 from connector.daemon.queue import RunQueue
 from connector.domain.jobs import (
     AUTOMATIC,
-    DEFAULT_RETENTION,
     JOB_DELETED,
     JOB_DELETING,
     LIVE_RUN_STATES,
@@ -58,7 +57,13 @@ SeedOpt = Annotated[
     typer.Option("--seed", help="First run, ISO 8601 (e.g. 2026-12-01T02:00:00Z) or 'now'."),
 ]
 RetentionOpt = Annotated[
-    int | None, typer.Option("--retention", "-r", help="How many recent runs to keep.")
+    int | None,
+    typer.Option(
+        "--retention",
+        "-r",
+        help="Runs of the VM to keep (0: all); the VM's retention setting, as `connector "
+        "retention VM N` sets it. Default: the VM's setting, else [retention] keep.",
+    ),
 ]
 DescriptionOpt = Annotated[str | None, typer.Option("--description", "-d", help="Free text.")]
 
@@ -84,7 +89,10 @@ def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]
         else None
     )
     doc: dict[str, Any] = asdict(job)
+    keep, source = a.retention.keep_for(job.server_id)
     doc.update(
+        retention=keep,  # what the one retention rule keeps for this VM now
+        retention_from=source,  # "vm": its own setting; "default": [retention] keep
         vm_name=server.name,
         vm_uuid=server.vm_uuid,
         run_once=job.run_once,
@@ -163,7 +171,7 @@ def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
             every,
             d["seed_time"],
             d["next_run"] or "",
-            str(d["retention"]),
+            str(d["retention"] or "all"),
             str(d["consecutive_failures"]),
             d["description"],
         )
@@ -193,7 +201,8 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
     out.print(
         f"job {doc['id']}: VM {doc['vm_name']} ({doc['vm_uuid']})\n"
         f"  state {doc['state']}{' (paused)' if doc['paused'] else ''}; {every} from "
-        f"{doc['seed_time']}; next run {doc['next_run'] or '-'}; keeps {doc['retention']} runs\n"
+        f"{doc['seed_time']}; next run {doc['next_run'] or '-'}; "
+        f"keeps {doc['retention'] or 'all'} runs\n"
         f"  {doc['description']}\n  {doc['message']}",
         highlight=False,
     )
@@ -253,14 +262,16 @@ def jobs_create(
 
     def go(a: App) -> None:
         now = _now()
+        server = a.servers.resolve(vm)
         spec = make_spec(
             parse_seed_time(seed or "now", now),
             _frequency(frequency, run_once),
-            DEFAULT_RETENTION if retention is None else retention,
+            a.retention.keep_for(server.id)[0] if retention is None else retention,
             description or "",
             now=now,
         )
-        server = a.servers.resolve(vm)
+        if retention is not None:
+            a.state.set_retention(server.id, spec.retention)
         job = a.jobs.create(server.id, spec)
         if as_json:
             _print_job(a, job, as_json)
@@ -321,6 +332,8 @@ def jobs_update(
             )
         row = a.jobs.find(job)
         _refuse_deleted(row)
+        if retention is not None:
+            a.state.set_retention(row.server_id, values["retention"])
         _print_job(a, a.jobs.update(row.id, **values), as_json)
 
     run_with_app(config, go, state_from_store=True)

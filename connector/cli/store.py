@@ -154,6 +154,9 @@ def retention(
         if vm is not None and (keep is not None or reset):
             server = a.servers.resolve(vm, refresh=False)
             a.state.set_retention(server.id, None if reset else keep)
+            job = a.jobs.for_server(server.id)
+            if job is not None:  # its job shows the same number (one setting per VM)
+                a.jobs.update(job.id, retention=a.retention.keep_for(server.id)[0])
         servers = a.state.servers()
         if vm is not None:
             servers = [a.servers.resolve(vm, refresh=False)]

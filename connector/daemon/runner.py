@@ -53,8 +53,9 @@ from connector.ports import Hypervisor
 
 log = get_logger(__name__)
 
-# (server id, keep): apply the job's retention after a run completed.
-Retention = Callable[[str, int], object]
+# server id: apply that server's retention (connector.application.retention's one rule)
+# after a run of its job completed.
+Retention = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ class RunExecutor:
 
     def _apply_retention(self, job: JobRow, token: str) -> None:
         try:
-            self.retention(job.server_id, job.retention)
+            self.retention(job.server_id)
         except Exception as exc:
             attempt = job.retention_attempts + 1
             delay = backoff_delay(
@@ -308,7 +309,7 @@ class RunExecutor:
             )
             return
         if self.jobs.retention_applied(job.id, token):
-            log.info("retention applied", job=job.id, keep=job.retention)
+            log.info("retention applied", job=job.id)
 
     def _job_failed(self, job: JobRow, reason: str) -> None:
         current = self.jobs.get(job.id)

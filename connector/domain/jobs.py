@@ -64,7 +64,6 @@ MIN_FREQUENCY_HOURS = 1
 MAX_FREQUENCY_HOURS = 24
 MAX_RETENTION = 1000
 MAX_DESCRIPTION = 500
-DEFAULT_RETENTION = 5
 # A seed time is at most this far ahead (as AWS SMS allowed) ...
 MAX_SEED_AHEAD = dt.timedelta(days=30)
 # ... and at most this far back: a past seed sets the phase of the schedule and the
@@ -96,9 +95,11 @@ def validate_frequency(value: int | None) -> int | None:
 
 
 def validate_retention(value: int) -> int:
-    if not 1 <= value <= MAX_RETENTION:
+    """Runs a job's VM keeps: 1 to MAX_RETENTION recent runs, or 0 for all of them."""
+    if not 0 <= value <= MAX_RETENTION:
         raise InvalidInputError(
-            f"retention {value} is out of range: keep from 1 to {MAX_RETENTION} recent runs"
+            f"retention {value} is out of range: keep from 1 to {MAX_RETENTION} recent runs, "
+            "or 0 to keep all"
         )
     return value
 

@@ -318,7 +318,7 @@ def test_bad_input_is_refused_and_changes_nothing(cli_env: tuple[ConnectorEnv, s
         (("jobs", "create", vm, "-f", "1", "--seed", "0001-01-01T00:00:00Z"), 2, RANGE),
         (("jobs", "create", vm, "-f", "1", "--seed", "1969-12-31T23:00:00Z"), 2, RANGE),
         (("jobs", "create", vm, "-f", "1", "--seed", "2099-01-01T00:00:00Z"), 2, RANGE),
-        (("jobs", "create", vm, "-f", "2", "-r", "0"), 2, "retention 0 is out of range"),
+        (("jobs", "create", vm, "-f", "2", "-r", "-1"), 2, "retention -1 is out of range"),
     ]
     for args, code, message in cases:
         before = snapshot_state(env)

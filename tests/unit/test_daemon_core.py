@@ -140,11 +140,13 @@ def test_a_stored_job_with_a_bad_field_says_what_is_wrong() -> None:
 
 
 def test_retention_and_description_are_checked() -> None:
-    with pytest.raises(InvalidInputError):
-        J.validate_retention(0)
+    for bad in (-1, J.MAX_RETENTION + 1):
+        with pytest.raises(InvalidInputError):
+            J.validate_retention(bad)
     with pytest.raises(InvalidInputError):
         J.validate_description("two\nlines")
     assert J.validate_retention(3) == 3
+    assert J.validate_retention(0) == 0  # keep all, as [retention] keep = 0 says
 
 
 def test_consecutive_failures_pause_the_job_and_resume_resets_them() -> None:
@@ -351,7 +353,11 @@ class World:
         defaults.update(limits)
         self.limits = RunLimits(**defaults)  # type: ignore[arg-type]
 
-        def retention(server_id: str, n: int) -> PurgeReport:
+        def retention(server_id: str) -> PurgeReport:
+            # as the CLI does: a job's --retention is its server's retention setting
+            job = self.jobs.for_server(server_id)
+            assert job is not None
+            n = job.retention
             self.retained.append((server_id, n))
             return purge(self.open_repo(), self.state, {server_id: n})
 
@@ -658,10 +664,10 @@ def test_retention_that_cannot_run_is_recorded_and_tried_again_until_applied(
     apply = w.executor.retention
     failures = [UnreachableError("cannot reach the S3 endpoint https://s3.test (refused)")] * 2
 
-    def flaky(server_id: str, n: int) -> object:
+    def flaky(server_id: str) -> object:
         if failures:
             raise failures.pop()
-        return apply(server_id, n)
+        return apply(server_id)
 
     w.executor.retention = flaky
     assert w.scheduler.fire(job_id)
