@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from connector.policies import VCENTER_PRIVILEGES
+from tests.harness.ca import make_ca
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.harness.moto import MotoServer, free_port
 from tests.harness.vcsim import Simulator
@@ -183,3 +184,20 @@ def test_credentials_dir_reads_credentials_as_the_service_does(
     missing = env.cli("--credentials-dir", str(tmp_path / "nowhere"), "check")
     assert missing.returncode == 2
     assert "--credentials-dir" in missing.stderr and "is not a folder" in missing.stderr
+
+
+def test_an_untrusted_vcenter_certificate_fails_with_its_fix(
+    tmp_path: Path, vcsim: Simulator, moto: MotoServer, s3_bucket: str
+) -> None:
+    other = make_ca(tmp_path / "other-ca")  # did not sign the simulator's certificate
+    env = write_config(
+        tmp_path / "c", vcsim, moto, s3_bucket, vcenter={"ca_file": str(other.cert_file)}
+    )
+    status, results = results_of(env)
+    assert status == 1
+    connect = results["vcenter.connect"]
+    assert connect["status"] == "failed"
+    assert "not trusted" in connect["summary"] or "certificate" in connect["summary"]
+    assert connect["fix"], connect
+    assert results["vcenter.privileges"]["status"] == "failed"  # the same login, refused
+    assert results["s3.permissions"]["status"] == "ok"  # the others still run
