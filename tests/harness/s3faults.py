@@ -15,6 +15,10 @@ or answers it with an injected fault instead:
   never learns what S3 did (a CreateMultipartUpload whose upload id never
   arrives).
 
+A skewed clock (`date_offset`, seconds): every forwarded answer's Date header is
+moved by that much, as a server whose clock differs from the client's would
+send it (moto_server's Date comes from this machine's own clock).
+
 A fault matches by method and by a substring of the request path, a number of
 times (or always). Every request is recorded with what was done with it, so a
 test can prove how often the client asked. Point the connector's [s3]
@@ -28,6 +32,8 @@ upload, with TLS end to end through it.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import email.utils
 import http.client
 import socket
 import ssl
@@ -84,6 +90,7 @@ class FaultyS3Proxy:
         self.faults: list[Fault] = []
         self.seen: list[Seen] = []
         self.dropped_replies: list[bytes] = []  # the bodies the client never got
+        self.date_offset = 0.0  # seconds added to each forwarded answer's Date header
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -201,6 +208,8 @@ class FaultyS3Proxy:
                         upstream, method, path, headers, body
                     )
                     self._record(method, path, f"forwarded {status}")
+                    if self.date_offset:
+                        out_headers = _shift_date(out_headers, self.date_offset)
                     tls.sendall(_response(status, reason, out_headers, out_body, method))
         except (OSError, ssl.SSLError, http.client.HTTPException, ValueError):
             return
@@ -315,6 +324,17 @@ def _response(
     else:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _shift_date(headers: list[tuple[str, str]], seconds: float) -> list[tuple[str, str]]:
+    """The headers with their Date moved by `seconds`."""
+    shifted = []
+    for name, value in headers:
+        if name.lower() == "date":
+            when = email.utils.parsedate_to_datetime(value) + dt.timedelta(seconds=seconds)
+            value = email.utils.format_datetime(when, usegmt=True)
+        shifted.append((name, value))
+    return shifted
 
 
 def _error_response(status: int, code: str, path: str, method: str) -> bytes:

@@ -7,6 +7,9 @@ Against the simulator (which can withhold privileges) and moto_server (S3 and KM
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import email.utils
 import json
 import os
 from pathlib import Path
@@ -18,6 +21,7 @@ from connector.policies import VCENTER_PRIVILEGES
 from tests.harness.ca import make_ca
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.harness.moto import MotoServer, free_port
+from tests.harness.s3faults import FaultyS3Proxy
 from tests.harness.vcsim import Simulator
 
 pytestmark = pytest.mark.integration
@@ -201,3 +205,34 @@ def test_an_untrusted_vcenter_certificate_fails_with_its_fix(
     assert connect["fix"], connect
     assert results["vcenter.privileges"]["status"] == "failed"  # the same login, refused
     assert results["s3.permissions"]["status"] == "ok"  # the others still run
+
+
+def test_a_skewed_clock_fails_the_clock_check(
+    tmp_path: Path, vcsim: Simulator, moto: MotoServer, s3_bucket: str, faulty_s3: FaultyS3Proxy
+) -> None:
+    """S3 answers with a Date 7 minutes ahead of this machine (the proxy's skewed clock)."""
+    env = write_config(tmp_path / "c", vcsim, moto, s3_bucket, s3={"endpoint_url": faulty_s3.url})
+    assert results_of(env)[1]["clock"]["status"] == "ok"
+    faulty_s3.date_offset = 7 * 60
+    proc = env.cli("check", "--json", "--only", "clock")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (clock,) = json.loads(proc.stdout)
+    assert clock["status"] == "failed"
+    assert "behind S3" in clock["summary"]
+    assert "NTP" in clock["fix"]
+
+
+def test_the_proxy_moves_the_date_header(
+    moto: MotoServer, s3_bucket: str, faulty_s3: FaultyS3Proxy
+) -> None:
+    """The harness extension the clock test relies on."""
+    client = dataclasses.replace(moto, endpoint_url=faulty_s3.url).boto3_client()
+
+    def server_date() -> dt.datetime:
+        head = client.head_bucket(Bucket=s3_bucket)
+        return email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+
+    before = server_date()
+    faulty_s3.date_offset = -3600
+    moved = server_date()
+    assert 3500 <= (before - moved).total_seconds() <= 3700
