@@ -215,3 +215,29 @@ def test_init_in_a_terminal_asks_for_what_the_flags_leave_out(
     text = config.read_text()
     assert 'password_env = "CONNECTOR_VC_PASSWORD"' in text
     assert_no_secret(text + session.output, vcsim, moto)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--vcenter-ca-file", "/ca.pem", "--vcenter-thumbprint", "AB"], "not both"),
+        (["--sse", "DES"], "give AES256 or aws:kms"),
+        (["--sse", "aws:kms"], "--sse aws:kms needs --kms-key-id"),
+        (["--access-key-id", "AKIA1"], "--secret-key is needed"),
+        (["--secret-key", "env:S"], "--access-key-id and --secret-key together"),
+        (["--vcenter", "http://vc.example.com"], "give a host name or an https:// URL"),
+    ],
+)
+def test_init_refuses_settings_that_do_not_fit(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    config = tmp_path / "c.toml"
+    base = [
+        "init", "--config", str(config), "--vcenter", "vc.example.com",
+        "--vcenter-user", "svc", "--vcenter-password", "env:VC", "--bucket", "my-bucket",
+        "--state-dir", str(tmp_path / "state"), "--no-check",
+    ]  # fmt: skip
+    proc = connector(*base, *extra)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr
+    assert not config.exists() and not (tmp_path / "state").exists()
