@@ -4,13 +4,14 @@ Values come from flags; in a terminal, what the flags leave out is asked for.
 Secrets are never written into the config, only references to them:
 `file:PATH`, `env:VARIABLE` or `credential:NAME` (a systemd credential).
 An existing config is replaced only with --force (the old one is kept as
-FILE.bak). The state folder is created with mode 0700. The command ends with
-`connector check` against the new config (--no-check skips it) and exits as it
-does.
+FILE.bak); writing it is recorded in the audit log (`config.init`). The state
+folder is created with mode 0700. The command ends with `connector check`
+against the new config (--no-check skips it) and exits as it does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -23,10 +24,11 @@ from urllib.parse import urlsplit
 import typer
 from rich.markup import escape
 
+from connector.audit import SUCCESS, AuditLog
 from connector.check import run_checks
 from connector.cli.common import err, out, print_checks, run_with_app
 from connector.config import DEFAULT_CONFIG, config_path, load_config
-from connector.errors import ConfigError, InvalidInputError
+from connector.errors import ConfigError, InvalidInputError, PermanentError
 from connector.secrets import CREDENTIAL_PREFIX
 
 DEFAULT_STATE_DIR = Path("/var/lib/connector")
@@ -328,9 +330,18 @@ def init_cmd(
             sse=sse,
             kms_key_id=kms_key_id,
         )
+        replaced = path.exists()
         write_config_file(path, render_config(settings), force)
         made = make_state_dir(folder)
-    except (InvalidInputError, ConfigError) as exc:
+        cfg = load_config(path)
+        AuditLog(cfg.audit_path).record(
+            "config.init",
+            str(path),
+            SUCCESS,
+            sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+            replaced=replaced,
+        )
+    except (InvalidInputError, ConfigError, PermanentError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     out.print(f"wrote {escape(str(path))} (no secrets in it)", highlight=False)

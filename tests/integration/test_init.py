@@ -94,6 +94,8 @@ def test_init_from_flags_writes_a_config_that_passes_check(
     assert cfg.vcenter is not None and cfg.vcenter.url == vcsim.url
     assert cfg.s3.bucket == encrypted_bucket and cfg.state.path == state / "state.db"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    audit = (state / "audit.jsonl").read_text()
+    assert '"config.init"' in audit and str(config) in audit
 
     # the written config passes `connector check` on its own
     check = connector("--config", str(config), "check")
