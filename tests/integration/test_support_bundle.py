@@ -139,3 +139,23 @@ def test_the_bundle_refuses_an_existing_file_and_a_missing_log(
     )
     assert proc.returncode == 2 and "is not a file" in proc.stderr
     assert not (tmp_path / "new.tar.gz").exists()
+
+
+def test_the_bundle_takes_the_service_journal(
+    tmp_path: Path, vcsim: Simulator, moto: MotoServer, s3_bucket: str
+) -> None:
+    """With journalctl (systemd is in .ci/install's packages) the unit's journal is a
+    member, or a note says why it could not be read."""
+    env = write_config(tmp_path / "c", vcsim, moto, s3_bucket)
+    target = tmp_path / "b.tar.gz"
+    proc = env.cli("support-bundle", "-o", str(target), "--since", "1", "--no-status")
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(target) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames()}
+        notes = ""
+        if "NOTES.txt" in names:
+            f = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("NOTES.txt")))
+            assert f is not None
+            notes = f.read().decode()
+    assert "logs/journal.txt" in names or "journal:" in notes
+    assert "status.json" not in names  # --no-status
