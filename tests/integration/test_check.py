@@ -168,6 +168,12 @@ def test_a_credential_outside_systemd_is_named_not_read(
     assert secrets["status"] == "failed"
     assert "CREDENTIALS_DIRECTORY" in secrets["summary"]
     assert "systemd-run" in secrets["fix"] and "--credentials-dir" in secrets["fix"]
+    # any command that needs the secret says the same, and exits 2 (a config error)
+    vms = env.cli("vms")
+    assert vms.returncode == 2
+    assert "$CREDENTIALS_DIRECTORY is not set" in vms.stderr
+    assert "LoadCredential=vcenter:/etc/connector/credentials/vcenter" in vms.stderr
+    assert "connector --credentials-dir /etc/connector/credentials" in vms.stderr
 
 
 def test_credentials_dir_reads_credentials_as_the_service_does(
