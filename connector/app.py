@@ -35,6 +35,7 @@ from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
+from connector.application.jobs import JobActions, JobSettings
 from connector.application.rebuild import StateRebuild
 from connector.application.retention import Retention
 from connector.application.servers import Servers
@@ -388,6 +389,30 @@ class App:
     @cached_property
     def servers(self) -> Servers:
         return Servers(self.state, self.hypervisor)
+
+    @cached_property
+    def job_actions(self) -> JobActions:
+        """Jobs as users manage them (`connector jobs` and the API): checked and audited."""
+
+        def enqueue(run_id: str) -> None:
+            queue = RunQueue(self.queue_path)
+            try:
+                queue.enqueue(run_id, 0)
+            finally:
+                queue.close()
+
+        return JobActions(
+            jobs=self.jobs,
+            catalog=self.state,
+            controls=self.ledger,
+            resolve_vm=self.servers.resolve,
+            enqueue=enqueue,
+            audit=self.audit,
+            settings=JobSettings(
+                on_demand_quota=self.config.daemon.on_demand_quota_per_24h,
+                schedule_unit_seconds=self.config.daemon.schedule_unit_seconds,
+            ),
+        )
 
     @cached_property
     def retention(self) -> Retention:
