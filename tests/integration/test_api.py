@@ -68,7 +68,9 @@ def api(test_ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiSe
     (workdir / "token").write_text(TOKEN + "\n")
     (workdir / "pw").write_text("unused-password")
     cfg = workdir / "connector.toml"
-    cfg.write_text(UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port()))
+    cfg.write_text(
+        UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port())
+    )
     app = App(load_config(cfg))
     app.state.upsert_server(
         VmInfo(
@@ -295,7 +297,9 @@ def test_short_tokens_are_refused(test_ca: CA, tmp_path: Path) -> None:
     (tmp_path / "token").write_text("short\n")
     (tmp_path / "pw").write_text("unused-password")
     cfg = tmp_path / "connector.toml"
-    cfg.write_text(UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port()))
+    cfg.write_text(
+        UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port())
+    )
     app = App(load_config(cfg))
     try:
         with pytest.raises(ConfigError, match="too short"):
