@@ -149,7 +149,7 @@ def get_server(svc: Services, server_id: str) -> dict[str, Any]:
 runs = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
 
 
-@runs.get("", response_model=list[models.Run], summary="Runs, newest last")
+@runs.get("", response_model=list[models.Run], summary="Runs, newest last", responses=BAD)
 def list_runs(
     svc: Services,
     server: Annotated[str | None, Query(max_length=100, description="A server id.")] = None,
