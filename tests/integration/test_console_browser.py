@@ -77,9 +77,7 @@ def browser(tmp_path: Path, cert_file: Path) -> Any:
     return webdriver.Chrome(options=options, service=service)
 
 
-def test_the_console_shows_a_cli_job_with_its_runs_and_pauses_it(
-    api: Api, tmp_path: Path
-) -> None:
+def test_the_console_shows_a_cli_job_with_its_runs_and_pauses_it(api: Api, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     env = api.env
@@ -128,8 +126,10 @@ def test_the_console_shows_a_cli_job_with_its_runs_and_pauses_it(
         ).click()
         wait_for(
             "the job shown paused",
-            lambda: "(paused)"
-            in driver.find_element(By.CSS_SELECTOR, f'{row} td[data-field="state"]').text,
+            lambda: (
+                "(paused)"
+                in driver.find_element(By.CSS_SELECTOR, f'{row} td[data-field="state"]').text
+            ),
             timeout=30,
         )
         shown = env.cli_json("jobs", "show", job["id"])
