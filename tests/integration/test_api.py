@@ -214,7 +214,7 @@ def test_read_only_endpoints_with_the_token(api: ApiServer, test_ca: CA) -> None
         ("GET", "/v1/runs/r-none", 404, "no run"),
         ("GET", "/v1/jobs/j-none", 404, "no job"),
         ("GET", "/v1/runs?last=0", 422, "last"),
-        ("GET", "/v1/runs?state=SLEEPING", 400, "no run state 'SLEEPING'"),
+        ("GET", "/v1/runs?state=SLEEPING", 422, "state: Input should be 'PENDING'"),
         ("POST", "/v1/jobs/j-none/start", 404, "no job"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -25,6 +26,8 @@ from connector.daemon.api import models
 from connector.domain.jobs import RUN_STATES
 from connector.domain.records import RunRow, ServerRow
 from connector.errors import InvalidInputError
+
+RunState = Enum("RunState", {s: s for s in RUN_STATES}, type=str)  # type: ignore[misc]
 
 
 class CatalogSource(Protocol):
@@ -153,14 +156,12 @@ runs = APIRouter(prefix="/v1/runs", tags=["runs"], responses=ERRORS)
 def list_runs(
     svc: Services,
     server: Annotated[str | None, Query(max_length=100, description="A server id.")] = None,
-    state: Annotated[str | None, Query(description=", ".join(RUN_STATES))] = None,
+    state: Annotated[RunState | None, Query(description="Only runs in this state.")] = None,
     last: Annotated[int | None, Query(ge=1, le=10000, description="Only the last N.")] = None,
 ) -> list[dict[str, Any]]:
-    if state is not None and state not in RUN_STATES:
-        raise InvalidInputError(f"no run state {state!r}; use one of {', '.join(RUN_STATES)}")
     rows = svc.runs.runs(server)
     if state is not None:
-        rows = [r for r in rows if r.state == state]
+        rows = [r for r in rows if r.state == state.value]
     if last is not None:
         rows = rows[-last:]
     return svc.jobs.run_documents(rows)

@@ -183,8 +183,17 @@ def build_app(services: ApiServices, token: Secret, requests: Counter) -> ASGIAp
             details=details,
         )
 
+    def allowed(path: str) -> str:
+        """Every method of every route of the path (Starlette names only one route's)."""
+        methods: set[str] = set()
+        for route in api.routes:
+            regex = getattr(route, "path_regex", None)
+            if regex is not None and regex.match(path):
+                methods |= set(getattr(route, "methods", None) or ())
+        return ", ".join(sorted(methods - {"HEAD"}))
+
     @api.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         messages = {
             404: "no such endpoint or object; the endpoints are listed in /openapi.json",
             405: "this endpoint does not take that method; see /openapi.json",
@@ -193,6 +202,8 @@ def build_app(services: ApiServices, token: Secret, requests: Counter) -> ASGIAp
         response = _error(exc.status_code, str(message))
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed(request.url.path)
         return response
 
     @api.exception_handler(Exception)
