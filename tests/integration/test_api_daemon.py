@@ -32,6 +32,8 @@ def api(tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str, test_ca: CA) -> I
         code = running.daemon.terminate()
         assert code == 0, running.daemon.log()
         assert TOKEN not in running.daemon.log()
+        audit = running.env.workdir / "state" / "audit.jsonl"
+        assert not audit.exists() or TOKEN not in audit.read_text()
 
 
 def schema_paths(api: Api) -> dict[str, dict[str, Any]]:
@@ -69,6 +71,10 @@ def test_every_path_of_the_schema_refuses_requests_without_the_token(api: Api) -
                 assert status == 401, (method, path, token, body)
                 assert "bearer token is required" in body["error"]
     assert api.call("GET", "/openapi.json", token=None)[0] == 401
+    # a token put in a URL does not authenticate, and is scrubbed from the log
+    assert api.call("GET", f"/v1/jobs?token={TOKEN}", token=None)[0] == 401
+    wait_for("the refusal in the log", lambda: "api.unauthorized" in api.daemon.log())
+    assert TOKEN not in api.daemon.log()
     # the refused requests changed nothing
     assert api.call("GET", "/v1/jobs")[1] == []
 
