@@ -528,3 +528,25 @@ token_file = "token"
     assert 'connector_object_store_latency_seconds_count{operation="put"} 2.0' in text
     # what /metrics showed before is still there
     assert "connector_servers 0.0" in text and "connector_api_requests_total" in text
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ready_cache_seconds = 0", "api.ready_cache_seconds"),
+        ("ready_timeout_seconds = -1", "api.ready_timeout_seconds"),
+        ("ready_cache_seconds = 'soon'", "api.ready_cache_seconds"),
+    ],
+)
+def test_bad_readiness_settings_are_refused(
+    test_ca: CA, tmp_path: Path, setting: str, message: str
+) -> None:
+    from connector.config import load_config
+
+    cert = test_ca.issue("api-settings")
+    cfg = tmp_path / "connector.toml"
+    text = UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port())
+    kept = [line for line in text.splitlines() if not line.startswith("ready_")]
+    cfg.write_text("\n".join(kept) + "\n" + setting + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
