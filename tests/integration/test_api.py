@@ -241,6 +241,9 @@ def test_bad_job_bodies_are_refused_with_the_field_named(api: ApiServer, test_ca
         assert message in json.loads(body)["error"], body
     got, _, body = post(api, "/v1/jobs", b"{not json", test_ca.cert_file)
     assert got == 422 and "not valid" in json.loads(body)["error"]
+    huge = json.dumps({"vm": "web-01", "description": "x" * 100_000}).encode()
+    got, _, body = post(api, "/v1/jobs", huge, test_ca.cert_file)
+    assert got == 413 and "at most 64 KiB" in json.loads(body)["error"]
 
 
 def test_readiness_reports_each_unreachable_service(api: ApiServer, test_ca: CA) -> None:

@@ -68,6 +68,19 @@ _UNAUTHORIZED = (
 )
 
 
+MAX_BODY = 64 * 1024
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return MAX_BODY + 1
+    return 0
+
+
 def _is_public(path: str) -> bool:
     """The console's static files, and the redirect to them: no data, no token."""
     return path in ("/", CONSOLE_PREFIX) or path.startswith(CONSOLE_PREFIX + "/")
@@ -122,6 +135,21 @@ class TokenGate:
                 }
             )
             await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+            return
+        if _declared_length(scope) > MAX_BODY:
+            body = b'{"error":"the request body is too large: the API takes at most 64 KiB"}'
+            await send_with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            self._requests.labels("too large", "413").inc()
             return
         try:
             await self.app(scope, receive, send_with_headers)
