@@ -103,10 +103,13 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
         _warn_problems([doc])
         return
     every = "once" if doc["run_once"] else f"every {doc['frequency_hours']} h"
+    quota = doc["on_demand"]
     out.print(
         f"job {doc['id']}: VM {doc['vm_name']} ({doc['vm_uuid']})\n"
         f"  state {doc['state']}{' (paused)' if doc['paused'] else ''}; {every} from "
         f"{doc['seed_time']}; next run {doc['next_run'] or '-'}; keeps {doc['retention']} runs\n"
+        f"  on-demand runs: {quota['left']} of {quota['quota']} left in the last 24 h "
+        "([daemon] on_demand_quota_per_24h)\n"
         f"  {doc['description']}\n  {doc['message']}",
         highlight=False,
     )

@@ -182,6 +182,8 @@ def test_job_actions_through_the_api_are_seen_by_the_cli_and_back(api: Api) -> N
     assert status == 409 and "on-demand quota is used up (2 of 2" in refused["error"]
     cli = env.cli("jobs", "start", job["id"])
     assert cli.returncode == 2 and "on-demand quota is used up (2 of 2" in cli.stderr
+    shown = env.cli("jobs", "show", job["id"], check=True).stdout
+    assert "on-demand runs: 0 of 2 left" in shown
     assert second["run_id"] != run_id
 
     metrics = api.call("GET", "/metrics")[1]
