@@ -87,3 +87,50 @@ def test_a_probe_in_flight_does_not_hold_up_callers_that_have_a_result() -> None
     release.set()
     worker.join(30)
     assert ready.report().checks[0].detail == "answer 2" and len(calls) == 2
+
+
+def test_the_daemons_loop_check_names_what_is_not_alive() -> None:
+    import time
+    from typing import Any
+
+    import pytest
+
+    from connector.config import DaemonConfig
+    from connector.daemon.service import Daemon
+    from connector.errors import PermanentError
+
+    class Scheduler:
+        running = True
+
+    class Consumer:
+        def __init__(self, alive: bool) -> None:
+            thread = threading.Thread(target=lambda: None)
+            if alive:
+                thread = threading.current_thread()
+            self.worker_threads = [(None, thread)]
+
+    daemon = Daemon(DaemonConfig(), state_lock=None, assemble=lambda _: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(PermanentError, match="starting"):
+        daemon.loops()
+    state: Any = daemon
+    state._scheduler, state._consumer, state._heartbeat = (
+        Scheduler(),
+        Consumer(True),
+        time.monotonic(),
+    )
+    assert daemon.loops() == "scheduler, 1 queue workers and the main loop alive"
+    Scheduler.running = False
+    state._consumer = Consumer(False)  # a thread never started is not alive
+    with pytest.raises(PermanentError) as failed:
+        daemon.loops()
+    assert "the scheduler is not running" in str(failed.value)
+    assert "a queue worker thread died" in str(failed.value)
+    assert "journalctl" in str(failed.value)
+    Scheduler.running = True
+    state._consumer = Consumer(True)
+    state._heartbeat = time.monotonic() - 3600
+    with pytest.raises(PermanentError, match="the main loop last ran 3600 s ago"):
+        daemon.loops()
+    daemon.request_stop()
+    with pytest.raises(PermanentError, match="stopping"):
+        daemon.loops()
