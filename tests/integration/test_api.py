@@ -496,6 +496,9 @@ attempts = 3
 base_delay = 0.01
 max_delay = 0.02
 
+[daemon]
+bandwidth_limit = 4096
+
 [api]
 listen = "127.0.0.1:{free_port()}"
 cert_file = "{cert.cert_file}"
@@ -512,6 +515,7 @@ token_file = "token"
         with pytest.raises(NotFoundError):
             store.get("metrics-test/absent")
         assert list(store.list("metrics-test/")) == ["metrics-test/a"]
+        store.put("metrics-test/b", bytes(8192))  # twice the limit a second: it waits
         with app.api_server() as api:
             status, _, body = request(api, "/metrics", ca_file=test_ca.cert_file)
     finally:
@@ -519,16 +523,23 @@ token_file = "token"
     assert status == 200
     text = body.decode()
     ops = "connector_object_store_operations_total"
-    assert f'{ops}{{operation="put",outcome="ok"}} 1.0' in text
+    assert f'{ops}{{operation="put",outcome="ok"}} 2.0' in text
     assert f'{ops}{{operation="put",outcome="error"}} 1.0' in text
     assert f'{ops}{{operation="get",outcome="ok"}} 1.0' in text
     assert f'{ops}{{operation="list",outcome="ok"}} 1.0' in text
+    assert 'connector_retries_total{error="TransientError"} 1.0' in text
+    waited = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("connector_bandwidth_wait_seconds_total ")
+    ]
+    assert waited and waited[0] > 0.5, waited
     errors = "connector_object_store_errors_total"
     assert f'{errors}{{error="TransientError",operation="put"}} 1.0' in text
     assert f'{errors}{{error="NotFoundError",operation="get"}} 1.0' in text
-    assert 'connector_object_store_bytes_total{direction="sent"} 8.0' in text
+    assert 'connector_object_store_bytes_total{direction="sent"} 8200.0' in text
     assert 'connector_object_store_bytes_total{direction="received"} 3.0' in text
-    assert 'connector_object_store_latency_seconds_count{operation="put"} 2.0' in text
+    assert 'connector_object_store_latency_seconds_count{operation="put"} 3.0' in text
     # what /metrics showed before is still there
     assert "connector_servers 0.0" in text and "connector_api_requests_total" in text
 
