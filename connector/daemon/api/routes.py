@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -51,6 +51,10 @@ class ApiServices:
     readiness: Readiness
     registry: CollectorRegistry
     _status_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+ServerId = Annotated[str, Path(max_length=100, description="A server id (`s-...`).")]
+RunId = Annotated[str, Path(max_length=100, description="A run id (`r-...`).")]
 
 
 def services(request: Request) -> ApiServices:
@@ -143,7 +147,7 @@ def list_servers(svc: Services) -> list[dict[str, Any]]:
     summary="One VM of the catalog with its disks",
     responses=NOT_FOUND,
 )
-def get_server(svc: Services, server_id: str) -> dict[str, Any]:
+def get_server(svc: Services, server_id: ServerId) -> dict[str, Any]:
     return asdict(svc.catalog.server(server_id))
 
 
@@ -168,7 +172,7 @@ def list_runs(
 
 
 @runs.get("/{run_id}", response_model=models.Run, summary="One run", responses=NOT_FOUND)
-def get_run(svc: Services, run_id: str) -> dict[str, Any]:
+def get_run(svc: Services, run_id: RunId) -> dict[str, Any]:
     return svc.jobs.run_documents([svc.runs.run(run_id)])[0]
 
 
@@ -178,14 +182,16 @@ def get_run(svc: Services, run_id: str) -> dict[str, Any]:
     summary="What the run did with each disk",
     responses=NOT_FOUND,
 )
-def get_run_disks(svc: Services, run_id: str) -> list[dict[str, Any]]:
+def get_run_disks(svc: Services, run_id: RunId) -> list[dict[str, Any]]:
     return [asdict(d) for d in svc.runs.run(run_id).disks]
 
 
 # -- jobs -----------------------------------------------------------------------------------
 
 jobs = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={**ERRORS, **NOT_FOUND})
-JobRef = Annotated[str, "A job id, or the name or instance UUID of its VM."]
+JobRef = Annotated[
+    str, Path(max_length=200, description="A job id, or the name or instance UUID of its VM.")
+]
 
 
 @jobs.get("", response_model=list[models.Job], summary="Jobs, with their on-demand quota")
