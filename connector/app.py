@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from connector import __version__
 from connector.adapters.datastore_reader import DatastoreHttpsSource
 from connector.adapters.jobstore import JobStore
@@ -35,6 +37,8 @@ from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
+from connector.application.jobs import JobActions, JobSettings
+from connector.application.readiness import Readiness
 from connector.application.rebuild import StateRebuild
 from connector.application.retention import Retention
 from connector.application.servers import Servers
@@ -42,7 +46,8 @@ from connector.application.status import Status, StatusSettings
 from connector.audit import FAILURE, SUCCESS, AuditLog
 from connector.check import require_vddk
 from connector.config import Config
-from connector.daemon.api import ApiServer
+from connector.daemon.api import ApiServer, ApiServices
+from connector.daemon.api.metrics import StateCollector
 from connector.daemon.discovery import Discovery
 from connector.daemon.lock import StateLock
 from connector.daemon.queue import RunQueue
@@ -56,9 +61,10 @@ from connector.decorators.bandwidth import (
     Window,
     parse_hhmm,
 )
-from connector.decorators.metrics import MeteredStore, StoreMetrics
+from connector.decorators.metrics import MeteredStore, ProcessMetrics, StoreMetrics
 from connector.decorators.retry import RetryingStore
-from connector.errors import ConfigError, ConnectorError, TransientError
+from connector.domain.records import Control, RunRow, ServerRow
+from connector.errors import ConfigError, ConnectorError, PermanentError, TransientError
 from connector.logging import register_secret, scrub
 from connector.network import Proxy
 from connector.pipeline.context import PipelineSettings, Reporter, StageContext
@@ -71,8 +77,28 @@ from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_fil
 from connector.store.repository import Repository
 from connector.tls import server_context
 
+
+@dataclass
+class _MetricsState:
+    """The state store and the run controls, as the API's metrics read them."""
+
+    state: StateStore
+    ledger: RunLedger
+
+    def servers(self) -> list[ServerRow]:
+        return self.state.servers()
+
+    def runs(self, server_id: str | None = None) -> list[RunRow]:
+        return self.state.runs(server_id)
+
+    def controls(self, run_ids: list[str]) -> dict[str, Control]:
+        return self.ledger.controls(run_ids)
+
+
 # Seconds `connector status` waits for vCenter or S3 to answer.
 PROBE_TIMEOUT = 5.0
+# Hours a run may stay ACTIVE before the API's status counts it as stuck (as the CLI's).
+STUCK_RUN_HOURS = 12.0
 
 
 @dataclass
@@ -175,7 +201,35 @@ class App:
     def retry_policy(self) -> RetryPolicy:
         """The one retry policy ([retry]): the object store's and every disk reader's."""
         r = self.config.retry
-        return RetryPolicy(attempts=r.attempts, base_delay=r.base_delay, max_delay=r.max_delay)
+        return RetryPolicy(
+            attempts=r.attempts,
+            base_delay=r.base_delay,
+            max_delay=r.max_delay,
+            on_retry=self.process_metrics.retried,
+        )
+
+    @cached_property
+    def process_metrics(self) -> ProcessMetrics:
+        """This process's retries and bandwidth waits; the API's /metrics serves them."""
+        return ProcessMetrics(
+            lambda: self.bandwidth_bucket.waited if self.bandwidth_bucket else 0.0
+        )
+
+    @cached_property
+    def bandwidth_schedule(self) -> RateSchedule:
+        d = self.config.daemon
+        return RateSchedule(
+            d.bandwidth_limit,
+            tuple(
+                Window(parse_hhmm(w.start), parse_hhmm(w.end), w.limit) for w in d.bandwidth_windows
+            ),
+        )
+
+    @cached_property
+    def bandwidth_bucket(self) -> TokenBucket | None:
+        """The upload limit's token bucket, None when uploads are unlimited."""
+        schedule = self.bandwidth_schedule
+        return None if schedule.unlimited else TokenBucket(schedule)
 
     @cached_property
     def store_metrics(self) -> StoreMetrics:
@@ -186,14 +240,13 @@ class App:
     def store_objects(self) -> ObjectStore:
         """The object store the replica store writes through: S3 wrapped by
         `wrap_object_store` (retry, bandwidth limit, metrics)."""
-        d = self.config.daemon
-        schedule = RateSchedule(
-            d.bandwidth_limit,
-            tuple(
-                Window(parse_hhmm(w.start), parse_hhmm(w.end), w.limit) for w in d.bandwidth_windows
-            ),
+        return wrap_object_store(
+            self.objects,
+            self.retry_policy,
+            self.bandwidth_schedule,
+            self.store_metrics,
+            bucket=self.bandwidth_bucket,
         )
-        return wrap_object_store(self.objects, self.retry_policy, schedule, self.store_metrics)
 
     @cached_property
     def kms_provider(self) -> KmsKeyProvider:
@@ -390,6 +443,32 @@ class App:
         return Servers(self.state, self.hypervisor)
 
     @cached_property
+    def job_actions(self) -> JobActions:
+        """Jobs as users manage them (`connector jobs` and the API): checked and audited."""
+
+        def enqueue(run_id: str) -> None:
+            queue = RunQueue(self.queue_path)
+            try:
+                queue.enqueue(run_id, 0)
+            finally:
+                queue.close()
+
+        return JobActions(
+            jobs=self.jobs,
+            catalog=self.state,
+            controls=self.ledger,
+            resolve_vm=self.servers.resolve,
+            enqueue=enqueue,
+            audit=self.audit,
+            settings=JobSettings(
+                on_demand_quota=self.config.daemon.on_demand_quota_per_24h,
+                schedule_unit_seconds=self.config.daemon.schedule_unit_seconds,
+            ),
+            retention=self.retention,
+            retention_settings=self.state,
+        )
+
+    @cached_property
     def retention(self) -> Retention:
         return Retention(
             open_repo=self.repository,
@@ -459,33 +538,109 @@ class App:
 
     # -- the API and the daemon ------------------------------------------------------------
 
-    def api_server(self) -> ApiServer:
-        """The API of the [api] section, bound to its address but not yet serving."""
+    def api_server(self, loops: Callable[[], str] | None = None) -> ApiServer:
+        """The API of the [api] section, bound to its address but not yet serving.
+
+        `loops` is the daemon's check of its own loops (`Daemon.loops`) when the API
+        runs inside it; without it (`connector api`), readiness asks whether a
+        `connector run` holds the state lock."""
         cfg = self.config.api
         if cfg is None:
             raise ConfigError(
                 "the API is not configured: add an [api] section with listen, cert_file, "
-                "key_file and token_file (see docs/security.md)"
+                "key_file and token_file (see docs/api.md)"
             )
         token = self.config.api_token()
         ctx = server_context(cfg.cert_file, resolve_secret_path(cfg.key_file, "API private key"))
-        return ApiServer(
-            cfg.host, cfg.port, ctx, token, self.state, collectors=(self.store_metrics,)
+        registry = CollectorRegistry()
+        registry.register(StateCollector(_MetricsState(self.state, self.ledger), self.queue_depth))
+        services = ApiServices(
+            jobs=self.job_actions,
+            catalog=self.state,
+            runs=self.state,
+            status=lambda: self.status.report(dt.timedelta(hours=STUCK_RUN_HOURS)),
+            readiness=Readiness(
+                self._readiness_checks(cfg.ready_timeout_seconds, loops),
+                ttl=cfg.ready_cache_seconds,
+            ),
+            registry=registry,
         )
+        return ApiServer(
+            cfg.host,
+            cfg.port,
+            ctx,
+            token,
+            services,
+            collectors=(self.store_metrics, self.process_metrics),
+        )
+
+    def queue_depth(self) -> int:
+        """Tasks waiting in the run queue."""
+        queue = RunQueue(self.queue_path)
+        try:
+            return queue.pending()
+        finally:
+            queue.close()
+
+    def _readiness_checks(
+        self, timeout: float, loops: Callable[[], str] | None
+    ) -> dict[str, Callable[[], str]]:
+        """/readyz: vCenter (a login), S3 (HeadBucket), the queue, the daemon's loops."""
+        checks: dict[str, Callable[[], str]] = {}
+        if self.config.vcenter is not None and self.config.transport.kind in (
+            "datastore-https",
+            "vddk",
+        ):
+            client = self.vsphere_client(timeout=timeout)
+
+            def vcenter() -> str:
+                try:
+                    client.session_generation()  # connects and logs in
+                finally:
+                    client.close()
+                return f"logged in to {client.url}"
+
+            checks["vcenter"] = vcenter
+        store = self.s3_store(connect_timeout=timeout, read_timeout=timeout, max_attempts=1)
+
+        def s3() -> str:
+            store.check_access()
+            return f"bucket {self.config.s3.bucket} answers"
+
+        checks["s3"] = s3
+        checks["queue"] = lambda: f"{self.queue_depth()} task(s) waiting"
+        if loops is not None:
+            checks["daemon"] = loops
+        else:
+            lock = StateLock(self.config.state.path, "status")
+
+            def daemon() -> str:
+                holder = lock.holder()
+                if holder is None or not holder.endswith("connector run"):
+                    raise PermanentError(
+                        "the daemon (`connector run`) is not running: start it "
+                        "(systemctl start connector)"
+                    )
+                return f"held by {holder}"
+
+            checks["daemon"] = daemon
+        return checks
 
     def daemon(self, api: ApiServer | None = None) -> Daemon:
         """The long-running connector: a job's retention removes old runs and their packs.
 
-        With an [api] section and no `api` given, the HTTPS API is served while it runs.
+        With an [api] section and no `api` given, the HTTPS API is served while it runs,
+        and its /readyz checks the daemon's loops.
         """
-        if api is None and self.config.api is not None:
-            api = self.api_server()
-        return Daemon(
+        daemon = Daemon(
             self.config.daemon,
             StateLock(self.config.state.path, "run"),
             self._daemon_parts,
             api=api,
         )
+        if api is None and self.config.api is not None:
+            daemon.api = self.api_server(loops=daemon.loops)
+        return daemon
 
     def _daemon_parts(self, stopping: threading.Event) -> DaemonParts:
         cfg = self.config.daemon
@@ -562,6 +717,7 @@ def wrap_object_store(
     metrics: StoreMetrics | None = None,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    bucket: TokenBucket | None = None,
 ) -> ObjectStore:
     """The object store's cross-cutting concerns, stacked in one fixed order.
 
@@ -577,13 +733,14 @@ def wrap_object_store(
       and time S3 itself, not the limiter's pacing or the retry's pauses.
 
     An unlimited schedule adds no limiter; no `metrics`, no metrics layer.
-    `sleep` is the retry's pause (tests pass their own).
+    `sleep` is the retry's pause (tests pass their own); `bucket` the limiter's token
+    bucket (made from `bandwidth` when not given), so its waits can be measured.
     """
     wrapped = store
     if metrics is not None:
         wrapped = MeteredStore(wrapped, metrics)
     if not bandwidth.unlimited:
-        wrapped = BandwidthLimitedStore(wrapped, TokenBucket(bandwidth))
+        wrapped = BandwidthLimitedStore(wrapped, bucket or TokenBucket(bandwidth))
     return RetryingStore(wrapped, retry, sleep=sleep)
 
 

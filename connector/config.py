@@ -203,6 +203,10 @@ class ApiConfig(_Section):
     key_file: Path
     token_file: Path | None = None  # a file, or credential:NAME
     token_env: str | None = None
+    # Seconds /readyz keeps a probe's result (vCenter login, S3 HeadBucket, queue).
+    ready_cache_seconds: float = Field(default=10.0, gt=0, le=600)
+    # Seconds each readiness probe of vCenter or S3 may take.
+    ready_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
 
     @field_validator("listen")
     @classmethod

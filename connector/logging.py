@@ -44,6 +44,7 @@ LIBRARY_LOGGERS = (
     "sqlalchemy",
     "apscheduler",
     "huey",
+    "uvicorn",
 )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from connector.domain.backoff import backoff_delay
@@ -40,6 +40,8 @@ class RetryPolicy:
     attempts: int = DEFAULT_ATTEMPTS
     base_delay: float = DEFAULT_BASE_DELAY
     max_delay: float = DEFAULT_MAX_DELAY
+    # Told of every retry (the error that caused it): the API's retry metrics.
+    on_retry: Callable[[BaseException], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -85,6 +87,8 @@ class RetryPolicy:
         if attempt >= self.attempts:
             raise TransientError(f"{what} failed after {attempt} attempts: {exc}") from exc
         pause = self.delay(attempt)
+        if self.on_retry is not None:
+            self.on_retry(exc)
         log.info(
             "retry.again",
             what=scrub(what),

@@ -7,7 +7,6 @@ database (the daemon picks changes up within `[daemon] sync_interval`), and
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -17,28 +16,7 @@ from rich.markup import escape
 
 from connector.app import App
 from connector.cli.common import ConfigOpt, JsonOpt, err, id_table, out, run_with_app
-from connector.daemon.queue import RunQueue
-from connector.domain.jobs import (
-    AUTOMATIC,
-    JOB_DELETED,
-    JOB_DELETING,
-    LIVE_RUN_STATES,
-    ON_DEMAND,
-    RUN_PENDING,
-    SCHEDULED_STATES,
-    JobRow,
-    make_spec,
-    next_run_time,
-    on_demand_refusal,
-    on_resume,
-    parse_seed_time,
-    validate_description,
-    validate_frequency,
-    validate_retention,
-    validate_seed_time,
-)
-from connector.domain.records import RunRow, new_run_id
-from connector.domain.times import iso
+from connector.domain.jobs import LIVE_RUN_STATES, JobRow, validate_frequency
 from connector.errors import InvalidInputError
 
 jobs_app = typer.Typer(
@@ -68,76 +46,9 @@ RetentionOpt = Annotated[
 DescriptionOpt = Annotated[str | None, typer.Option("--description", "-d", help="Free text.")]
 
 
-def _now() -> dt.datetime:
-    """Now in UTC, to the second (seed times and quotas are compared with it)."""
-    return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
 def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]:
-    """A job as `jobs show --json` prints it: its row, its VM, its next run, and its runs.
-
-    A stored job with an invalid field has no next run and says why in `problem`
-    (the daemon does not schedule it)."""
-    server = a.state.server(job.server_id)
-    problem = job.problem
-    ran = a.jobs.count_runs(job.id, run_type=AUTOMATIC) > 0
-    nxt = (
-        next_run_time(
-            job.seed, job.frequency_hours, _now(), ran, a.config.daemon.schedule_unit_seconds
-        )
-        if problem is None and not job.paused and job.state in SCHEDULED_STATES
-        else None
-    )
-    doc: dict[str, Any] = asdict(job)
-    keep, source = a.retention.keep_for(job.server_id)
-    doc.update(
-        retention=keep,  # what the one retention rule keeps for this VM now
-        retention_from=source,  # "vm": its own setting; "default": [retention] keep
-        vm_name=server.name,
-        vm_uuid=server.vm_uuid,
-        run_once=job.run_once,
-        next_run=iso(nxt) if nxt else None,
-        problem=problem,
-        retention_pending=_retention_pending(job),
-    )
-    if with_runs:
-        doc["runs"] = _run_docs(a, a.jobs.runs_of(job.id))
-    return doc
-
-
-def _retention_pending(job: JobRow) -> dict[str, Any] | None:
-    """The retention a completed run owes and has not had applied yet, or None."""
-    if job.retention_due is None:
-        return None
-    return {
-        "state": "failed" if job.retention_attempts else "pending",
-        "since": job.retention_due,
-        "attempts": job.retention_attempts,
-        "next_try": job.retention_next_at,
-        "error": job.retention_error,
-    }
-
-
-def _run_docs(a: App, rows: list[RunRow]) -> list[dict[str, Any]]:
-    """Runs as JSON documents, with the job and the progress the ledger holds of each."""
-    controls = a.ledger.controls([r.id for r in rows])
-    docs = []
-    for r in rows:
-        doc = asdict(r)
-        ctl = controls.get(r.id)
-        doc["job_id"] = ctl.job_id if ctl else None
-        doc["progress"] = (
-            {
-                "done": ctl.progress_done,
-                "total": ctl.progress_total,
-                "detail": ctl.detail,
-                "attempts": ctl.attempts,
-            }
-            if ctl
-            else None
-        )
-        docs.append(doc)
-    return docs
+    """A job as `jobs show --json` prints it (the API returns the same document)."""
+    return a.job_actions.document(job, with_runs)
 
 
 def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
@@ -198,11 +109,14 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
         _warn_problems([doc])
         return
     every = "once" if doc["run_once"] else f"every {doc['frequency_hours']} h"
+    quota = doc["on_demand"]
     out.print(
         f"job {doc['id']}: VM {doc['vm_name']} ({doc['vm_uuid']})\n"
         f"  state {doc['state']}{' (paused)' if doc['paused'] else ''}; {every} from "
         f"{doc['seed_time']}; next run {doc['next_run'] or '-'}; "
         f"keeps {doc['retention'] or 'all'} runs\n"
+        f"  on-demand runs: {quota['left']} of {quota['quota']} left in the last 24 h "
+        "(\\[daemon] on_demand_quota_per_24h)\n"
         f"  {doc['description']}\n  {doc['message']}",
         highlight=False,
     )
@@ -261,18 +175,13 @@ def jobs_create(
     """Create a replication job for a VM."""
 
     def go(a: App) -> None:
-        now = _now()
-        server = a.servers.resolve(vm)
-        spec = make_spec(
-            parse_seed_time(seed or "now", now),
-            _frequency(frequency, run_once),
-            a.retention.keep_for(server.id)[0] if retention is None else retention,
-            description or "",
-            now=now,
+        job = a.job_actions.create(
+            vm,
+            frequency_hours=_frequency(frequency, run_once),
+            seed=seed,
+            retention=retention,
+            description=description,
         )
-        if retention is not None:
-            a.state.set_retention(server.id, spec.retention)
-        job = a.jobs.create(server.id, spec)
         if as_json:
             _print_job(a, job, as_json)
         else:
@@ -290,7 +199,7 @@ def jobs_list(
     """List replication jobs."""
     run_with_app(
         config,
-        lambda a: _print_jobs(a, a.jobs.all(include_deleted), as_json),
+        lambda a: _print_jobs(a, a.job_actions.all(include_deleted), as_json),
         state_from_store=True,
     )
 
@@ -298,7 +207,9 @@ def jobs_list(
 @jobs_app.command("show")
 def jobs_show(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show a job and its runs, with the stage and progress of a running one."""
-    run_with_app(config, lambda a: _print_job(a, a.jobs.find(job), as_json), state_from_store=True)
+    run_with_app(
+        config, lambda a: _print_job(a, a.job_actions.find(job), as_json), state_from_store=True
+    )
 
 
 @jobs_app.command("update")
@@ -315,26 +226,18 @@ def jobs_update(
     """Change a job's schedule, retention or description."""
 
     def go(a: App) -> None:
-        values: dict[str, Any] = {}
+        changes: dict[str, Any] = {}
         if run_once or frequency is not None:
-            values["frequency_hours"] = _frequency(frequency, run_once)
-        if seed is not None:
-            now = _now()
-            values["seed_time"] = iso(validate_seed_time(parse_seed_time(seed, now), now))
-        if retention is not None:
-            values["retention"] = validate_retention(retention)
-        if description is not None:
-            values["description"] = validate_description(description)
-        if not values:
+            changes["frequency_hours"] = _frequency(frequency, run_once)
+        if seed is None and retention is None and description is None and not changes:
             raise InvalidInputError(
                 "nothing to change: give --frequency/--run-once, --seed, --retention or "
                 "--description"
             )
-        row = a.jobs.find(job)
-        _refuse_deleted(row)
-        if retention is not None:
-            a.state.set_retention(row.server_id, values["retention"])
-        _print_job(a, a.jobs.update(row.id, **values), as_json)
+        row = a.job_actions.update(
+            job, seed=seed, retention=retention, description=description, **changes
+        )
+        _print_job(a, row, as_json)
 
     run_with_app(config, go, state_from_store=True)
 
@@ -344,29 +247,13 @@ def jobs_start(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
     """Start an on-demand run now (at most `on_demand_quota_per_24h` a day)."""
 
     def go(a: App) -> None:
-        row = a.jobs.find(job)
-        since = _now() - dt.timedelta(hours=24)
-        refusal = on_demand_refusal(
-            live_runs=len(a.jobs.live_runs(row.server_id)),
-            on_demand_last_24h=a.jobs.on_demand_since(row.id, since),
-            quota=a.config.daemon.on_demand_quota_per_24h,
-            job_state=row.state,
-        )
-        if refusal:
-            raise InvalidInputError(f"cannot start a run of job {row.id}: {refusal}")
-        run_id = new_run_id()
-        a.jobs.create_run(run_id, row, ON_DEMAND, RUN_PENDING)
-        queue = RunQueue(a.queue_path)
-        try:
-            queue.enqueue(run_id, 0)
-        finally:
-            queue.close()
+        started = a.job_actions.start(job)
         if as_json:
-            print(json.dumps({"run_id": run_id, "job_id": row.id, "state": RUN_PENDING}))
+            print(json.dumps(asdict(started)))
         else:
             out.print(
-                f"run {run_id} queued; `connector run` executes it. Follow it with "
-                f"`connector jobs show {row.id}`",
+                f"run {started.run_id} queued; `connector run` executes it. Follow it with "
+                f"`connector jobs show {started.job_id}`",
                 highlight=False,
             )
 
@@ -378,9 +265,7 @@ def jobs_pause(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
     """Stop scheduling runs of a job (a running run finishes)."""
 
     def go(a: App) -> None:
-        row = a.jobs.find(job)
-        _refuse_deleted(row)
-        _print_job(a, a.jobs.update(row.id, paused=True), as_json)
+        _print_job(a, a.job_actions.pause(job), as_json)
 
     run_with_app(config, go, state_from_store=True)
 
@@ -390,10 +275,7 @@ def jobs_resume(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     """Put a paused job (by `pause`, or PAUSED_ON_FAILURE) back on its schedule."""
 
     def go(a: App) -> None:
-        row = a.jobs.find(job)
-        status = on_resume(row.status, a.jobs.has_completed_run(row.id))
-        a.jobs.set_status(row.id, status)
-        _print_job(a, a.jobs.update(row.id, paused=False), as_json)
+        _print_job(a, a.job_actions.resume(job), as_json)
 
     run_with_app(config, go, state_from_store=True)
 
@@ -406,17 +288,6 @@ def jobs_delete(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     """
 
     def go(a: App) -> None:
-        row = a.jobs.find(job)
-        _refuse_deleted(row)
-        live = a.jobs.live_runs(row.server_id)
-        state = JOB_DELETING if live else JOB_DELETED
-        message = "deleting: waiting for the active run to stop" if live else "deleted"
-        _print_job(a, a.jobs.update(row.id, state=state, message=message), as_json)
+        _print_job(a, a.job_actions.delete(job), as_json)
 
     run_with_app(config, go, state_from_store=True)
-
-
-def _refuse_deleted(job: JobRow) -> None:
-    """Refuse to change a job that is deleted or being deleted."""
-    if job.state in (JOB_DELETING, JOB_DELETED):
-        raise InvalidInputError(f"job {job.id} is {job.state}; create a new job for the VM")

@@ -48,7 +48,7 @@ def health_cmd(config: ConfigOpt = None) -> None:
         if a.config.api is None:
             raise ConfigError("the API is not configured (no api section): nothing to check")
         try:
-            status = probe_health(a.config.api)
+            status = probe_health(a.config.api, a.config.api_token())
         except (OSError, ValueError) as exc:
             raise UnreachableError(
                 f"the API at {a.config.api.listen} does not answer: {exc}"

@@ -29,6 +29,7 @@ from connector.daemon.queue import RunQueue
 from connector.daemon.recovery import RecoveryReport
 from connector.daemon.runner import RunExecutor
 from connector.daemon.schedule import JobScheduler, JobSource
+from connector.errors import PermanentError
 from connector.logging import get_logger
 
 log = get_logger(__name__)
@@ -85,6 +86,33 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.stop_requested = threading.Event()
         self.stopping = threading.Event()
+        self._scheduler: JobScheduler | None = None
+        self._consumer: object | None = None
+        self._heartbeat: float | None = None  # the main loop's last tick (monotonic)
+        self._tick = 1.0
+
+    def loops(self) -> str:
+        """A readiness check: the scheduler, every worker thread and the main loop
+        are alive; raise with what is not."""
+        problems = []
+        if self._heartbeat is None:
+            problems.append("the daemon is starting (recovering unfinished runs)")
+        elif self.stop_requested.is_set():
+            problems.append("the daemon is stopping")
+        else:
+            if self._scheduler is None or not self._scheduler.running:
+                problems.append("the scheduler is not running")
+            if self._consumer is None or not _workers_alive(self._consumer):
+                problems.append("a queue worker thread died")
+            late = time.monotonic() - self._heartbeat
+            if late > max(10 * self._tick, HEALTH_CHECK_INTERVAL):
+                problems.append(f"the main loop last ran {late:.0f} s ago")
+        if problems:
+            raise PermanentError(
+                "; ".join(problems) + ": see the daemon's log (journalctl -u connector)"
+            )
+        workers = len(getattr(self._consumer, "worker_threads", []))
+        return f"scheduler, {workers} queue workers and the main loop alive"
 
     def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         if signum:
@@ -129,6 +157,8 @@ class Daemon:
                 first_after=cfg.sync_interval,
             )
             scheduler.start()
+            self._scheduler, self._consumer = scheduler, consumer
+            self._heartbeat = time.monotonic()
             if self.api is not None:
                 self.api.start()
             self.notifier.ready(f"running; recovery: {report.summary()}")
@@ -144,12 +174,14 @@ class Daemon:
     def _main_loop(self, consumer: object, scheduler: JobScheduler, parts: DaemonParts) -> None:
         interval = self.notifier.watchdog_interval
         tick = min(1.0, interval) if interval else 1.0
+        self._tick = tick
         next_check = time.monotonic() + HEALTH_CHECK_INTERVAL
         last_status = ""
         while True:
             # First at once: a stop that comes within the first tick still finds the
             # watchdog fed since READY=1.
             healthy = scheduler.running and _workers_alive(consumer)
+            self._heartbeat = time.monotonic()
             if healthy and interval:
                 self.notifier.watchdog()
             if self.stop_requested.wait(tick):

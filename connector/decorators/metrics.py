@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from connector.errors import ConnectorError
@@ -150,3 +150,36 @@ class MeteredStore:
             raise
         self.metrics.observe(operation, self._monotonic() - start, None)
         return result
+
+
+class ProcessMetrics(Collector):
+    """Retries and bandwidth waits of this process, for the API's /metrics.
+
+    `retried` is the retry policy's `on_retry` (every retry of an object-store
+    request or a disk read, by the class of the error that caused it); the
+    bandwidth wait is read at scrape time from `waited()` (seconds uploads spent
+    waiting for the limit; the token bucket's `waited`).
+    """
+
+    def __init__(self, waited: Callable[[], float] = lambda: 0.0) -> None:
+        self.registry = CollectorRegistry()
+        self.retries = Counter(
+            "connector_retries",
+            "Retries of requests to the object store and of disk reads, by error class",
+            ["error"],
+            registry=self.registry,
+        )
+        self.retries.labels("TransientError")
+        self.waited = waited
+
+    def retried(self, exc: BaseException) -> None:
+        self.retries.labels(error_class(exc)).inc()
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self.registry.collect()
+        wait = CounterMetricFamily(
+            "connector_bandwidth_wait_seconds",
+            "Seconds uploads waited for the bandwidth limit",
+        )
+        wait.add_metric([], self.waited())
+        yield wait

@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 
-from connector.adapters.state import StateStore
 from connector.audit import read_records
 from connector.daemon.api import ApiServer
 from connector.domain.model import DiskInfo, VmInfo
 from connector.errors import ConfigError
-from connector.secrets import Secret
 from connector.tls import client_context, server_context
 from tests.harness.ca import TestCA as CA
+from tests.harness.moto import free_port
 from tests.harness.testssl import run_testssl, weak_findings
 from tests.harness.tls_servers import TLSServer
 
@@ -34,11 +33,46 @@ pytestmark = pytest.mark.integration
 TOKEN = "api-token-" + "0123456789abcdef" * 2
 
 
+UNREACHABLE_CONFIG = """
+[vcenter]
+url = "https://127.0.0.1:9/sdk"
+user = "svc"
+password_file = "pw"
+
+[s3]
+bucket = "staging-bucket"
+region = "us-east-1"
+endpoint_url = "https://127.0.0.1:9"
+
+[state]
+path = "state/state.db"
+
+[api]
+listen = "127.0.0.1:{port}"
+cert_file = "{cert}"
+key_file = "{key}"
+token_file = "token"
+ready_timeout_seconds = 1
+ready_cache_seconds = 0.2
+"""
+
+
 @pytest.fixture(scope="module")
 def api(test_ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """The API of an app whose vCenter and S3 do not answer, with one VM in its catalog."""
+    from connector.app import App
+    from connector.config import load_config
+
     workdir = tmp_path_factory.mktemp("api")
-    state = StateStore.at_path(workdir / "state.db")
-    state.upsert_server(
+    cert = test_ca.issue("api-server")
+    (workdir / "token").write_text(TOKEN + "\n")
+    (workdir / "pw").write_text("unused-password")
+    cfg = workdir / "connector.toml"
+    cfg.write_text(
+        UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port())
+    )
+    app = App(load_config(cfg))
+    app.state.upsert_server(
         VmInfo(
             uuid="42000000-0000-0000-0000-000000000001",
             name="web-01",
@@ -57,15 +91,12 @@ def api(test_ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiSe
             ),
         )
     )
-    cert = test_ca.issue("api-server")
-    server = ApiServer(
-        "127.0.0.1", 0, server_context(cert.cert_file, cert.key_file), Secret(TOKEN), state
-    ).start()
+    server = app.api_server().start()
     try:
         yield server
     finally:
         server.stop()
-        state.close()
+        app.close()
 
 
 def request(
@@ -82,7 +113,7 @@ def request(
     try:
         conn.request(method, path, headers=headers)
         resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
         conn.close()
 
@@ -129,22 +160,30 @@ def test_old_protocols_and_cbc_ciphers_are_refused(api: ApiServer, test_ca: CA) 
 # ------------------------------------------------------------------------ tokens
 
 
-@pytest.mark.parametrize("path", ["/metrics", "/v1/runs", "/v1/servers", "/anything"])
-@pytest.mark.parametrize("token", [None, "", "wrong-token-0123456789abcdef", TOKEN[:-1]])
-def test_everything_but_health_needs_the_token(
+@pytest.mark.parametrize(
+    "path", ["/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/runs", "/v1/servers", "/x"]
+)
+@pytest.mark.parametrize(
+    "token", [None, "", "wrong-token-0123456789abcdef", TOKEN[:-1], TOKEN + "x", "Basic " + TOKEN]
+)
+def test_every_endpoint_needs_the_token(
     api: ApiServer, test_ca: CA, path: str, token: str | None
 ) -> None:
     status, headers, body = request(api, path, token=token, ca_file=test_ca.cert_file)
     assert status == 401
-    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert headers["www-authenticate"].startswith("Bearer")
+    assert "Authorization: Bearer" in json.loads(body)["error"]
     assert b"web-01" not in body
 
 
-def test_health_is_open_and_reveals_nothing(api: ApiServer, test_ca: CA) -> None:
-    status, headers, body = request(api, "/healthz", token=None, ca_file=test_ca.cert_file)
-    assert status == 200 and json.loads(body) == {"status": "ok"}
-    assert headers["Server"].strip() == "connector"
-    assert headers["Cache-Control"] == "no-store"
+def test_health_with_the_token_says_ok_and_the_version(api: ApiServer, test_ca: CA) -> None:
+    from connector import __version__
+
+    status, headers, body = request(api, "/healthz", ca_file=test_ca.cert_file)
+    assert status == 200 and json.loads(body) == {"status": "ok", "version": __version__}
+    assert headers["server"].strip() == "connector"
+    assert headers["cache-control"] == "no-store"
+    assert headers["strict-transport-security"].startswith("max-age=")
 
 
 def test_read_only_endpoints_with_the_token(api: ApiServer, test_ca: CA) -> None:
@@ -152,22 +191,124 @@ def test_read_only_endpoints_with_the_token(api: ApiServer, test_ca: CA) -> None
     assert status == 200
     servers = json.loads(body)
     assert [s["name"] for s in servers] == ["web-01"]
-    status, _, body = request(api, f"/v1/runs?server={servers[0]['id']}", ca_file=test_ca.cert_file)
+    server_id = servers[0]["id"]
+    status, _, body = request(api, f"/v1/servers/{server_id}", ca_file=test_ca.cert_file)
+    assert status == 200 and json.loads(body)["disks"][0]["key"] == 2000
+    status, _, body = request(api, f"/v1/runs?server={server_id}", ca_file=test_ca.cert_file)
     assert status == 200 and json.loads(body) == []
     status, headers, body = request(api, "/metrics", ca_file=test_ca.cert_file)
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
     text = body.decode()
     assert "connector_servers 1.0" in text
     assert 'connector_api_requests_total{path="/v1/servers",status="200"}' in text
-    assert request(api, "/v1/servers", method="POST", ca_file=test_ca.cert_file)[0] == 405
-    assert request(api, "/nope", ca_file=test_ca.cert_file)[0] == 404
+    assert "connector_retries_total" in text and "connector_bandwidth_wait_seconds_total" in text
+    assert "connector_queue_depth 0.0" in text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message"),
+    [
+        ("POST", "/v1/servers", 405, "does not take that method"),
+        ("GET", "/nope", 404, "/openapi.json"),
+        ("GET", "/v1/servers/s-none", 404, "no server"),
+        ("GET", "/v1/runs/r-none", 404, "no run"),
+        ("GET", "/v1/jobs/j-none", 404, "no job"),
+        ("GET", "/v1/runs?last=0", 422, "last"),
+        ("GET", "/v1/runs?state=SLEEPING", 422, "state: Input should be 'PENDING'"),
+        ("POST", "/v1/jobs/j-none/start", 404, "no job"),
+    ],
+)
+def test_bad_requests_get_a_json_error_that_says_what_to_do(
+    api: ApiServer, test_ca: CA, method: str, path: str, status: int, message: str
+) -> None:
+    got, headers, body = request(api, path, method=method, ca_file=test_ca.cert_file)
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    assert message in json.loads(body)["error"]
+
+
+def test_bad_job_bodies_are_refused_with_the_field_named(api: ApiServer, test_ca: CA) -> None:
+    cases = [
+        ({"vm": "web-01", "frequency_hours": 25}, 422, "frequency_hours"),
+        ({"vm": "web-01", "frequency_hours": 6, "colour": "red"}, 422, "colour"),
+        ({"vm": "web-01"}, 400, "give frequency_hours"),
+        ({"vm": "web-01", "frequency_hours": 6, "run_once": True}, 400, "not both"),
+        ({"vm": "web-01", "frequency_hours": 6, "seed_time": "yesterday"}, 400, "seed"),
+    ]
+    for doc, status, message in cases:
+        got, _, body = post(api, "/v1/jobs", doc, test_ca.cert_file)
+        assert got == status, (doc, body)
+        assert message in json.loads(body)["error"], body
+    got, _, body = post(api, "/v1/jobs", b"{not json", test_ca.cert_file)
+    assert got == 422 and "not valid" in json.loads(body)["error"]
+    huge = json.dumps({"vm": "web-01", "description": "x" * 100_000}).encode()
+    got, _, body = post(api, "/v1/jobs", huge, test_ca.cert_file)
+    assert got == 413 and "at most 64 KiB" in json.loads(body)["error"]
+
+
+def test_readiness_reports_each_unreachable_service(api: ApiServer, test_ca: CA) -> None:
+    status, _, body = request(api, "/readyz", ca_file=test_ca.cert_file)
+    doc = json.loads(body)
+    assert status == 503 and doc["ready"] is False
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert set(checks) == {"vcenter", "s3", "queue", "daemon"}
+    assert not checks["vcenter"]["ok"] and not checks["s3"]["ok"]
+    assert checks["queue"]["ok"]
+    assert "connector run" in checks["daemon"]["detail"]
+
+
+def test_the_console_is_served_without_the_token_and_holds_no_data(
+    api: ApiServer, test_ca: CA
+) -> None:
+    status, headers, _ = request(api, "/", token=None, ca_file=test_ca.cert_file)
+    assert status == 302 and headers["location"] == "/console/"
+    for path in ("/console/", "/console/console.js", "/console/console.css"):
+        status, headers, body = request(api, path, token=None, ca_file=test_ca.cert_file)
+        assert status == 200, path
+        assert b"web-01" not in body and TOKEN.encode() not in body
+        assert "default-src 'self'" in headers["content-security-policy"]
+    js = request(api, "/console/console.js", token=None, ca_file=test_ca.cert_file)[2].decode()
+    assert "sessionStorage" in js and "Authorization" in js
+    assert "localStorage" not in js and "innerHTML" not in js
+
+
+def post(
+    server: ApiServer, path: str, doc: Any, ca_file: Path, method: str = "POST"
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", server.port, context=client_context(ca_file), timeout=10
+    )
+    data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    try:
+        conn.request(
+            method,
+            path,
+            body=data,
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
 
 
 def test_short_tokens_are_refused(test_ca: CA, tmp_path: Path) -> None:
+    from connector.app import App
+    from connector.config import load_config
+
     cert = test_ca.issue("api-short")
-    ctx = server_context(cert.cert_file, cert.key_file)
-    with pytest.raises(ConfigError, match="too short"):
-        ApiServer("127.0.0.1", 0, ctx, Secret("short"), StateStore.at_path(tmp_path / "s.db"))
+    (tmp_path / "token").write_text("short\n")
+    (tmp_path / "pw").write_text("unused-password")
+    cfg = tmp_path / "connector.toml"
+    cfg.write_text(
+        UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port())
+    )
+    app = App(load_config(cfg))
+    try:
+        with pytest.raises(ConfigError, match="too short"):
+            app.api_server()
+    finally:
+        app.close()
 
 
 def test_missing_certificate_is_a_clear_error(tmp_path: Path) -> None:
@@ -186,7 +327,7 @@ def _wait_healthy(port: int, ca_file: Path, proc: subprocess.Popen[Any]) -> None
             conn = http.client.HTTPSConnection(
                 "127.0.0.1", port, context=client_context(ca_file), timeout=2
             )
-            conn.request("GET", "/healthz")
+            conn.request("GET", "/healthz", headers={"Authorization": f"Bearer {TOKEN}"})
             if conn.getresponse().status == 200:
                 return
         except OSError:
@@ -312,7 +453,7 @@ token_file = "token"
         api.start()  # what Daemon.run does once it is ready
         try:
             assert config.api is not None
-            assert probe_health(config.api) == "ok"
+            assert probe_health(config.api, config.api_token()) == "ok"
         finally:
             api.stop()
     finally:
@@ -355,6 +496,9 @@ attempts = 3
 base_delay = 0.01
 max_delay = 0.02
 
+[daemon]
+bandwidth_limit = 4096
+
 [api]
 listen = "127.0.0.1:{free_port()}"
 cert_file = "{cert.cert_file}"
@@ -371,6 +515,7 @@ token_file = "token"
         with pytest.raises(NotFoundError):
             store.get("metrics-test/absent")
         assert list(store.list("metrics-test/")) == ["metrics-test/a"]
+        store.put("metrics-test/b", bytes(8192))  # twice the limit a second: it waits
         with app.api_server() as api:
             status, _, body = request(api, "/metrics", ca_file=test_ca.cert_file)
     finally:
@@ -378,15 +523,44 @@ token_file = "token"
     assert status == 200
     text = body.decode()
     ops = "connector_object_store_operations_total"
-    assert f'{ops}{{operation="put",outcome="ok"}} 1.0' in text
+    assert f'{ops}{{operation="put",outcome="ok"}} 2.0' in text
     assert f'{ops}{{operation="put",outcome="error"}} 1.0' in text
     assert f'{ops}{{operation="get",outcome="ok"}} 1.0' in text
     assert f'{ops}{{operation="list",outcome="ok"}} 1.0' in text
+    assert 'connector_retries_total{error="TransientError"} 1.0' in text
+    waited = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("connector_bandwidth_wait_seconds_total ")
+    ]
+    assert waited and waited[0] > 0.5, waited
     errors = "connector_object_store_errors_total"
     assert f'{errors}{{error="TransientError",operation="put"}} 1.0' in text
     assert f'{errors}{{error="NotFoundError",operation="get"}} 1.0' in text
-    assert 'connector_object_store_bytes_total{direction="sent"} 8.0' in text
+    assert 'connector_object_store_bytes_total{direction="sent"} 8200.0' in text
     assert 'connector_object_store_bytes_total{direction="received"} 3.0' in text
-    assert 'connector_object_store_latency_seconds_count{operation="put"} 2.0' in text
+    assert 'connector_object_store_latency_seconds_count{operation="put"} 3.0' in text
     # what /metrics showed before is still there
     assert "connector_servers 0.0" in text and "connector_api_requests_total" in text
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("ready_cache_seconds = 0", "api.ready_cache_seconds"),
+        ("ready_timeout_seconds = -1", "api.ready_timeout_seconds"),
+        ("ready_cache_seconds = 'soon'", "api.ready_cache_seconds"),
+    ],
+)
+def test_bad_readiness_settings_are_refused(
+    test_ca: CA, tmp_path: Path, setting: str, message: str
+) -> None:
+    from connector.config import load_config
+
+    cert = test_ca.issue("api-settings")
+    cfg = tmp_path / "connector.toml"
+    text = UNREACHABLE_CONFIG.format(cert=cert.cert_file, key=cert.key_file, port=free_port())
+    kept = [line for line in text.splitlines() if not line.startswith("ready_")]
+    cfg.write_text("\n".join(kept) + "\n" + setting + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
