@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from connector.app import App
 from connector.cli.common import (
@@ -24,6 +23,7 @@ from connector.cli.common import (
     human_size,
     id_table,
     out,
+    print_error,
     run_of,
     run_with_app,
 )
@@ -32,7 +32,7 @@ from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
 from connector.domain.ids import check_disk_key, check_run_id
 from connector.domain.jobs import LIVE_RUN_STATES, RUN_STATES
-from connector.errors import InvalidInputError
+from connector.errors import InvalidInputError, PermanentError
 from connector.pipeline.replicate import RunStopped
 from connector.pipeline.restore import check_target, restore_disk
 
@@ -91,11 +91,11 @@ def replicate(
 
 def _report_stop(exc: RunStopped, vm: str) -> None:
     """Say on stderr how the stopped run ended and what to do next."""
-    err.print(
-        f"[red]error:[/red] run {exc.run.id} {exc.run.state}: {escape(exc.run.error or exc.reason)}"
-        f"; replicate it again with `connector replicate {escape(vm)}`",
-        highlight=False,
-        soft_wrap=True,
+    print_error(
+        PermanentError(
+            f"run {exc.run.id} {exc.run.state}: {exc.run.error or exc.reason}"
+            f"; replicate it again with `connector replicate {vm}`"
+        )
     )
 
 
