@@ -63,9 +63,9 @@ def test_store_key_files_fail_with_what_to_do(tmp_path: Path) -> None:
     for path in (right, wrong):
         path.write_text(base64.b64encode(os.urandom(32)).decode())
     _master, wrapped = LocalKeyProvider(right).new_master(b"store")
-    with pytest.raises(PermanentError) as info:
+    with pytest.raises(PermanentError) as refused:
         LocalKeyProvider(wrong).unwrap(wrapped, b"store")
-    assert str(info.value) == (
+    assert str(refused.value) == (
         f"the key file {wrong} does not open this store (wrong key); use the key file the "
         "store was created with"
     )
