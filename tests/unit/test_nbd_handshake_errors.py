@@ -178,3 +178,81 @@ def test_a_server_without_tls_for_an_nbds_uri() -> None:
     assert message.startswith("the NBD server at ")
     assert "does not offer TLS" in message
     assert message.endswith("start it with TLS certificates or use a Unix socket")
+
+
+def handshake_with_structured_replies(c: socket.socket) -> None:
+    """Structured replies, base:allocation as context 1, and a 1 MiB export."""
+    c.sendall(GREETING)
+    recv_exact(c, 4)
+    reply(c, read_option(c), nbd.REP_ACK)
+    option = read_option(c)
+    reply(c, option, nbd.REP_META_CONTEXT, struct.pack(">I", 1) + b"base:allocation")
+    reply(c, option, nbd.REP_ACK)
+    option = read_option(c)
+    reply(c, option, nbd.REP_INFO, struct.pack(">HQH", nbd.INFO_EXPORT, 1 << 20, 1))
+    reply(c, option, nbd.REP_ACK)
+
+
+def chunk(handle: int, rtype: int, payload: bytes, flags: int = nbd.REPLY_FLAG_DONE) -> bytes:
+    rest = struct.pack(">HHQI", flags, rtype, handle, len(payload))
+    return struct.pack(">I", nbd.STRUCTURED_REPLY_MAGIC) + rest + payload
+
+
+Reply = Callable[[int, int], bytes]  # (handle, offset) -> what the server sends
+
+REPLIES: list[tuple[int, Reply, str]] = [
+    (nbd.CMD_READ, lambda h, o: bytes(16), "sent a reply with a bad magic (0x0)"),
+    (
+        nbd.CMD_READ,
+        lambda h, o: chunk(h, nbd.REPLY_TYPE_OFFSET_DATA, b"abcd"),
+        "sent a malformed data chunk",
+    ),
+    (
+        nbd.CMD_READ,
+        lambda h, o: chunk(h, nbd.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", o + 4096) + bytes(16)),
+        "sent data outside the requested range",
+    ),
+    (
+        nbd.CMD_READ,
+        lambda h, o: chunk(h, nbd.REPLY_TYPE_OFFSET_HOLE, struct.pack(">QI", o, 8192)),
+        "sent a hole outside the requested range",
+    ),
+    (
+        nbd.CMD_BLOCK_STATUS,
+        lambda h, o: chunk(h, nbd.REPLY_TYPE_BLOCK_STATUS, bytes(8)),
+        "sent a malformed block status chunk",
+    ),
+    (
+        nbd.CMD_READ,
+        lambda h, o: chunk(h, nbd.REPLY_TYPE_ERROR, bytes(4)),
+        "sent a malformed error chunk",
+    ),
+    (nbd.CMD_READ, lambda h, o: chunk(h, 77, b""), "sent an unknown reply chunk type 77"),
+    (nbd.CMD_READ, lambda h, o: chunk(h + 1, 0, b""), "answered a request that was not sent"),
+    (
+        nbd.CMD_BLOCK_STATUS,
+        lambda h, o: struct.pack(">IIQ", nbd.SIMPLE_REPLY_MAGIC, 0, h),
+        "answered block status without a chunk",
+    ),
+]
+
+
+@pytest.mark.parametrize(("command", "answer", "message"), REPLIES)
+def test_replies_that_break_the_protocol_name_the_server(
+    serve: Callable[[Script], str], command: int, answer: Reply, message: str
+) -> None:
+    def script(c: socket.socket) -> None:
+        handshake_with_structured_replies(c)
+        _magic, _flags, _cmd, handle, offset, _length = struct.unpack(">IHHQQI", recv_exact(c, 28))
+        c.sendall(answer(handle, offset))
+
+    uri = serve(script)
+    conn = NbdConnection.open(parse_nbd_uri(uri), timeout=10)
+    try:
+        buf = bytearray(4096) if command == nbd.CMD_READ else None
+        handle = conn.submit(command, 0, 4096, buf)
+        with pytest.raises(ConnectorError) as info:
+            conn.wait(handle)
+    finally:
+        conn.close()
+    assert str(info.value) == f"{parse_nbd_uri(uri)} {message}"
