@@ -182,3 +182,33 @@ def test_job_commands_refuse_what_they_cannot_do(env: ConnectorEnv, vcsim: Any) 
         "pause",
         job["id"],
     )
+
+
+def test_names_that_match_several_vms_or_jobs_ask_for_the_id(env: ConnectorEnv, vcsim: Any) -> None:
+    name = "refusals-twins"
+    first = vcsim.add_vm(name, [4 * MiB])
+    second = vcsim.add_vm(name, [4 * MiB])
+    assert env.cli("vms").returncode == 0
+    refused(
+        env,
+        2,
+        f"2 VMs are named {name!r} ({', '.join(sorted([first, second]))}); use the instance UUID",
+        "restore",
+        name,
+        "--run",
+        "latest",
+        "--disk",
+        "2000",
+        "--to",
+        str(env.workdir / "z.img"),
+    )
+    jobs = [env.cli_json("jobs", "create", uuid, "--frequency", "12") for uuid in (first, second)]
+    proc = env.cli("jobs", "show", name)
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: 2 jobs match {name!r} (") and line.endswith("); use the job id")
+    assert all(j["id"] in line for j in jobs)
+
+
+def test_health_without_an_api_section_says_there_is_nothing_to_check(env: ConnectorEnv) -> None:
+    refused(env, 2, "the API is not configured (no api section): nothing to check", "health")
