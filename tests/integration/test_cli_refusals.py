@@ -212,3 +212,52 @@ def test_names_that_match_several_vms_or_jobs_ask_for_the_id(env: ConnectorEnv, 
 
 def test_health_without_an_api_section_says_there_is_nothing_to_check(env: ConnectorEnv) -> None:
     refused(env, 2, "the API is not configured (no api section): nothing to check", "health")
+
+
+def test_the_api_command_without_an_api_section_says_what_to_add(env: ConnectorEnv) -> None:
+    refused(
+        env,
+        2,
+        "the API is not configured: add an [api] section with listen, cert_file, "
+        "key_file and token_file (see docs/security.md)",
+        "api",
+    )
+
+
+def test_a_lost_store_key_is_never_replaced_by_a_new_one(
+    env: ConnectorEnv, vcsim: Any, moto: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    name = "refusals-key"
+    uuid = vcsim.add_vm(name, [4 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    write_blocks(vcsim, uuid, key, {0: random.Random(6).randbytes(MiB)})
+    assert env.cli("replicate", name).returncode == 0
+    key_file = env.workdir / "state" / "store.key"
+    key_file.rename(env.workdir / "store.key.bak")
+    refused(
+        env,
+        2,
+        f"the store key file {key_file} is missing but the bucket already holds a "
+        "replica store; restore the key file from your backup",
+        "replicate",
+        name,
+    )
+    assert not key_file.exists()
+    # a store key given as a systemd credential that the unit does not load
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    other = write_config(
+        tmp_path / "other",
+        vcsim,
+        moto,
+        s3_bucket,
+        prefix="credential-store",
+        extra='[store]\nkey_file = "credential:store-key"\n',
+    )
+    proc = other.cli("replicate", name, env={"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        "error: the store key credential store-key is missing from $CREDENTIALS_DIRECTORY; "
+        "create the key file (32 random bytes, base64) and load it with LoadCredential="
+        in (" ".join(proc.stderr.split()))
+    ), proc.stderr
