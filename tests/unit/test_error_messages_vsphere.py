@@ -37,7 +37,7 @@ def test_a_task_that_fails_without_a_fault_or_never_ends_is_named() -> None:
 
 
 def test_a_missing_privilege_is_named() -> None:
-    fault = vim.fault.NoPermission(privilegeId="VirtualMachine.State.CreateSnapshot")
+    fault = vim.fault.NoPermission(privilegeId="VirtualMachine.State.CreateSnapshot")  # type: ignore[no-untyped-call]
     fault.msg = "Permission to perform this operation was denied."
     error = fault_error(fault, "create snapshot of web-01")
     assert isinstance(error, PermanentError)
