@@ -261,3 +261,9 @@ def test_a_lost_store_key_is_never_replaced_by_a_new_one(
         "create the key file (32 random bytes, base64) and load it with LoadCredential="
         in (" ".join(proc.stderr.split()))
     ), proc.stderr
+
+
+def test_check_only_with_an_unknown_name_lists_the_known_checks(env: ConnectorEnv) -> None:
+    proc = env.cli("check", "--only", "no-such-check")
+    assert proc.returncode == 2, proc.stderr
+    assert "error: unknown check(s): no-such-check; known: " in proc.stderr
