@@ -86,3 +86,11 @@ def test_local_object_store_errors_say_what_to_do() -> None:
     denied = _map_os_error(OSError(errno.EACCES, "Permission denied"), "writing packs/ab")
     assert str(denied).startswith("writing packs/ab: permission denied (")
     assert str(denied).endswith("); check the directory's owner")
+
+
+def test_a_sealed_object_cut_shorter_than_its_nonce_fails_authentication() -> None:
+    keys = StoreKeys(os.urandom(32))
+    for cut in (b"", b"short", bytes(NONCE_SIZE + 15)):
+        with pytest.raises(IntegrityError) as info:
+            keys.open(cut, b"aad", "pack ab header")
+        assert str(info.value) == "pack ab header failed authentication (damaged or altered)"

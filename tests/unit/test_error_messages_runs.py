@@ -12,7 +12,7 @@ import pytest
 
 from connector.errors import IntegrityError, PermanentError, StoreFormatError
 from connector.fakes import FakeDiskSource
-from connector.pipeline.purge import purge
+from connector.pipeline.purge import apply_retention, purge
 from connector.pipeline.restore import restore_disk
 from tests.harness.pipeline import stage_context
 from tests.unit.fake_store import Env, MiB, make_env
@@ -66,3 +66,22 @@ def test_a_run_without_a_recorded_snapshot_cannot_go_on(env: Env) -> None:
     with pytest.raises(PermanentError) as info:
         ctx.run_snapshot(run_id)
     assert str(info.value) == f"run {run_id} has no recorded snapshot; it cannot go on"
+
+
+def test_retention_deletes_nothing_when_a_kept_runs_manifest_is_damaged(env: Env) -> None:
+    uuid = env.hv.add_vm("retention", [4 * MiB])
+    env.write_blocks(uuid, {0: random.Random(1).randbytes(MiB)})
+    first = env.replicate(uuid)
+    env.write_blocks(uuid, {1: random.Random(2).randbytes(MiB)})
+    second = env.replicate(uuid)
+    (key,) = [k for k in env.objects.objects if f"/{second.id}/disk-" in k]
+    env.objects.objects[key] = b"cut"  # shorter than a nonce: a truncated object
+    before = set(env.objects.objects)
+    with pytest.raises(IntegrityError) as info:
+        apply_retention(env.repo(), env.state, first.server_id, 1)
+    assert str(info.value) == (
+        f"retention stopped, nothing was deleted: the manifest of run {second.id} disk 2000 "
+        f"cannot be read (manifest {key} failed authentication (damaged or altered)); run "
+        "`connector verify`"
+    )
+    assert set(env.objects.objects) == before
