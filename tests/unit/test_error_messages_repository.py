@@ -17,7 +17,9 @@ from connector.store.repository import (
     PACK_MAGIC,
     STORE_FORMAT,
     Repository,
+    ServerRecord,
     pack_key,
+    server_key,
 )
 
 
@@ -92,3 +94,15 @@ def test_a_block_whose_content_is_not_its_id_is_an_integrity_error(
     with pytest.raises(IntegrityError) as info:
         repo.open_block(ref, blob, "block 3 of run r-1 disk 2000")
     assert str(info.value) == "block 3 of run r-1 disk 2000 does not match its hash"
+
+
+def test_a_server_record_that_names_another_server_is_an_integrity_error(
+    provider: LocalKeyProvider,
+) -> None:
+    repo = Repository.open(MemoryObjectStore(), provider, create=True)
+    mine, other = "s-" + "1" * 16, "s-" + "2" * 16
+    record = ServerRecord(other, "4210-uuid", "db-01", "2026-12-01T00:00:00Z")
+    repo._put_sealed(server_key(mine), record.to_json())  # sealed, but under the wrong name
+    with pytest.raises(IntegrityError) as info:
+        repo.read_server(mine)
+    assert str(info.value) == f"server record servers/{mine} names server {other}"
