@@ -16,6 +16,7 @@ shrinks. A partial run
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -60,7 +61,8 @@ def known_gaps() -> set[str]:
     one template a line (lines from build/messages-unseen.txt, `#` comments)."""
     if not GAPS.exists():
         return set()
-    lines = (line.split(": ", 1)[-1].strip() for line in GAPS.read_text().splitlines())
+    prefix = re.compile(r"^docs/troubleshooting\.md:\d+: ")
+    lines = (prefix.sub("", line).strip() for line in GAPS.read_text().splitlines())
     return {catalog.normalize(t) for t in lines if t and not t.startswith("#")}
 
 

@@ -3,12 +3,14 @@ message the troubleshooting guide documents."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from connector.adapters.local import LocalDiskSpec, LocalFileReader, LocalHypervisor, LocalVmSpec
-from connector.errors import ConnectorError, NotFoundError, PermanentError
+from connector.adapters.nbdkit import NbdkitServer
+from connector.errors import ConnectorError, NotFoundError, PermanentError, TransientError
 from connector.retry import RetryPolicy
 
 UUID = "11111111-2222-3333-4444-555555555555"
@@ -79,3 +81,36 @@ def test_local_disks_that_cannot_be_found_or_opened(tmp_path: Path) -> None:
         retry=RetryPolicy(attempts=1),
     )
     assert snapshot_error(bad).startswith(f"disk 3: cannot open {afile / 'disk.img'}: ")
+
+
+def test_a_disk_file_that_shrinks_during_a_read_is_a_short_read(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    reader = LocalFileReader(image, description="disk 1 of kvm-01", retry=RetryPolicy())
+    try:
+        os.truncate(image, 4096)
+        with pytest.raises(PermanentError) as info:
+            reader.read(0, 8192)
+    finally:
+        reader.close()
+    assert str(info.value) == (
+        "short read of disk 1 of kvm-01: 4096 of 8192 bytes at offset 0 (the file shrank?)"
+    )
+
+
+def test_nbdkit_that_is_missing_or_never_listens_is_named(tmp_path: Path) -> None:
+    missing = NbdkitServer(
+        lambda sock: [str(tmp_path / "no-nbdkit"), str(sock)], tmp_path / "run", what="disk 1"
+    )
+    with pytest.raises(PermanentError) as info:
+        missing.start()
+    assert str(info.value) == (
+        f"disk 1: {tmp_path / 'no-nbdkit'} is not installed (apt-get install nbdkit)"
+    )
+    silent = NbdkitServer(
+        lambda sock: ["sleep", "60"], tmp_path / "run", what="nbdkit for disk 1", start_timeout=1
+    )
+    with pytest.raises(TransientError) as slow:
+        silent.start()
+    assert str(slow.value) == "nbdkit for disk 1 did not accept connections within 1 s: no output"
+    assert silent.proc is None or silent.proc.poll() is not None  # stopped, not left behind
