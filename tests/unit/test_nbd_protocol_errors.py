@@ -1,5 +1,6 @@
-"""The NBD client's handshake against a scripted server on a Unix socket: each way a
-server can break the protocol gives the message the troubleshooting guide documents."""
+"""The NBD client against a scripted server on a Unix socket (handshake, replies, block
+status): each way a server can break the protocol gives the message the
+troubleshooting guide documents."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from connector.adapters import nbd
-from connector.adapters.nbd import NbdConnection, parse_nbd_uri
+from connector.adapters.nbd import NbdConnection, NbdReader, parse_nbd_uri
 from connector.errors import ConnectorError
+from connector.retry import RetryPolicy
 
 Script = Callable[[socket.socket], None]
 GREETING = struct.pack(">QQH", nbd.NBDMAGIC, nbd.IHAVEOPT, nbd.FLAG_FIXED_NEWSTYLE)
@@ -256,3 +258,51 @@ def test_replies_that_break_the_protocol_name_the_server(
     finally:
         conn.close()
     assert str(info.value) == f"{parse_nbd_uri(uri)} {message}"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (lambda h: chunk(h, nbd.REPLY_TYPE_NONE, b""), "answered block status with no extents"),
+        (
+            lambda h: chunk(h, nbd.REPLY_TYPE_BLOCK_STATUS, struct.pack(">III", 1, 0, 0)),
+            "answered block status with no progress",
+        ),
+    ],
+)
+def test_block_status_answers_without_extents_or_progress_are_refused(
+    serve: Callable[[Script], str], answer: Callable[[int], bytes], message: str
+) -> None:
+    def script(c: socket.socket) -> None:
+        handshake_with_structured_replies(c)
+        handle = struct.unpack(">IHHQQI", recv_exact(c, 28))[3]
+        c.sendall(answer(handle))
+
+    uri = serve(script)
+    reader = NbdReader(parse_nbd_uri(uri), description="disk 1", retry=RetryPolicy(attempts=1))
+    try:
+        with pytest.raises(ConnectorError) as info:
+            reader.allocated_extents()
+    finally:
+        reader.close()
+    assert str(info.value) == f"{parse_nbd_uri(uri)} {message}"
+
+
+def test_a_block_status_the_server_refuses_names_the_disk_and_offset(
+    serve: Callable[[Script], str],
+) -> None:
+    def script(c: socket.socket) -> None:
+        handshake_with_structured_replies(c)
+        handle = struct.unpack(">IHHQQI", recv_exact(c, 28))[3]
+        c.sendall(chunk(handle, nbd.REPLY_TYPE_ERROR, struct.pack(">IH", 1, 4) + b"nope"))
+
+    reader = NbdReader(
+        parse_nbd_uri(serve(script)), description="disk 1", retry=RetryPolicy(attempts=1)
+    )
+    try:
+        with pytest.raises(ConnectorError) as info:
+            reader.allocated_extents()
+    finally:
+        reader.close()
+    assert str(info.value).startswith("block status of disk 1 at offset 0 failed: the server ")
+    assert str(info.value).endswith(": nope")
