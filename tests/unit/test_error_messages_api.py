@@ -1,5 +1,6 @@
-"""Error paths of the API's certificate, address and health probe, of `check --only` and
-of NBD URIs, each with the message the troubleshooting guide documents."""
+"""Error paths of the API's certificate, address and health probe, of `check --only`, of
+NBD URIs and of VDDK's thumbprint, each with the message the troubleshooting guide
+documents."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from connector.adapters.nbd import parse_nbd_uri
+from connector.adapters.vddk import sha1_thumbprint
 from connector.check import run_checks
 from connector.config import ApiConfig
 from connector.daemon.api import ApiServer, probe_health
-from connector.errors import ConfigError
+from connector.errors import ConfigError, UnreachableError
 from connector.secrets import Secret
 
 
@@ -92,3 +94,12 @@ def test_malformed_nbd_uris_are_refused(uri: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_nbd_uri(uri)
     assert str(info.value) == message
+
+
+def test_a_host_that_cannot_be_reached_for_its_vddk_thumbprint_is_named() -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with pytest.raises(UnreachableError) as info:
+        sha1_thumbprint("127.0.0.1", port, ssl.create_default_context(), timeout=5)
+    assert str(info.value).startswith(f"cannot reach 127.0.0.1:{port} for its thumbprint: ")
