@@ -231,11 +231,11 @@ class OperationProgress:
             fields["eta"] = clock_time((item.total - item.done) / speed)
         log.info("progress", **fields)
 
-    def summary(self, text: str, nbytes: int) -> None:
-        """`TEXT HUMAN-BYTES in DURATION (RATE)` on the display's console, plain text."""
+    def summary(self, text: str, nbytes: int, after: str = "") -> None:
+        """`TEXT HUMAN-BYTES in DURATION (RATE)AFTER` on the display's console, plain text."""
         seconds = self.seconds
         self.console.print(
-            f"{text} {human_size(nbytes)} in {duration(seconds)} ({rate(nbytes, seconds)})",
+            f"{text} {human_size(nbytes)} in {duration(seconds)} ({rate(nbytes, seconds)})" + after,
             markup=False,
             highlight=False,
             soft_wrap=True,

@@ -66,8 +66,9 @@ def replicate(
                 raise typer.Exit(stop.exit_code) from None
         stored = sum(d.bytes_uploaded for d in run.disks)
         display.summary(
-            f"replicated {len(run.disks)} disks of {vm} ({human_size(stored)} stored): read",
+            f"replicated {vm} ({len(run.disks)} disk{'' if len(run.disks) == 1 else 's'}): read",
             sum(d.bytes_read for d in run.disks),
+            f"; stored {human_size(stored)}",
         )
         if stop.received is not None:
             err.print(

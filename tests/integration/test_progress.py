@@ -81,8 +81,8 @@ def test_replicate_on_a_terminal_shows_bytes_rate_eta_per_disk_and_a_summary(
     summary = [line for line in final if line.startswith("replicated ")]
     assert len(summary) == 1, final
     assert re.fullmatch(
-        rf"replicated 2 disks of {name} \(6\.0 MiB stored\): read 6\.0 MiB "
-        rf"in \d+\.\d s \({SIZE}/s\)",
+        rf"replicated {name} \(2 disks\): read 6\.0 MiB in \d+\.\d s \({SIZE}/s\); "
+        r"stored 6\.0 MiB",
         summary[0],
     ), summary
     assert any(re.match(r"run r-\S+ COMPLETED$", line) for line in final)
@@ -163,8 +163,8 @@ def test_without_a_terminal_progress_is_plain_log_lines_and_a_summary(
         done = [line for line in lines if re.search(rf"\] progress .*task='disk {key}'", line)]
         assert done and "done='3.0 MiB'" in done[-1] and "took=" in done[-1], lines
     assert re.search(
-        rf"^replicated 2 disks of {name} \(6\.0 MiB stored\): read 6\.0 MiB in \d+\.\d s "
-        rf"\({SIZE}/s\)$",
+        rf"^replicated {name} \(2 disks\): read 6\.0 MiB in \d+\.\d s \({SIZE}/s\); "
+        r"stored 6\.0 MiB$",
         proc.stderr,
         re.M,
     ), proc.stderr

@@ -54,8 +54,10 @@ def test_off_a_terminal_a_task_logs_a_line_per_interval_and_at_its_end() -> None
     assert logs[1]["total"] == "8.0 MiB" and logs[1]["rate"] == "409.6 KiB/s"
     assert logs[1]["eta"] == "0:00:10"  # 4 MiB left at 0.4 MiB/s
     assert logs[2]["took"] == "12.0 s" and "eta" not in logs[2]
-    display.summary("replicated 1 disks: read", 8 << 20)
-    assert out.getvalue() == "replicated 1 disks: read 8.0 MiB in 12.0 s (682.7 KiB/s)\n"
+    display.summary("replicated web-01 (1 disk): read", 8 << 20, "; stored 2.0 MiB")
+    assert out.getvalue() == (
+        "replicated web-01 (1 disk): read 8.0 MiB in 12.0 s (682.7 KiB/s); stored 2.0 MiB\n"
+    )
     assert display.bytes_done == 8 << 20
 
 
