@@ -49,6 +49,11 @@ def duration(seconds: float) -> str:
     return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 run`, `2 runs`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def rate(n: int, seconds: float) -> str:
     """A throughput: `12.5 MiB/s` (bytes per second in binary units)."""
     return f"{human_size(int(n / seconds)) if seconds > 0 else human_size(0)}/s"

@@ -27,7 +27,7 @@ from connector.cli.common import (
     run_of,
     run_with_app,
 )
-from connector.cli.progress import OperationProgress
+from connector.cli.progress import OperationProgress, counted
 from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
 from connector.domain.ids import check_disk_key, check_run_id
@@ -66,7 +66,7 @@ def replicate(
                 raise typer.Exit(stop.exit_code) from None
         stored = sum(d.bytes_uploaded for d in run.disks)
         display.summary(
-            f"replicated {vm} ({len(run.disks)} disk{'' if len(run.disks) == 1 else 's'}): read",
+            f"replicated {vm} ({counted(len(run.disks), 'disk')}): read",
             sum(d.bytes_read for d in run.disks),
             f"; stored {human_size(stored)}",
         )

@@ -21,7 +21,7 @@ from connector.cli.common import (
     run_of,
     run_with_app,
 )
-from connector.cli.progress import OperationProgress
+from connector.cli.progress import OperationProgress, counted
 from connector.domain.ids import check_keep, check_run_id
 from connector.errors import ConnectorError, InvalidInputError, PermanentError
 from connector.pipeline.purge import (
@@ -76,7 +76,8 @@ def verify(
                 progress=display.task("verify", "verify" + (" --deep" if deep else "")),
             )
         display.summary(
-            f"{'deep ' if deep else ''}verified {report.runs} runs: read", report.bytes_read
+            f"{'deep ' if deep else ''}verified {counted(report.runs, 'run')}: read",
+            report.bytes_read,
         )
         names = {s.id: s.name for s in a.state.servers()}
         if as_json:
@@ -277,7 +278,8 @@ def purge(
                 results, gc = report.retention, report.gc
             results = dropped + results
         display.summary(
-            f"purge: {'would delete' if dry_run else 'deleted'} {len(gc.deleted)} packs,",
+            f"purge: {'would delete' if dry_run else 'deleted'} "
+            f"{counted(len(gc.deleted), 'pack')},",
             gc.bytes_freed,
         )
         names = {s.id: s.name for s in a.state.servers()}

@@ -172,4 +172,4 @@ def test_without_a_terminal_progress_is_plain_log_lines_and_a_summary(
     proc = env.cli("verify", name)
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stderr + proc.stdout and BAR not in proc.stderr
-    assert re.search(r"^verified 1 runs: read ", proc.stderr, re.M), proc.stderr
+    assert re.search(r"^verified 1 run: read ", proc.stderr, re.M), proc.stderr

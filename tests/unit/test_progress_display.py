@@ -11,7 +11,14 @@ from rich.console import Console
 from structlog.testing import capture_logs
 
 from connector import logging as connector_logging
-from connector.cli.progress import PLAIN_INTERVAL, OperationProgress, clock_time, duration, rate
+from connector.cli.progress import (
+    PLAIN_INTERVAL,
+    OperationProgress,
+    clock_time,
+    counted,
+    duration,
+    rate,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +81,8 @@ def test_durations_rates_and_etas_read_as_people_read_them() -> None:
     assert rate(3 << 20, 2.0) == "1.5 MiB/s"
     assert rate(100, 0.0) == "0 B/s"
     assert clock_time(3725) == "1:02:05"
+    assert (counted(1, "run"), counted(2, "run"), counted(0, "pack")) == (
+        "1 run",
+        "2 runs",
+        "0 packs",
+    )
