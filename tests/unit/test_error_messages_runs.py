@@ -10,8 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from connector.domain.jobs import ON_DEMAND
+from connector.domain.records import new_run_id
 from connector.errors import IntegrityError, PermanentError, StoreFormatError
 from connector.fakes import FakeDiskSource
+from connector.pipeline import cleanup, commit, snapshot, validate
+from connector.pipeline.context import RunRef
 from connector.pipeline.purge import apply_retention, purge
 from connector.pipeline.restore import restore_disk
 from tests.harness.pipeline import stage_context
@@ -85,3 +89,23 @@ def test_retention_deletes_nothing_when_a_kept_runs_manifest_is_damaged(env: Env
         "`connector verify`"
     )
     assert set(env.objects.objects) == before
+
+
+def test_a_run_that_reaches_commit_without_a_disks_manifest_is_not_committed(env: Env) -> None:
+    uuid = env.hv.add_vm("commit", [4 * MiB])
+    ctx = dataclasses.replace(env.rep.ctx, _repo=None)
+    vm = ctx.hv.get_vm(uuid)
+    server = ctx.catalog.upsert_server(vm)
+    run_id = new_run_id()
+    ctx.runs.create_run(run_id, server.id, ON_DEMAND)
+    ref = RunRef(run_id, server.id, vm.uuid)
+    validate.run(ctx, ref)
+    snapshot.run(ctx, ref)  # and no transfer: no disk has its manifest
+    try:
+        with pytest.raises(PermanentError) as info:
+            commit.run(ctx, ref)
+    finally:
+        cleanup.run(ctx, ref)
+    assert str(info.value) == (f"run {run_id} reached commit without the manifests of disks [2000]")
+    assert not ctx.committed(run_id)
+    assert ctx.hv.get_vm(uuid).snapshots == ()
