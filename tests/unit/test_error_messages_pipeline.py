@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from connector.domain.model import DiskInfo, VmInfo
-from connector.errors import InvalidInputError, UnsupportedSourceError
+from connector.adapters.vddk import VddkParams, VddkSource
+from connector.domain.model import DiskInfo, SnapshotInfo, VmInfo
+from connector.errors import InvalidInputError, NotFoundError, UnsupportedSourceError
 from connector.pipeline.restore import _open_device, check_target
 from connector.pipeline.validate import check_vm
+from connector.retry import RetryPolicy
 
 
 def vm_with(disk: DiskInfo) -> VmInfo:
@@ -60,3 +62,25 @@ def test_a_device_that_cannot_be_opened_for_writing_is_refused(tmp_path: Path) -
     with pytest.raises(InvalidInputError) as info:
         _open_device(gone, 1 << 20)
     assert str(info.value).startswith(f"cannot open the block device {gone} for writing: ")
+
+
+def test_vddk_refuses_a_disk_its_snapshot_lacks_or_does_not_cover(tmp_path: Path) -> None:
+    def no_params() -> VddkParams:
+        raise AssertionError("nothing may start for a refused disk")
+
+    source = VddkSource(no_params, tmp_path / "pw", tmp_path / "run", retry=RetryPolicy())
+    vm = vm_with(disk())
+    empty = SnapshotInfo("snapshot-1", "connector-r-1", ())
+    with pytest.raises(NotFoundError) as missing:
+        source.open(vm, empty, disk())
+    assert str(missing.value) == (
+        "VM 'db-01' (4210-uuid): snapshot 'connector-r-1' has no disk 2001"
+    )
+    raw = SnapshotInfo("snapshot-1", "connector-r-1", (disk(rdm=True),))
+    with pytest.raises(UnsupportedSourceError) as uncovered:
+        source.open(vm, raw, disk())
+    assert str(uncovered.value) == (
+        "VM 'db-01' (4210-uuid), disk 2001: raw device mappings and independent disks are not "
+        "covered by snapshots"
+    )
+    assert source.servers == []
