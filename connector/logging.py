@@ -6,15 +6,23 @@ processor chain, whose last step before rendering is `redact`: values under
 secret-sounding keys, `Secret` objects, and the text of every registered
 secret (vCenter password, AWS secret key, store key, API token) are replaced
 by a placeholder wherever they appear, exception tracebacks included.
+
+Every line goes to the standard error of the moment, through `STDERR`: while a
+live progress display owns the terminal (`routed_through`), each line is printed
+through that display's rich console instead, which puts it above the bars
+rather than into the middle of one.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
-from typing import Any
+import threading
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any, Protocol, TextIO, cast
 
 import structlog
 
@@ -46,6 +54,65 @@ LIBRARY_LOGGERS = (
     "huey",
     "uvicorn",
 )
+
+
+class LineConsole(Protocol):
+    """What a live display offers to print a line above itself (a rich Console)."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None: ...
+
+
+class _Stderr(io.TextIOBase):
+    """A file-like standard error: whole lines, to a live display's console when one is
+    routed, else to `sys.stderr` as it is at the time of the write (pytest swaps it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._console: LineConsole | None = None
+        self._partial = threading.local()
+
+    def write(self, text: str) -> int:
+        console = self._console
+        if console is None:
+            return sys.stderr.write(text)
+        pending = getattr(self._partial, "text", "") + text
+        *lines, rest = pending.split("\n")
+        self._partial.text = rest
+        for line in lines:
+            with self._lock:
+                # markup=False: a log line is text; a `[retention]` in it stays as it is.
+                console.print(line, markup=False, highlight=False, soft_wrap=True, emoji=False)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._console is None:
+            sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+    @contextmanager
+    def routed_through(self, console: LineConsole) -> Iterator[None]:
+        """Print every log line through `console` until the block ends."""
+        previous = self._console
+        self._console = console
+        try:
+            yield
+        finally:
+            rest = getattr(self._partial, "text", "")
+            self._partial.text = ""
+            self._console = previous
+            if rest:
+                self.write(rest + "\n")
+
+
+STDERR = _Stderr()
+
+
+def routed_through(console: LineConsole) -> Any:
+    """While the block runs, log lines go through `console` (a live display's)."""
+    return STDERR.routed_through(console)
 
 
 def register_secret(secret: Secret) -> None:
@@ -139,7 +206,7 @@ def configure(level: str = "info", json: bool = False, library_level: str = "war
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_level(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, STDERR)),
         cache_logger_on_first_use=False,
     )
 
@@ -152,7 +219,7 @@ def configure(level: str = "info", json: bool = False, library_level: str = "war
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(STDERR)
     handler.setFormatter(formatter)
     handler.set_name("connector")
     root = logging.getLogger()
@@ -179,7 +246,9 @@ def get_logger(name: str) -> Any:
 
 
 def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
-    return structlog.PrintLogger(sys.stderr)  # the stream of the moment, not of import time
+    return structlog.PrintLogger(
+        cast(TextIO, STDERR)
+    )  # the stream of the moment, not of import time
 
 
 def _default() -> None:

@@ -950,6 +950,12 @@ def _map_error(
                 f"{kms_key_id or '(bucket default)'} ({detail}); check that it exists, is "
                 "enabled, and that the key policy lets these credentials use it"
             )
+        # S3 answers a skewed clock with 403: before the credentials' check
+        if code == "RequestTimeTooSkewed":
+            return PermanentError(
+                f"S3 refused {operation} of {where} ({detail}): this machine's clock is wrong; "
+                "enable time synchronisation (NTP)"
+            )
         if code in _AUTH_CODES or status == 403:
             return AuthenticationError(
                 f"S3 refused {operation} of {where} ({detail}); check the access key id and "
@@ -959,11 +965,6 @@ def _map_error(
             return PermanentError(
                 f"S3 {operation} of {where} failed ({detail}); the bucket is in another region "
                 "than the one configured: check the region setting"
-            )
-        if code == "RequestTimeTooSkewed":
-            return PermanentError(
-                f"S3 refused {operation} of {where} ({detail}): this machine's clock is wrong; "
-                "enable time synchronisation (NTP)"
             )
         return PermanentError(f"S3 {operation} of {where} failed ({detail})")
 

@@ -31,7 +31,8 @@ from connector.cli import (
     store,
     support,
 )
-from connector.cli.common import ConfigOpt, err, out
+from connector.cli.common import ConfigOpt, err, out, print_error
+from connector.errors import InvalidInputError
 
 app = typer.Typer(
     rich_markup_mode="markdown",
@@ -103,9 +104,8 @@ def main_options(
     if sub is None or command is None:
         return
     if as_json and not _takes_json(command):
-        err.print(
-            f"[red]error:[/red] `connector {sub}` has no --json option; run it without --json",
-            highlight=False,
+        print_error(
+            InvalidInputError(f"`connector {sub}` has no --json option; run it without --json")
         )
         raise typer.Exit(2)
     ctx.default_map = {sub: _defaults_for(command, given)}

@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from connector.app import App
-from connector.cli.common import ConfigOpt, JsonOpt, err, id_table, out, run_with_app
+from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, id_table, out, run_with_app
 from connector.domain.jobs import LIVE_RUN_STATES, JobRow, validate_frequency
 from connector.errors import InvalidInputError
 
@@ -135,7 +135,7 @@ def _print_job(a: App, job: JobRow, as_json: bool) -> None:
     )
     for r in doc["runs"]:
         p = r["progress"] or {}
-        progress = f"{p['done']}/{p['total']} blocks" if p.get("total") else ""
+        progress = f"{human_size(p['done'])}/{human_size(p['total'])}" if p.get("total") else ""
         if p.get("detail") and r["state"] in LIVE_RUN_STATES:
             progress = f"{progress} {p['detail']}".strip()
         t.add_row(

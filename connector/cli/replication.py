@@ -1,7 +1,8 @@
 """`connector replicate`, `runs` and `restore`: runs in the foreground, their history.
 
-`replicate` shows each stage and a progress bar per disk on stderr (through
-`RichReporter`), and its result on stdout.
+`replicate` and `restore` show their progress on stderr (`connector.cli.progress`:
+bars with bytes, rate and ETA per disk on a terminal, log lines elsewhere) and a
+summary with the duration and the throughput; their result goes to stdout.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from connector.app import App
 from connector.cli.common import (
@@ -24,36 +23,20 @@ from connector.cli.common import (
     human_size,
     id_table,
     out,
+    print_error,
     run_of,
     run_with_app,
 )
+from connector.cli.progress import OperationProgress, counted
 from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
 from connector.domain.ids import check_disk_key, check_run_id
 from connector.domain.jobs import LIVE_RUN_STATES, RUN_STATES
-from connector.errors import InvalidInputError
+from connector.errors import InvalidInputError, PermanentError
 from connector.pipeline.replicate import RunStopped
 from connector.pipeline.restore import check_target, restore_disk
 
 MAX_LAST = 10000
-
-
-class RichReporter:
-    """A replication's progress reporter: stage lines, and one progress bar per disk."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: dict[int, TaskID] = {}
-
-    def stage(self, run_id: str, stage: str, detail: str = "") -> None:
-        """Print the stage the run enters."""
-        self.progress.console.print(f"[bold]{stage}[/bold] {detail}", highlight=False)
-
-    def disk_progress(self, run_id: str, disk_key: int, done: int, total: int) -> None:
-        """Move the disk's bar (made at its first report) to `done` of `total` blocks."""
-        if disk_key not in self.tasks:
-            self.tasks[disk_key] = self.progress.add_task(f"disk {disk_key}", total=total)
-        self.progress.update(self.tasks[disk_key], completed=done, total=total)
 
 
 def replicate(
@@ -72,22 +55,21 @@ def replicate(
         server = a.servers.resolve(vm)
         with (
             StopOnSignals() as stop,
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total} blocks"),
-                TimeElapsedColumn(),
-                console=err,
-                disable=as_json,
-            ) as progress,
+            OperationProgress(err, plain=as_json) as display,
             StateLock(a.config.state.path, "replicate"),
         ):
-            replicator = a.replicator(RichReporter(progress), stop, lambda: stop.reason)
+            replicator = a.replicator(display.reporter(), stop, lambda: stop.reason)
             try:
                 run = replicator.replicate(server.vm_uuid)
             except RunStopped as exc:
                 _report_stop(exc, vm)
                 raise typer.Exit(stop.exit_code) from None
+        stored = sum(d.bytes_uploaded for d in run.disks)
+        display.summary(
+            f"replicated {vm} ({counted(len(run.disks), 'disk')}): read",
+            sum(d.bytes_read for d in run.disks),
+            f"; stored {human_size(stored)}",
+        )
         if stop.received is not None:
             err.print(
                 f"note: {stop.received.name} came after the run was committed; it completed",
@@ -110,11 +92,11 @@ def replicate(
 
 def _report_stop(exc: RunStopped, vm: str) -> None:
     """Say on stderr how the stopped run ended and what to do next."""
-    err.print(
-        f"[red]error:[/red] run {exc.run.id} {exc.run.state}: {escape(exc.run.error or exc.reason)}"
-        f"; replicate it again with `connector replicate {escape(vm)}`",
-        highlight=False,
-        soft_wrap=True,
+    print_error(
+        PermanentError(
+            f"run {exc.run.id} {exc.run.state}: {exc.run.error or exc.reason}"
+            f"; replicate it again with `connector replicate {vm}`"
+        )
     )
 
 
@@ -230,20 +212,20 @@ def restore(
             a.audited(
                 "restore", f"vm {server.vm_uuid}", run=run_id, disk=disk, target=str(target)
             ) as rec,
-            Progress(console=err, disable=as_json) as progress,
+            OperationProgress(err, plain=as_json) as display,
         ):
             repo = a.repository()
-            task = progress.add_task(f"restore disk {disk}", total=None)
             res = restore_disk(
                 repo,
                 server.id,
                 run_id,
                 disk,
                 target,
-                lambda done, total: progress.update(task, completed=done, total=total),
+                display.task(disk, f"restore disk {disk}"),
                 device=device,
             )
             rec["sha256"] = res.sha256
+        display.summary(f"restored disk {disk} of {vm}: wrote", display.bytes_done)
         result = {"path": str(res.path), "size": res.size, "sha256": res.sha256, "run": run_id}
         if as_json:
             print(json.dumps(result))

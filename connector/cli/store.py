@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import Progress
 
 from connector.app import App
 from connector.cli.common import (
@@ -22,6 +21,7 @@ from connector.cli.common import (
     run_of,
     run_with_app,
 )
+from connector.cli.progress import OperationProgress, counted
 from connector.domain.ids import check_keep, check_run_id
 from connector.errors import ConnectorError, InvalidInputError, PermanentError
 from connector.pipeline.purge import (
@@ -68,14 +68,17 @@ def verify(
             targets = {_server_of_run(a, repo.scan_runs(), run): [run]}
         elif vm is None:
             targets = dict.fromkeys(repo.scan_runs(), None)
-        with Progress(console=err, disable=as_json) as progress:
-            task = progress.add_task("verify" + (" --deep" if deep else ""), total=None)
+        with OperationProgress(err, plain=as_json) as display:
             report = verify_store(
                 repo,
                 targets,
                 deep=deep,
-                progress=lambda done, total: progress.update(task, completed=done, total=total),
+                progress=display.task("verify", "verify" + (" --deep" if deep else "")),
             )
+        display.summary(
+            f"{'deep ' if deep else ''}verified {counted(report.runs, 'run')}: read",
+            report.bytes_read,
+        )
         names = {s.id: s.name for s in a.state.servers()}
         if as_json:
             doc = asdict(report)
@@ -248,7 +251,8 @@ def purge(
                 "(or --dry-run to see what would go)"
             )
         repo = a.repository()
-        with a.retention.guard():
+        with a.retention.guard(), OperationProgress(err, plain=as_json) as display:
+            progress = display.task("purge", "delete packs")
             dropped: list[RetentionResult] = []
             if drop is not None:
                 server_id = _server_of_run(a, repo.scan_runs(), drop)
@@ -258,7 +262,9 @@ def purge(
                 server = a.servers.resolve(vm, refresh=False)
                 results = [remove_server(repo, a.state, server.id, dry_run=dry_run)]
                 exclude = {(server.id, r) for r in results[0].deleted}
-                gc = collect_garbage(repo, a.state, settings, exclude_runs=exclude)
+                gc = collect_garbage(
+                    repo, a.state, settings, exclude_runs=exclude, progress=progress
+                )
             else:
                 if vm is not None:
                     ids = {a.servers.resolve(vm, refresh=False).id}
@@ -269,9 +275,16 @@ def purge(
                 if keep is not None:
                     policies = dict.fromkeys(policies, keep)
                 exclude = {(r.server_id, run) for r in dropped for run in r.deleted}
-                report = purge_store(repo, a.state, policies, settings, exclude_runs=exclude)
+                report = purge_store(
+                    repo, a.state, policies, settings, exclude_runs=exclude, progress=progress
+                )
                 results, gc = report.retention, report.gc
             results = dropped + results
+        display.summary(
+            f"purge: {'would delete' if dry_run else 'deleted'} "
+            f"{counted(len(gc.deleted), 'pack')},",
+            gc.bytes_freed,
+        )
         names = {s.id: s.name for s in a.state.servers()}
         doc = {"dry_run": dry_run, "retention": [asdict(r) for r in results], "gc": asdict(gc)}
         if as_json:

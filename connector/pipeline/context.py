@@ -36,7 +36,13 @@ log = get_logger(__name__)
 
 
 class Reporter(Protocol):
-    """Receives progress events of a run (the CLI draws them; the daemon records them)."""
+    """Receives progress events of a run (the CLI draws them; the daemon records them).
+
+    `disk_progress` counts bytes: `done` of the `total` bytes the disk's transfer
+    reads (the changed extents widened to whole blocks), so that a display can
+    show a rate and a time left. It may be called from several threads at once
+    (one per disk in flight).
+    """
 
     def stage(self, run_id: str, stage: str, detail: str = "") -> None: ...
 

@@ -291,11 +291,13 @@ def collect_garbage(
     state: PurgeState,
     settings: PurgeSettings | None = None,
     exclude_runs: Iterable[tuple[str, str]] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> GcResult:
     """Condemn the packs no committed run references, and delete condemned packs when safe.
 
     `exclude_runs` ((server, run) pairs) counts those runs as already deleted;
-    it is for dry runs, which change nothing.
+    it is for dry runs, which change nothing. `progress(done, total)` follows the
+    deletion in bytes of packs deleted so far and in all.
     """
     settings = settings or PurgeSettings()
     result = GcResult(dry_run=settings.dry_run)
@@ -354,17 +356,26 @@ def collect_garbage(
     if not ready:
         return result
     referenced = referenced_packs(repo)  # after the lock check: runs that ended are committed
+    sizes = {
+        pack_id: repo.objects.stat(pack_key(pack_id))
+        for rec in ready
+        for pack_id in rec.packs
+        if pack_id not in referenced
+    }
+    total = sum(size or 0 for size in sizes.values())
     for rec in ready:
         gone: set[str] = set()
         for pack_id in rec.packs:
             if pack_id in referenced:
                 _restore_index(repo, state, pack_id, result)
                 continue
-            size = repo.objects.stat(pack_key(pack_id))
+            size = sizes.get(pack_id)
             if size is not None:
                 repo.objects.delete(pack_key(pack_id))
                 result.bytes_freed += size
                 result.deleted.append(pack_id)
+                if progress is not None:
+                    progress(result.bytes_freed, total)
             gone.add(pack_id)
         state.forget_packs(gone)
         repo.remove_condemned(rec.purge_id)
@@ -528,6 +539,7 @@ def purge(
     policies: dict[str, int],
     settings: PurgeSettings | None = None,
     exclude_runs: Iterable[tuple[str, str]] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> PurgeReport:
     """Apply retention to each server of `policies` (server id -> runs to keep), then GC.
 
@@ -543,5 +555,5 @@ def purge(
         for server_id, keep in sorted(policies.items())
     ]
     exclude = excluded | {(r.server_id, run_id) for r in results for run_id in r.deleted}
-    gc = collect_garbage(repo, state, settings, exclude_runs=exclude)
+    gc = collect_garbage(repo, state, settings, exclude_runs=exclude, progress=progress)
     return PurgeReport(results, gc)

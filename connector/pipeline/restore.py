@@ -44,6 +44,9 @@ def restore_disk(
 ) -> RestoreResult:
     """Write the disk's image at `run_id` to `target` and return its SHA-256.
 
+    `progress(done, total)` is called after each group of blocks with the bytes of
+    stored blocks written so far and in all (the all-zero blocks are not counted).
+
     Without `device`, the target is a regular file: the image is written to a
     temporary file beside it and renamed into place only when every block has
     authenticated (an existing file is replaced whole, or not at all). With
@@ -75,14 +78,15 @@ def restore_disk(
             f"the block map of run {run_id} disk {disk_key} does not match its Merkle root"
         )
     refs = sorted(((i, r) for i, r in full.items() if r is not None), key=lambda x: x[0])
+    stored = sum(last_len if index == nblocks - 1 else manifest.block_size for index, _ in refs)
     if device:
         fd = _open_device(target, manifest.capacity)
         out_path = target
     else:
-        stored = sum(last_len if index == nblocks - 1 else manifest.block_size for index, _ in refs)
         out_path, fd = _create_partial(target, manifest.capacity, stored)
     ok = False
     written = 0
+    written_bytes = 0
 
     def failed(exc: OSError) -> RestoreWriteError:
         return RestoreWriteError(_write_failure(target, device, exc, written, len(refs)))
@@ -103,9 +107,10 @@ def restore_disk(
                     )
                     plain = repo.open_block(ref, blob, what)
                     _write_all(fd, plain, index * manifest.block_size)
+                    written_bytes += len(plain)
                 written += len(group)
                 if progress is not None:
-                    progress(written, len(refs))
+                    progress(written_bytes, stored)
             os.fsync(fd)
         except OSError as exc:
             raise failed(exc) from None

@@ -190,7 +190,7 @@ def transfer_disk(
     unallocated, so zero) are listed as zero.
     """
     indices = blocks_touched(extents, block_size, capacity)
-    total = len(indices)
+    total = sum(min(block_size, capacity - i * block_size) for i in indices)  # bytes to read
     changes: BlockMap = {}
     bytes_read = 0
     zero = 0
@@ -220,7 +220,7 @@ def transfer_disk(
                 continue
             ref: BlockRef = writer.add(block_id, chunk)
             changes[index] = ref
-        done += count
+        done += extent.length
         if progress is not None:
             progress(done, total)
     if compare_with is not None:

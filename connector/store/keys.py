@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from connector.errors import ConfigError, IntegrityError, PermanentError
 
 NONCE_SIZE = 12
+TAG_SIZE = 16  # AES-GCM's authentication tag
 KEY_SIZE = 32
 # The context a master key is wrapped under is this prefix followed by the store id.
 KEY_CONTEXT_PREFIX = b"connector store master key:"
@@ -153,6 +154,8 @@ class StoreKeys:
     def open(self, blob: bytes, aad: bytes, what: str) -> bytes:
         """Authenticate, decrypt and decompress a sealed blob; IntegrityError names `what`."""
         try:
+            if len(blob) < NONCE_SIZE + TAG_SIZE:  # cut short: not even a nonce and a tag
+                raise InvalidTag
             compressed = self._aead.decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], aad)
         except InvalidTag:
             raise IntegrityError(f"{what} failed authentication (damaged or altered)") from None

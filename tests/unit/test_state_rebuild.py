@@ -117,3 +117,25 @@ def test_a_later_run_in_the_store_replaces_an_older_disk_state_not_the_reverse(
     report = rebuild_into(env, state).rebuild()
     assert report.disks == 0 and report.runs_added == 0
     assert state.disk_states(server_id) == newer
+
+
+def test_a_manifest_chain_that_loops_is_a_fault_of_its_run_in_the_rebuild(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    uuid = env.hv.add_vm("loops", [4 * MiB])
+    runs = []
+    for seed in (1, 2):
+        env.write_blocks(uuid, {seed: random.Random(seed).randbytes(MiB)})
+        runs.append(env.replicate(uuid))
+    repo = env.repo()
+    for run in runs:  # without results, the chains come from the manifests
+        commit = repo.read_commit(run.server_id, run.id)
+        for disk in commit["disks"]:
+            del disk["result"]
+        repo.write_commit(run.server_id, run.id, commit)
+    last = runs[-1]
+    manifest = repo.read_manifest(last.server_id, last.id, 2000)
+    repo.write_manifest(replace(manifest, base_run=last.id))
+    report = rebuild_into(env, MemoryState()).rebuild()
+    assert report.faults == [
+        f"run {last.id} of server {last.server_id}: the manifest chain of disk 2000 loops"
+    ]
