@@ -51,13 +51,11 @@ def support_bundle_cmd(
     """Write a tarball for whoever helps you: logs, config, state, versions; secrets redacted."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     target = output or Path(f"connector-support-{stamp}.tar.gz")
-    if target.exists():
-        raise_input(f"{target} already exists; give another --output")
-    if not target.parent.is_dir():
-        raise_input(f"the folder of {target} does not exist; create it or give another --output")
-    for log in logs or ():
-        if not log.is_file():
-            raise_input(f"--log {log} is not a file")
+    try:
+        _refuse_bad_targets(target, logs or [])
+    except InvalidInputError as exc:
+        print_error(exc)
+        raise typer.Exit(2) from None
 
     def go(a: App) -> list[str]:
         with a.audited("support.bundle", str(target)):
@@ -72,9 +70,17 @@ def support_bundle_cmd(
     )
 
 
-def raise_input(message: str) -> None:
-    print_error(InvalidInputError(message))
-    raise typer.Exit(2)
+def _refuse_bad_targets(target: Path, logs: list[Path]) -> None:
+    """Refuse an output that exists or has no folder, and a --log that is not a file."""
+    if target.exists():
+        raise InvalidInputError(f"{target} already exists; give another --output")
+    if not target.parent.is_dir():
+        raise InvalidInputError(
+            f"the folder of {target} does not exist; create it or give another --output"
+        )
+    for log in logs:
+        if not log.is_file():
+            raise InvalidInputError(f"--log {log} is not a file")
 
 
 def gather(a: App, logs: list[Path], journal_hours: float | None, status: bool) -> SupportBundle:
