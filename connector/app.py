@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+
 from connector import __version__
 from connector.adapters.datastore_reader import DatastoreHttpsSource
 from connector.adapters.jobstore import JobStore
@@ -32,6 +34,7 @@ from connector.adapters.local import (
 )
 from connector.adapters.nbd import parse_nbd_uri
 from connector.adapters.s3 import S3ObjectStore
+from connector.adapters.sql import Database
 from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
@@ -80,8 +83,15 @@ class App:
     config: Config
 
     @cached_property
+    def database(self) -> Database:
+        """The state database: [fleet]'s PostgreSQL, or the SQLite file of [state]."""
+        if self.config.fleet is None:
+            return Database.at_path(self.config.state.path)
+        return fleet_database(self.config)
+
+    @cached_property
     def state(self) -> StateStore:
-        return StateStore.at_path(self.config.state.path)
+        return StateStore(self.database)
 
     @cached_property
     def ledger(self) -> RunLedger:
@@ -553,6 +563,55 @@ class App:
             self.vsphere.close()
         if "state" in self.__dict__:
             self.state.close()
+
+
+def database_connect_args(config: Config) -> dict[str, Any]:
+    """How psycopg reaches [fleet]'s server: the password (from its file, credential or
+    environment variable, never the URL) and, for a server not on this machine, TLS
+    with the server's name verified against its certificate."""
+    fleet = config.fleet
+    assert fleet is not None
+    args: dict[str, Any] = {
+        "connect_timeout": max(1, round(fleet.connect_timeout)),
+        "application_name": "connector",
+    }
+    password = config.database_password()
+    if password is not None:
+        register_secret(password)
+        args["password"] = password.reveal()
+    if not fleet.is_local:
+        args["sslmode"] = "verify-full"
+        args["sslrootcert"] = str(fleet.ca_file) if fleet.ca_file is not None else "system"
+    elif fleet.ca_file is not None:
+        args["sslmode"] = "verify-full"
+        args["sslrootcert"] = str(fleet.ca_file)
+    return args
+
+
+def fleet_database(config: Config) -> Database:
+    """[fleet]'s PostgreSQL, its schema migrated; a ConfigError or a TransientError that
+    says what failed (never with the password) when it cannot be opened."""
+    fleet = config.fleet
+    assert fleet is not None
+    args = database_connect_args(config)
+    try:
+        return Database(fleet.database_url, connect_args=args)
+    except sa_exc.OperationalError as exc:
+        reason = scrub(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc))
+        if "password" in reason.lower() or "authentication" in reason.lower():
+            raise ConfigError(
+                f"the fleet database {fleet.redacted_url()} refused the login: {reason}; "
+                "check [fleet] password_file (or password_env) and the user in database_url"
+            ) from None
+        if "certificate" in reason.lower() or "ssl" in reason.lower():
+            raise ConfigError(
+                f"TLS to the fleet database {fleet.redacted_url()} failed: {reason}; give "
+                "the CA of the server's certificate in [fleet] ca_file"
+            ) from None
+        raise TransientError(
+            f"the fleet database {fleet.redacted_url()} cannot be reached: {reason}; "
+            "check that PostgreSQL runs there and that this machine may connect"
+        ) from None
 
 
 def wrap_object_store(

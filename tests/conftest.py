@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.harness.fixtures_s3",
     "tests.harness.fixtures_tls",
     "tests.harness.nbd",
+    "tests.harness.postgres",
 ]

@@ -50,15 +50,18 @@ class JobStore:
     # -- jobs ----------------------------------------------------------------------
 
     def create(self, server_id: str, spec: JobSpec) -> JobRow:
-        existing = self.for_server(server_id)
-        if existing is not None:
-            raise InvalidInputError(
-                f"the VM already has job {existing.id} ({existing.state}); change it with "
-                "`connector jobs update` or delete it first"
-            )
         job_id = "j-" + os.urandom(6).hex()
         now = _now()
-        with self._tx() as c:
+        # One job per VM, also when two commands (on two connectors) create one at once.
+        with self.state.db.write_tx(f"jobs:{server_id}") as c:
+            existing = c.execute(
+                sa.select(jobs).where(jobs.c.server_id == server_id, jobs.c.state != JOB_DELETED)
+            ).first()
+            if existing is not None:
+                raise InvalidInputError(
+                    f"the VM already has job {existing.id} ({existing.state}); change it with "
+                    "`connector jobs update` or delete it first"
+                )
             c.execute(
                 jobs.insert().values(
                     id=job_id,
