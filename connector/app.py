@@ -101,6 +101,12 @@ class App:
     def jobs(self) -> JobStore:
         return JobStore(self.state, self.ledger)
 
+    def run_queue(self) -> RunQueue:
+        """The job queue: [fleet]'s PostgreSQL (shared), or queue.db beside the state."""
+        if self.config.fleet is not None:
+            return RunQueue.in_database(self.database)
+        return RunQueue(self.queue_path)
+
     @property
     def queue_path(self) -> Path:
         return self.config.state.path.parent / "queue.db"
@@ -499,7 +505,7 @@ class App:
 
     def _daemon_parts(self, stopping: threading.Event) -> DaemonParts:
         cfg = self.config.daemon
-        queue = RunQueue(self.queue_path)
+        queue = self.run_queue()
         reporter = LedgerReporter(self.ledger)
         pipeline = RunPipeline(self.stage_context(reporter, stopping.is_set))
         executor = RunExecutor(

@@ -17,7 +17,6 @@ from rich.markup import escape
 
 from connector.app import App
 from connector.cli.common import ConfigOpt, JsonOpt, err, id_table, out, run_with_app
-from connector.daemon.queue import RunQueue
 from connector.domain.jobs import (
     AUTOMATIC,
     DEFAULT_RETENTION,
@@ -343,7 +342,7 @@ def jobs_start(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
             raise InvalidInputError(f"cannot start a run of job {row.id}: {refusal}")
         run_id = new_run_id()
         a.jobs.create_run(run_id, row, ON_DEMAND, RUN_PENDING)
-        queue = RunQueue(a.queue_path)
+        queue = a.run_queue()
         try:
             queue.enqueue(run_id, 0)
         finally:
