@@ -9,6 +9,8 @@ settings, callables), never the `App` itself; the CLI, outermost, asks the
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from sqlalchemy import exc as sa_exc
 
 from connector import __version__
 from connector.adapters.datastore_reader import DatastoreHttpsSource
+from connector.adapters.fleet import Fleet
 from connector.adapters.jobstore import JobStore
 from connector.adapters.kms import KmsKeyProvider
 from connector.adapters.ledger import RunLedger
@@ -47,6 +50,7 @@ from connector.check import require_vddk
 from connector.config import Config
 from connector.daemon.api import ApiServer
 from connector.daemon.discovery import Discovery
+from connector.daemon.fleet import FleetDuty
 from connector.daemon.lock import StateLock
 from connector.daemon.queue import RunQueue
 from connector.daemon.recovery import RecoveryReport, recover, sweep
@@ -95,7 +99,29 @@ class App:
 
     @cached_property
     def ledger(self) -> RunLedger:
-        return RunLedger(self.state)
+        return RunLedger(self.state, member=self.member_id if self.config.fleet else None)
+
+    @property
+    def member_id(self) -> str:
+        """This connector's id in the fleet: [fleet] member_id, or its host name and a
+        digest of its state folder (two connectors on one machine differ)."""
+        fleet = self.config.fleet
+        if fleet is not None and fleet.member_id:
+            return fleet.member_id
+        digest = hashlib.sha256(str(self.config.state_dir.resolve()).encode()).hexdigest()
+        return f"{socket.gethostname()}-{digest[:6]}"
+
+    @cached_property
+    def fleet(self) -> Fleet:
+        lease = self.config.fleet.lease_timeout if self.config.fleet else 30.0
+        return Fleet(self.database, self.member_id, lease)
+
+    def capabilities(self) -> list[str]:
+        """What this connector can do: its transport (and VDDK when it is there)."""
+        caps = [f"transport:{self.config.transport.kind}"]
+        if self.config.transport.kind == "vddk":
+            caps.append("vddk")
+        return caps
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -505,9 +531,15 @@ class App:
 
     def _daemon_parts(self, stopping: threading.Event) -> DaemonParts:
         cfg = self.config.daemon
+        fleet_cfg = self.config.fleet
         queue = self.run_queue()
         reporter = LedgerReporter(self.ledger)
-        pipeline = RunPipeline(self.stage_context(reporter, stopping.is_set))
+        duty_box: list[FleetDuty] = []
+
+        def should_stop() -> bool:
+            return stopping.is_set() or (bool(duty_box) and duty_box[0].fenced)
+
+        pipeline = RunPipeline(self.stage_context(reporter, should_stop))
         executor = RunExecutor(
             pipeline=pipeline,
             hv=self.hypervisor,
@@ -516,7 +548,9 @@ class App:
             jobs=self.jobs,
             queue=queue,
             limits=RunLimits(
-                max_concurrent_runs=cfg.max_concurrent_runs,
+                max_concurrent_runs=fleet_cfg.max_concurrent_runs
+                if fleet_cfg is not None
+                else cfg.max_concurrent_runs,
                 max_runs_per_host=cfg.max_runs_per_host,
                 failures_before_pause=cfg.failures_before_pause,
                 stage_retries=cfg.stage_retries,
@@ -528,9 +562,30 @@ class App:
             retention=self.retention.apply,
             stopping=stopping,
             on_run_end=reporter.forget,
+            claims=self.fleet,
         )
+        duty: FleetDuty | None = None
+        if fleet_cfg is not None:
+            self.fleet.register(__version__, self.capabilities())
+            duty = FleetDuty(
+                self.fleet,
+                self.ledger,
+                queue,
+                self.objects,
+                executing=lambda: set(executor.executing),
+                heartbeat_interval=fleet_cfg.heartbeat_interval,
+                run_state=lambda run_id: self.state.run(run_id).state,
+            )
+            duty_box.append(duty)
 
         def recover_all() -> RecoveryReport:
+            if duty is not None:
+                # Only this member's own runs (of its last life) and the orphans of
+                # dead members: the other members' runs are theirs.
+                report = RecoveryReport()
+                report.resumed.extend(duty.take_over())
+                sweep_leftovers(report)
+                return report
             return recover(
                 self.state,
                 self.ledger,
@@ -541,14 +596,16 @@ class App:
                 release_lock=pipeline.release_lock,
             )
 
-        def sweep_leftovers() -> RecoveryReport:
+        def sweep_leftovers(report: RecoveryReport | None = None) -> RecoveryReport:
             return sweep(
                 self.state,
                 self.ledger,
                 self.hypervisor,
                 self.objects,
+                report,
                 release_lock=pipeline.release_lock,
                 stale_upload_age=dt.timedelta(seconds=cfg.stale_upload_age),
+                others_uploads=self.fleet if duty is not None else None,
             )
 
         return DaemonParts(
@@ -558,6 +615,8 @@ class App:
             discovery=Discovery(self.discovery_hypervisor, self.state),
             recover=recover_all,
             sweep=sweep_leftovers,
+            fleet=duty,
+            leave=self.fleet.leave if duty is not None else (lambda: None),
         )
 
     def close(self) -> None:

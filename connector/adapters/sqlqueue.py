@@ -124,15 +124,15 @@ class SqlStorage(BaseStorage):  # type: ignore[misc]
                 ).all()
             return [bytes(r.data) for r in sorted(rows, key=lambda r: (r.ts, r.id))]
         with self.db.write_tx("queue") as c:
-            rows = c.execute(
+            found = c.execute(
                 sa.select(queue_schedule.c.id, queue_schedule.c.data).where(
                     queue_schedule.c.id.in_(due.scalar_subquery())
                 )
             ).all()
-            ids = [r.id for r in rows]
+            ids = [r.id for r in found]
             if ids:
                 c.execute(queue_schedule.delete().where(queue_schedule.c.id.in_(ids)))
-            return [bytes(r.data) for r in rows]
+            return [bytes(r.data) for r in found]
 
     def schedule_size(self) -> int:
         with self.db.tx() as c:

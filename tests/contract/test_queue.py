@@ -134,11 +134,12 @@ def test_consumers_of_one_queue_take_each_task_once(queues: Factory) -> None:
         producer.enqueue(f"r-{n}", n, delay=0.3 if n % 3 == 0 else 0.0)
     members = [queues() for _ in range(3)]
     recs = [Recorder() for _ in members]
-    with consuming(members[0], recs[0]), consuming(members[1], recs[1]):
-        with consuming(members[2], recs[2]):
-            wait_for(
-                "every task", lambda: sum(len(r.calls) for r in recs) >= 60, timeout=60
-            )
+    with (
+        consuming(members[0], recs[0]),
+        consuming(members[1], recs[1]),
+        consuming(members[2], recs[2]),
+    ):
+        wait_for("every task", lambda: sum(len(r.calls) for r in recs) >= 60, timeout=60)
     calls = [c for r in recs for c in r.calls]
     assert sorted(calls) == sorted((f"r-{n}", n) for n in range(60))  # each exactly once
     assert producer.pending() == 0

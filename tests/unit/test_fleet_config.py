@@ -145,11 +145,10 @@ def test_a_missing_password_file_is_a_clear_error(tmp_path: Path) -> None:
     cfg = load_config(
         write(
             tmp_path,
-            'database_url = "postgresql://connector@db.example/fleet"\n'
-            'password_file = "nope"',
+            'database_url = "postgresql://connector@db.example/fleet"\npassword_file = "nope"',
         )
     )
-    with pytest.raises(ConfigError, match="database password file .* does not exist"):
+    with pytest.raises(ConfigError, match=r"database password file .* does not exist"):
         database_connect_args(cfg)
 
 
