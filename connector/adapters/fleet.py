@@ -203,7 +203,12 @@ class Fleet:
             now = self.db.now(c)
             alive = self._alive_ids(c)
             rows = c.execute(
-                sa.select(run_control.c.run_id, run_control.c.owner, run_control.c.due_at)
+                sa.select(
+                    run_control.c.run_id,
+                    run_control.c.owner,
+                    run_control.c.owner_since,
+                    run_control.c.due_at,
+                )
                 .select_from(runs.join(run_control, run_control.c.run_id == runs.c.id))
                 .where(runs.c.state.in_(LIVE_RUN_STATES))
             ).all()
@@ -212,7 +217,10 @@ class Fleet:
                 if r.due_at is not None and now - r.due_at > grace:
                     out.append(Orphan(r.run_id, None, "its next task is overdue"))
             elif r.owner == self.member_id:
-                if r.run_id not in executing:
+                # A claim taken just now may not be in `executing` yet: only an old one
+                # that no task here holds is lost.
+                old = r.owner_since is None or now - r.owner_since > grace
+                if old and r.run_id not in executing:
                     out.append(Orphan(r.run_id, r.owner, "its task was lost on this member"))
             elif r.owner not in alive:
                 out.append(Orphan(r.run_id, r.owner, f"its connector {r.owner} stopped"))

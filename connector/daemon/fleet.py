@@ -100,6 +100,8 @@ class FleetDuty:
                     continue
                 self.queue.enqueue(orphan.run_id, ctl.seq)
                 continue
+            if orphan.owner == self.fleet.member_id and orphan.run_id in self.executing():
+                continue  # its task is running here after all
             if not self.fleet.release_if(orphan.run_id, orphan.owner):
                 continue  # another member was quicker
             active = self.run_state(orphan.run_id) == RUN_ACTIVE

@@ -1,0 +1,222 @@
+"""Fleet mode: several `connector run` processes sharing one PostgreSQL (a database of
+the test's own) for their state and their job queue, one bucket and one store key.
+
+- Three connectors and twelve VMs with jobs: every VM replicates and restores
+  byte-exact; the stage log shows that no VM was ever worked on by two connectors
+  at once, and that all three did work; one schedule slot makes one run.
+- One connector killed with SIGKILL in the middle of a multipart upload: another
+  completes its run within the lease timeout plus a margin, no VM snapshot and no
+  multipart upload is left behind, and the restore is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from connector.adapters.sql import Database, runs, stage_log
+from connector.store.keys import generate_key_file
+from tests.harness.connector_env import ConnectorEnv, write_config
+from tests.harness.daemon import DaemonProcess, job_doc, start_daemon, wait_for
+from tests.harness.fixtures_s3 import _remove_bucket
+from tests.integration.test_daemon_recovery import (
+    assert_restores,
+    connector_snapshots,
+    create_job,
+    open_uploads,
+)
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+HEARTBEAT = 0.5
+LEASE = 3.0
+
+
+def fleet_extra(url: str, key_file: Path, member: str) -> str:
+    return f"""
+[store]
+key_file = "{key_file}"
+
+[daemon]
+sync_interval = 0.3
+admission_interval = 0.3
+max_disks_per_vm = 1
+max_runs_per_host = 12
+stage_retries = 2
+retry_backoff = 0.2
+discovery_interval = 3600
+shutdown_deadline = 5
+stale_upload_age = 3600
+
+[fleet]
+database_url = "{url}"
+member_id = "{member}"
+heartbeat_interval = {HEARTBEAT}
+lease_timeout = {LEASE}
+max_concurrent_runs = 6
+"""
+
+
+@pytest.fixture
+def bucket(moto: Any) -> Iterator[str]:
+    s3 = moto.boto3_client()
+    name = f"t-{uuidlib.uuid4().hex[:20]}"
+    s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": moto.region})
+    try:
+        yield name
+    finally:
+        _remove_bucket(s3, name)
+
+
+def fleet_envs(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, url: str, n: int
+) -> list[ConnectorEnv]:
+    key_file = tmp_path / "shared" / "store.key"
+    generate_key_file(key_file)
+    return [
+        write_config(
+            tmp_path / f"c{i}",
+            vcsim,
+            moto,
+            bucket,
+            s3={"multipart_threshold": 5 * MiB, "multipart_part_size": 5 * MiB},
+            extra=fleet_extra(url, key_file, f"member-{i}"),
+        )
+        for i in range(n)
+    ]
+
+
+def make_vm(vcsim: Any, name: str, seed: int, data: int) -> tuple[str, dict[int, str]]:
+    rng = random.Random(seed)
+    uuid = vcsim.add_vm(name, [16 * MiB])
+    (key,) = vcsim.disk_keys(uuid)
+    vcsim.write(uuid, key, 1 * MiB, rng.randbytes(data))
+    sha = hashlib.sha256(vcsim.read_disk(uuid, key)).hexdigest()
+    return uuid, {key: sha}
+
+
+def ended(env: ConnectorEnv, job: str) -> dict[str, Any] | None:
+    found: list[dict[str, Any]] = job_doc(env, job)["runs"]
+    done = [r for r in found if r["state"] in ("COMPLETED", "FAILED")]
+    return done[0] if done and len(done) == len(found) else None
+
+
+def stop_all(daemons: list[DaemonProcess]) -> None:
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.proc.terminate()
+    for d in daemons:
+        try:
+            d.proc.wait(30)
+        finally:
+            d.kill()
+
+
+def stage_entries(url: str) -> list[dict[str, Any]]:
+    db = Database(url)
+    try:
+        with db.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(sa.select(stage_log).order_by("id"))]
+    finally:
+        db.close()
+
+
+def assert_never_two_at_once(entries: list[dict[str, Any]]) -> None:
+    """Per VM, each stage began after the one before it ended (whoever ran them)."""
+    by_vm: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        by_vm.setdefault(e["server_id"], []).append(e)
+    for server, stages in by_vm.items():
+        stages.sort(key=lambda e: e["started"])
+        for before, after in itertools.pairwise(stages):
+            end = before["ended"] if before["ended"] is not None else float("inf")
+            assert end <= after["started"], (
+                f"VM {server}: {before['member']} ran {before['stage']} until {end} while "
+                f"{after['member']} started {after['stage']} at {after['started']}"
+            )
+
+
+def test_three_connectors_share_twelve_vms(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, pg_url: str
+) -> None:
+    envs = fleet_envs(tmp_path, vcsim, moto, bucket, pg_url, 3)
+    vms = [
+        make_vm(vcsim, f"fleet-{n}-{uuidlib.uuid4().hex[:6]}", seed=100 + n, data=1 * MiB)
+        for n in range(12)
+    ]
+    daemons = [start_daemon(env, f"member-{i}") for i, env in enumerate(envs)]
+    try:
+        for d in daemons:
+            d.wait_ready(timeout=120)
+        jobs = [create_job(envs[n % 3], uuid) for n, (uuid, _) in enumerate(vms)]
+        results = [
+            wait_for(f"the run of {job}", lambda job=job: ended(envs[0], job), timeout=300)
+            for job in jobs
+        ]
+    finally:
+        stop_all(daemons)
+    logs = "\n".join(d.log() for d in daemons)
+    for run in results:
+        assert run["state"] == "COMPLETED", f"{run}\n{logs}"
+    for run, (_uuid, shas) in zip(results, vms, strict=True):
+        assert_restores(envs[1], tmp_path, run, shas)
+    entries = stage_entries(pg_url)
+    assert {e["server_id"] for e in entries} == {r["server_id"] for r in results}
+    assert_never_two_at_once(entries)
+    workers = {e["member"] for e in entries}
+    assert workers == {"member-0", "member-1", "member-2"}, workers
+    db = Database(pg_url)
+    try:
+        with db.engine.connect() as c:
+            keys = [r.schedule_key for r in c.execute(sa.select(runs.c.schedule_key))]
+    finally:
+        db.close()
+    assert len(keys) == 12 and len(set(keys)) == 12  # one run per schedule slot
+    for uuid, _ in vms:
+        assert connector_snapshots(vcsim, uuid) == []
+    assert open_uploads(moto, bucket) == []
+
+
+def test_a_killed_connectors_run_is_completed_by_another(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, pg_url: str
+) -> None:
+    envs = fleet_envs(tmp_path, vcsim, moto, bucket, pg_url, 3)
+    uuid, shas = make_vm(vcsim, f"failover-{uuidlib.uuid4().hex[:6]}", seed=7, data=7 * MiB)
+    victim = start_daemon(
+        envs[0], "victim", extra_env={"CONNECTOR_TEST_CRASH_AT": "multipart-part:1"}
+    )
+    others: list[DaemonProcess] = []
+    try:
+        victim.wait_ready(timeout=120)
+        job = create_job(envs[0], uuid)
+        victim.wait_killed(timeout=180)
+        killed_at = time.monotonic()
+        assert connector_snapshots(vcsim, uuid), "the kill left no snapshot to clean up"
+        assert open_uploads(moto, bucket), "the kill left no multipart upload to abort"
+        others = [start_daemon(env, f"member-{i}") for i, env in enumerate(envs[1:], 1)]
+        run = wait_for("the run to be completed", lambda: ended(envs[1], job), timeout=180)
+        took = time.monotonic() - killed_at
+    finally:
+        stop_all([victim, *others])
+    logs = "\n".join(d.log() for d in others)
+    assert run["state"] == "COMPLETED", f"{run}\n{logs}"
+    assert took < LEASE + 90, f"the takeover took {took:.0f} s"
+    assert "run taken over" in logs
+    assert connector_snapshots(vcsim, uuid) == []
+    assert open_uploads(moto, bucket) == []
+    assert_restores(envs[2], tmp_path, run, shas)
+    entries = stage_entries(pg_url)
+    members = [e["member"] for e in entries]
+    assert members[0] == "member-0"  # the victim started the run
+    assert set(members[1:]) - {"member-0"}, members  # another one finished it
+    assert_never_two_at_once([e for e in entries if e["ended"] is not None])
