@@ -160,7 +160,7 @@ def test_three_connectors_share_twelve_vms(
             d.wait_ready(timeout=120)
         jobs = [create_job(envs[n % 3], uuid) for n, (uuid, _) in enumerate(vms)]
         results = [
-            wait_for(f"the run of {job}", lambda job=job: ended(envs[0], job), timeout=300)
+            wait_for(f"the run of {job}", lambda job=job: ended(envs[0], job), timeout=300)  # type: ignore[misc]
             for job in jobs
         ]
     finally:
