@@ -16,7 +16,17 @@ import typer
 from typer.core import TyperGroup
 
 from connector import __version__
-from connector.cli import catalog, jobs, replication, security, service, state, status, store
+from connector.cli import (
+    catalog,
+    fleet,
+    jobs,
+    replication,
+    security,
+    service,
+    state,
+    status,
+    store,
+)
 from connector.cli.common import ConfigOpt, err, out
 
 app = typer.Typer(
@@ -108,6 +118,7 @@ app.command("status")(status.status_cmd)
 app.command("run")(service.run_command)
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(state.state_app, name="state")
+app.add_typer(fleet.fleet_app, name="fleet")
 
 
 def main() -> None:

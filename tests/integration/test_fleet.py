@@ -11,8 +11,10 @@ the test's own) for their state and their job queue, one bucket and one store ke
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import itertools
+import json
 import random
 import time
 import uuid as uuidlib
@@ -42,7 +44,7 @@ HEARTBEAT = 0.5
 LEASE = 3.0
 
 
-def fleet_extra(url: str, key_file: Path, member: str) -> str:
+def fleet_extra(url: str, key_file: Path, member: str, daemon_extra: str = "") -> str:
     return f"""
 [store]
 key_file = "{key_file}"
@@ -57,6 +59,7 @@ retry_backoff = 0.2
 discovery_interval = 3600
 shutdown_deadline = 5
 stale_upload_age = 3600
+{daemon_extra}
 
 [fleet]
 database_url = "{url}"
@@ -79,7 +82,7 @@ def bucket(moto: Any) -> Iterator[str]:
 
 
 def fleet_envs(
-    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, url: str, n: int
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, url: str, n: int, daemon_extra: str = ""
 ) -> list[ConnectorEnv]:
     key_file = tmp_path / "shared" / "store.key"
     generate_key_file(key_file)
@@ -90,7 +93,7 @@ def fleet_envs(
             moto,
             bucket,
             s3={"multipart_threshold": 5 * MiB, "multipart_part_size": 5 * MiB},
-            extra=fleet_extra(url, key_file, f"member-{i}"),
+            extra=fleet_extra(url, key_file, f"member-{i}", daemon_extra),
         )
         for i in range(n)
     ]
@@ -163,8 +166,18 @@ def test_three_connectors_share_twelve_vms(
             wait_for(f"the run of {job}", lambda job=job: ended(envs[0], job), timeout=300)  # type: ignore[misc]
             for job in jobs
         ]
+        status = envs[2].cli("fleet", "status", "--json")
+        table = envs[0].cli("fleet", "status")
     finally:
         stop_all(daemons)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["alive"] == 3 and doc["this_member"] == "member-2"
+    assert {m["id"] for m in doc["members"]} == {"member-0", "member-1", "member-2"}
+    assert doc["leader"] in {"member-0", "member-1", "member-2"}
+    assert sum(m["leader"] for m in doc["members"]) == 1
+    assert all(m["heartbeat_age"] < LEASE for m in doc["members"])
+    assert table.returncode == 0 and "3 of 3 member(s) alive" in table.stdout
     logs = "\n".join(d.log() for d in daemons)
     for run in results:
         assert run["state"] == "COMPLETED", f"{run}\n{logs}"
@@ -220,3 +233,52 @@ def test_a_killed_connectors_run_is_completed_by_another(
     assert members[0] == "member-0"  # the victim started the run
     assert set(members[1:]) - {"member-0"}, members  # another one finished it
     assert_never_two_at_once([e for e in entries if e["ended"] is not None])
+
+
+def test_fleet_status_without_a_fleet_is_a_config_error(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str
+) -> None:
+    env = write_config(tmp_path, vcsim, moto, bucket)
+    proc = env.cli("fleet", "status")
+    assert proc.returncode == 2
+    assert "not in a fleet" in proc.stderr and "[fleet]" in proc.stderr
+
+
+def test_the_leader_stopped_another_schedules_and_no_slot_fires_twice_or_is_lost(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, pg_url: str
+) -> None:
+    unit = 3.0  # one scheduling "hour"
+    envs = fleet_envs(tmp_path, vcsim, moto, bucket, pg_url, 3, f"schedule_unit_seconds = {unit}")
+    uuid, _ = make_vm(vcsim, f"sched-{uuidlib.uuid4().hex[:6]}", seed=9, data=256 * 1024)
+    daemons = [start_daemon(env, f"member-{i}") for i, env in enumerate(envs)]
+    db = Database(pg_url)
+
+    def slots() -> list[str]:
+        with db.engine.connect() as c:
+            rows = c.execute(sa.select(runs.c.schedule_key).where(runs.c.schedule_key.is_not(None)))
+            return sorted(r.schedule_key for r in rows if not r.schedule_key.endswith("@seed"))
+
+    def leader() -> str | None:
+        with db.engine.connect() as c:
+            return c.execute(sa.text("SELECT holder FROM leases WHERE name = 'scheduler'")).scalar()
+
+    try:
+        for d in daemons:
+            d.wait_ready(timeout=120)
+        create_job(envs[0], uuid, frequency=1)
+        wait_for("three slots", lambda: len(slots()) >= 3, timeout=60)
+        first = wait_for("a leader", leader, timeout=30)
+        index = int(first.rsplit("-", 1)[1])
+        assert daemons[index].terminate() == 0
+        before = len(slots())
+        second = wait_for("another leader", lambda: (leader() or first) != first and leader())
+        wait_for("three more slots", lambda: len(slots()) >= before + 3, timeout=60)
+    finally:
+        stop_all(daemons)
+    keys = slots()
+    db.close()
+    assert second != first
+    assert len(keys) == len(set(keys))  # no slot made two runs
+    times = [dt.datetime.strptime(k.split("@", 1)[1], "%Y-%m-%dT%H:%M:%S.%fZ") for k in keys]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert all(abs(g - unit) < 0.01 for g in gaps), f"a slot was lost: {gaps}"
