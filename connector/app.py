@@ -563,6 +563,7 @@ class App:
             stopping=stopping,
             on_run_end=reporter.forget,
             claims=self.fleet,
+            transient_faults=(sa_exc.OperationalError, sa_exc.InterfaceError),
         )
         duty: FleetDuty | None = None
         if fleet_cfg is not None:

@@ -99,7 +99,11 @@ class RunExecutor:
         stopping: threading.Event,
         on_run_end: Callable[[str], object] = lambda _run_id: None,
         claims: Claims | None = None,
+        transient_faults: tuple[type[BaseException], ...] = (),
     ) -> None:
+        """`transient_faults`: errors of the connector's own services (the state
+        database gone for a moment) that a stage is retried after, like a
+        TransientError, instead of failing the run."""
         self.pipeline = pipeline
         self.hv = hv
         self.state = state
@@ -111,6 +115,7 @@ class RunExecutor:
         self.stopping = stopping
         self.on_run_end = on_run_end
         self.claims = claims
+        self.transient_faults = transient_faults
         self.executing: set[str] = set()  # runs whose task runs in this process now
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -177,6 +182,11 @@ class RunExecutor:
         except ConnectorError as exc:
             outcome = "failed"
             self._fail(run_id, stage, scrub(str(exc)))
+            return
+        except self.transient_faults as exc:
+            outcome = "retry"
+            reason = scrub(f"the state database failed: {type(exc).__name__}: {exc}")
+            self._retry(run_id, stage, ctl.attempts + 1, reason.splitlines()[0])
             return
         except Exception as exc:
             outcome = "failed"

@@ -30,6 +30,7 @@ from connector.store.keys import generate_key_file
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.harness.daemon import DaemonProcess, job_doc, start_daemon, wait_for
 from tests.harness.fixtures_s3 import _remove_bucket
+from tests.harness.postgres import private_postgres
 from tests.integration.test_daemon_recovery import (
     assert_restores,
     connector_snapshots,
@@ -282,3 +283,50 @@ def test_the_leader_stopped_another_schedules_and_no_slot_fires_twice_or_is_lost
     times = [dt.datetime.strptime(k.split("@", 1)[1], "%Y-%m-%dT%H:%M:%S.%fZ") for k in keys]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert all(abs(g - unit) < 0.01 for g in gaps), f"a slot was lost: {gaps}"
+
+
+def test_postgresql_restarted_during_runs_the_connectors_reconnect(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str
+) -> None:
+    with private_postgres() as pg:
+        url = pg.create_database("fleet")
+        envs = fleet_envs(tmp_path, vcsim, moto, bucket, url, 2)
+        vms = [
+            make_vm(vcsim, f"pgrestart-{n}-{uuidlib.uuid4().hex[:6]}", seed=200 + n, data=6 * MiB)
+            for n in range(4)
+        ]
+        daemons = [start_daemon(env, f"member-{i}") for i, env in enumerate(envs)]
+        try:
+            for d in daemons:
+                d.wait_ready(timeout=120)
+            jobs = [create_job(envs[n % 2], uuid) for n, (uuid, _) in enumerate(vms)]
+
+            def transferring() -> bool:
+                return any(e["stage"] == "transfer" for e in stage_entries(url))
+
+            wait_for("a run in its transfer stage", transferring, timeout=120, every=0.05)
+            pg.stop("fast")  # every connection of every connector breaks
+            pg.start()
+            results = [
+                wait_for(f"the run of {job}", lambda job=job: ended(envs[1], job), timeout=300)  # type: ignore[misc]
+                for job in jobs
+            ]
+            alive = [d.proc.poll() is None for d in daemons]
+            status = envs[0].cli("fleet", "status", "--json")
+        finally:
+            stop_all(daemons)
+        logs = "\n".join(d.log() for d in daemons)
+        assert alive == [True, True], logs
+        assert status.returncode == 0 and json.loads(status.stdout)["alive"] == 2, status.stderr
+        for run, (uuid, shas) in zip(results, vms, strict=True):
+            assert run["state"] in ("COMPLETED", "FAILED"), run
+            if run["state"] == "FAILED":
+                assert run["error"], f"a run failed without a reason: {run}"
+            else:
+                assert_restores(envs[0], tmp_path, run, shas)
+            assert connector_snapshots(vcsim, uuid) == []
+        assert any(r["state"] == "COMPLETED" for r in results), logs
+        assert open_uploads(moto, bucket) == []
+        # nothing lost: each job has its one run, ended
+        for job in jobs:
+            assert len(job_doc(envs[0], job)["runs"]) == 1
