@@ -439,6 +439,7 @@ class App:
             default_keep=self.config.retention.keep,
             stale_lock_age=dt.timedelta(hours=self.config.retention.stale_lock_hours),
             guard_path=self.config.state.path.parent / "purge.lock",
+            shared_guard=lambda: self.database.session_lock("purge"),
         )
 
     @cached_property

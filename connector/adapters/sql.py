@@ -345,6 +345,30 @@ class Database:
         if self.is_postgresql:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key(key)})
 
+    @contextmanager
+    def session_lock(self, key: str) -> Iterator[bool]:
+        """Try to hold `key` for the block (True) or find it held elsewhere (False).
+
+        On PostgreSQL a session advisory lock on a connection of its own: it goes
+        with its holder, should that process die. On SQLite, always True (one process
+        uses the file; its callers lock a file beside it)."""
+        if not self.is_postgresql:
+            yield True
+            return
+        with self.engine.connect() as c:
+            got = bool(
+                c.execute(
+                    sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": advisory_key(key)}
+                ).scalar()
+            )
+            c.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    c.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": advisory_key(key)})
+                    c.commit()
+
     def now(self, conn: Connection | None = None) -> float:
         """The database's clock, in seconds since the epoch: the one clock of a fleet."""
         with self.tx(conn) as c:
