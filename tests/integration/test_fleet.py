@@ -30,7 +30,7 @@ from connector.store.keys import generate_key_file
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.harness.daemon import DaemonProcess, job_doc, start_daemon, wait_for
 from tests.harness.fixtures_s3 import _remove_bucket
-from tests.harness.postgres import private_postgres
+from tests.harness.postgres import free_port, private_postgres
 from tests.integration.test_daemon_recovery import (
     assert_restores,
     connector_snapshots,
@@ -330,3 +330,40 @@ def test_postgresql_restarted_during_runs_the_connectors_reconnect(
         # nothing lost: each job has its one run, ended
         for job in jobs:
             assert len(job_doc(envs[0], job)["runs"]) == 1
+
+
+@pytest.mark.parametrize("point", ["snapshot-created", "multipart-part", "before-commit"])
+def test_one_connector_on_postgresql_killed_at_a_point_then_restarted(
+    point: str, tmp_path: Path, vcsim: Any, moto: Any, bucket: str, pg_url: str
+) -> None:
+    """The daemon's crash safety holds with its state and queue in PostgreSQL."""
+    (env,) = fleet_envs(tmp_path, vcsim, moto, bucket, pg_url, 1)
+    uuid, shas = make_vm(vcsim, f"pgcrash-{uuidlib.uuid4().hex[:6]}", seed=31, data=7 * MiB)
+    crashed = start_daemon(env, "crashed", extra_env={"CONNECTOR_TEST_CRASH_AT": f"{point}:1"})
+    restarted: DaemonProcess | None = None
+    try:
+        crashed.wait_ready(timeout=120)
+        job = create_job(env, uuid)
+        crashed.wait_killed(timeout=180)
+        restarted = start_daemon(env, "restarted")
+        restarted.wait_ready(timeout=120)
+        run = wait_for("the run to end", lambda: ended(env, job), timeout=180)
+    finally:
+        stop_all([crashed, *([restarted] if restarted else [])])
+    assert run["state"] == "COMPLETED", f"{run}\n{restarted.log() if restarted else ''}"
+    assert connector_snapshots(vcsim, uuid) == []
+    assert open_uploads(moto, bucket) == []
+    assert_restores(env, tmp_path, run, shas)
+
+
+def test_a_database_that_cannot_be_reached_is_a_clear_error(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str
+) -> None:
+    port = free_port()  # nothing listens there
+    (env,) = fleet_envs(
+        tmp_path, vcsim, moto, bucket, f"postgresql://connector@127.0.0.1:{port}/fleet", 1
+    )
+    proc = env.cli("fleet", "status")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the fleet database" in proc.stderr and "cannot be reached" in proc.stderr
+    assert f"127.0.0.1:{port}/fleet" in proc.stderr
