@@ -141,6 +141,26 @@ class PrivatePostgres:
             env=_pg_env(),
         )
 
+    def configure(self, settings: list[str], hba: list[str] | None = None) -> None:
+        """Add settings to postgresql.conf (and replace pg_hba.conf); restart to apply."""
+        with open(self.data / "postgresql.conf", "a") as f:
+            f.write("\n".join(settings) + "\n")
+        if hba is not None:
+            (self.data / "pg_hba.conf").write_text("\n".join(hba) + "\n")
+
+    def own(self, path: Path) -> Path:
+        """Copy a file into the server's folder, owned by the server's user, mode 0600."""
+        target = self.root / path.name
+        shutil.copyfile(path, target)
+        target.chmod(0o600)
+        if os.geteuid() == 0:
+            shutil.chown(target, "postgres", "postgres")
+        return target
+
+    def execute(self, sql: str) -> None:
+        with _admin("127.0.0.1", self.port, self.user) as conn:
+            conn.execute(sql)
+
     def url(self, dbname: str) -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{dbname}"
 

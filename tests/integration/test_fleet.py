@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from connector.adapters.sql import Database, runs, stage_log
 from connector.store.keys import generate_key_file
+from tests.harness.ca import make_ca
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.harness.daemon import DaemonProcess, job_doc, start_daemon, wait_for
 from tests.harness.fixtures_s3 import _remove_bucket
@@ -367,3 +368,55 @@ def test_a_database_that_cannot_be_reached_is_a_clear_error(
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "the fleet database" in proc.stderr and "cannot be reached" in proc.stderr
     assert f"127.0.0.1:{port}/fleet" in proc.stderr
+
+
+def test_tls_and_a_password_to_the_database(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str
+) -> None:
+    """A server that takes only TLS with a password: the connector verifies its
+    certificate against ca_file and logs in with the password from its file; a
+    wrong password or another CA is a clear config error that never shows it."""
+    secret = "db-Pa55-" + uuidlib.uuid4().hex
+    ca = make_ca(tmp_path / "ca")
+    other_ca = make_ca(tmp_path / "other-ca", "another-ca")
+    cert = ca.issue("pg", ("localhost", "127.0.0.1"))
+    with private_postgres() as pg:
+        pg.execute(f"ALTER USER postgres PASSWORD '{secret}'")
+        pg.create_database("fleet")
+        crt, key = pg.own(cert.cert_file), pg.own(cert.key_file)
+        pg.configure(
+            ["ssl = on", f"ssl_cert_file = '{crt}'", f"ssl_key_file = '{key}'"],
+            hba=["local all all trust", "hostssl all all 127.0.0.1/32 scram-sha-256"],
+        )
+        pg.stop()
+        pg.start()
+        url = f"postgresql://postgres@localhost:{pg.port}/fleet"
+
+        def env_with(password: str, ca_file: Path, name: str) -> ConnectorEnv:
+            work = tmp_path / name
+            work.mkdir()
+            (work / "db-password").write_text(password + "\n")
+            return write_config(
+                work,
+                vcsim,
+                moto,
+                bucket,
+                extra=f"""
+[fleet]
+database_url = "{url}"
+password_file = "{work / "db-password"}"
+ca_file = "{ca_file}"
+""",
+            )
+
+        good = env_with(secret, ca.cert_file, "good").cli("fleet", "status", "--json")
+        wrong = env_with("not-" + secret, ca.cert_file, "wrong").cli("fleet", "status")
+        untrusted = env_with(secret, other_ca.cert_file, "untrusted").cli("fleet", "status")
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["members"] == []
+    assert wrong.returncode == 2
+    assert "refused the login" in wrong.stderr and "password_file" in wrong.stderr
+    assert untrusted.returncode == 2
+    assert "TLS to the fleet database" in untrusted.stderr and "ca_file" in untrusted.stderr
+    for proc in (good, wrong, untrusted):
+        assert secret not in proc.stdout + proc.stderr
