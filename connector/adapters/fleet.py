@@ -316,6 +316,12 @@ class Fleet:
             out.setdefault(r.owner, []).append((r.id, r.server_id, r.stage))
         return out
 
+    def prune_stage_log(self, older_than: float) -> int:
+        """Forget stages that began more than `older_than` seconds ago."""
+        with self.db.tx() as c:
+            cutoff = self.db.now(c) - older_than
+            return int(c.execute(stage_log.delete().where(stage_log.c.started < cutoff)).rowcount)
+
     def stage_history(self) -> list[dict[str, object]]:
         with self.db.tx() as c:
             rows = c.execute(sa.select(stage_log).order_by(stage_log.c.id)).all()

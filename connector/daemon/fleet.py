@@ -30,6 +30,9 @@ from connector.logging import get_logger, scrub
 
 log = get_logger(__name__)
 
+STAGE_LOG_DAYS = 30  # the stage log keeps this many days
+PRUNE_EVERY = 3600.0  # seconds between two prunings of it, by the leader
+
 
 class Aborter(Protocol):
     def abort_upload(self, key: str, upload_id: str) -> bool: ...
@@ -55,6 +58,7 @@ class FleetDuty:
         self.run_state = run_state
         self._leader = False
         self._last_beat = time.monotonic()
+        self._last_prune = 0.0
         self._lock = threading.Lock()
 
     @property
@@ -79,6 +83,9 @@ class FleetDuty:
                 elif was and not self._leader:
                     log.warning("this connector no longer schedules: another one leads")
                 self.take_over()
+                if self._leader and time.monotonic() - self._last_prune > PRUNE_EVERY:
+                    self._last_prune = time.monotonic()
+                    self.fleet.prune_stage_log(STAGE_LOG_DAYS * 86400.0)
             except Exception as exc:  # the database is away: try again next round
                 log.warning("fleet duties failed; trying again", error=scrub(str(exc)))
                 self._leader = self._leader and not self.fenced

@@ -141,3 +141,15 @@ def test_one_purge_at_a_time_across_connectors(pg_url: str, tmp_path: Path) -> N
         pass
     for db in dbs:
         db.close()
+
+
+def test_the_stage_log_records_who_ran_what_and_is_pruned(pg_url: str) -> None:
+    (a,) = members(pg_url, 1)
+    entry = a.stage_started("r-7", "s-7", "transfer")
+    a.stage_ended(entry, "done")
+    (row,) = a.stage_history()
+    assert (row["member"], row["stage"], row["outcome"]) == ("m-0", "transfer", "done")
+    assert row["ended"] >= row["started"]  # type: ignore[operator]
+    assert a.prune_stage_log(3600) == 0
+    assert a.prune_stage_log(-1) == 1
+    assert a.stage_history() == []
