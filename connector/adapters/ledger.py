@@ -71,6 +71,7 @@ class RunLedger:
                     progress_total=0,
                     detail="",
                     updated_at=_now(),
+                    due_at=self.db.now_expr(),  # its first task is due at once
                 )
             )
             row = c.execute(sa.select(run_control).where(run_control.c.run_id == run_id)).first()
