@@ -9,6 +9,8 @@ settings, callables), never the `App` itself; the CLI, outermost, asks the
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from sqlalchemy import exc as sa_exc
 
 from connector import __version__
 from connector.adapters.datastore_reader import DatastoreHttpsSource
+from connector.adapters.fleet import Fleet
 from connector.adapters.jobstore import JobStore
 from connector.adapters.kms import KmsKeyProvider
 from connector.adapters.ledger import RunLedger
@@ -34,6 +38,7 @@ from connector.adapters.local import (
 )
 from connector.adapters.nbd import parse_nbd_uri
 from connector.adapters.s3 import S3ObjectStore
+from connector.adapters.sql import Database
 from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
@@ -49,6 +54,7 @@ from connector.config import Config
 from connector.daemon.api import ApiServer, ApiServices
 from connector.daemon.api.metrics import StateCollector
 from connector.daemon.discovery import Discovery
+from connector.daemon.fleet import FleetDuty
 from connector.daemon.lock import StateLock
 from connector.daemon.queue import RunQueue
 from connector.daemon.recovery import RecoveryReport, recover, sweep
@@ -106,16 +112,51 @@ class App:
     config: Config
 
     @cached_property
+    def database(self) -> Database:
+        """The state database: [fleet]'s PostgreSQL, or the SQLite file of [state]."""
+        if self.config.fleet is None:
+            return Database.at_path(self.config.state.path)
+        return fleet_database(self.config)
+
+    @cached_property
     def state(self) -> StateStore:
-        return StateStore.at_path(self.config.state.path)
+        return StateStore(self.database)
 
     @cached_property
     def ledger(self) -> RunLedger:
-        return RunLedger(self.state)
+        return RunLedger(self.state, member=self.member_id if self.config.fleet else None)
+
+    @property
+    def member_id(self) -> str:
+        """This connector's id in the fleet: [fleet] member_id, or its host name and a
+        digest of its state folder (two connectors on one machine differ)."""
+        fleet = self.config.fleet
+        if fleet is not None and fleet.member_id:
+            return fleet.member_id
+        digest = hashlib.sha256(str(self.config.state_dir.resolve()).encode()).hexdigest()
+        return f"{socket.gethostname()}-{digest[:6]}"
+
+    @cached_property
+    def fleet(self) -> Fleet:
+        lease = self.config.fleet.lease_timeout if self.config.fleet else 30.0
+        return Fleet(self.database, self.member_id, lease)
+
+    def capabilities(self) -> list[str]:
+        """What this connector can do: its transport (and VDDK when it is there)."""
+        caps = [f"transport:{self.config.transport.kind}"]
+        if self.config.transport.kind == "vddk":
+            caps.append("vddk")
+        return caps
 
     @cached_property
     def jobs(self) -> JobStore:
         return JobStore(self.state, self.ledger)
+
+    def run_queue(self) -> RunQueue:
+        """The job queue: [fleet]'s PostgreSQL (shared), or queue.db beside the state."""
+        if self.config.fleet is not None:
+            return RunQueue.in_database(self.database)
+        return RunQueue(self.queue_path)
 
     @property
     def queue_path(self) -> Path:
@@ -447,7 +488,7 @@ class App:
         """Jobs as users manage them (`connector jobs` and the API): checked and audited."""
 
         def enqueue(run_id: str) -> None:
-            queue = RunQueue(self.queue_path)
+            queue = self.run_queue()
             try:
                 queue.enqueue(run_id, 0)
             finally:
@@ -476,6 +517,7 @@ class App:
             default_keep=self.config.retention.keep,
             stale_lock_age=dt.timedelta(hours=self.config.retention.stale_lock_hours),
             guard_path=self.config.state.path.parent / "purge.lock",
+            shared_guard=lambda: self.database.session_lock("purge"),
         )
 
     @cached_property
@@ -576,7 +618,7 @@ class App:
 
     def queue_depth(self) -> int:
         """Tasks waiting in the run queue."""
-        queue = RunQueue(self.queue_path)
+        queue = self.run_queue()
         try:
             return queue.pending()
         finally:
@@ -644,9 +686,15 @@ class App:
 
     def _daemon_parts(self, stopping: threading.Event) -> DaemonParts:
         cfg = self.config.daemon
-        queue = RunQueue(self.queue_path)
+        fleet_cfg = self.config.fleet
+        queue = self.run_queue()
         reporter = LedgerReporter(self.ledger)
-        pipeline = RunPipeline(self.stage_context(reporter, stopping.is_set))
+        duty_box: list[FleetDuty] = []
+
+        def should_stop() -> bool:
+            return stopping.is_set() or (bool(duty_box) and duty_box[0].fenced)
+
+        pipeline = RunPipeline(self.stage_context(reporter, should_stop))
         executor = RunExecutor(
             pipeline=pipeline,
             hv=self.hypervisor,
@@ -655,7 +703,9 @@ class App:
             jobs=self.jobs,
             queue=queue,
             limits=RunLimits(
-                max_concurrent_runs=cfg.max_concurrent_runs,
+                max_concurrent_runs=fleet_cfg.max_concurrent_runs
+                if fleet_cfg is not None
+                else cfg.max_concurrent_runs,
                 max_runs_per_host=cfg.max_runs_per_host,
                 failures_before_pause=cfg.failures_before_pause,
                 stage_retries=cfg.stage_retries,
@@ -667,9 +717,31 @@ class App:
             retention=self.retention.apply_policy,
             stopping=stopping,
             on_run_end=reporter.forget,
+            claims=self.fleet,
+            transient_faults=(sa_exc.OperationalError, sa_exc.InterfaceError),
         )
+        duty: FleetDuty | None = None
+        if fleet_cfg is not None:
+            self.fleet.register(__version__, self.capabilities())
+            duty = FleetDuty(
+                self.fleet,
+                self.ledger,
+                queue,
+                self.objects,
+                executing=lambda: set(executor.executing),
+                heartbeat_interval=fleet_cfg.heartbeat_interval,
+                run_state=lambda run_id: self.state.run(run_id).state,
+            )
+            duty_box.append(duty)
 
         def recover_all() -> RecoveryReport:
+            if duty is not None:
+                # Only this member's own runs (of its last life) and the orphans of
+                # dead members: the other members' runs are theirs.
+                report = RecoveryReport()
+                report.resumed.extend(duty.take_over())
+                sweep_leftovers(report)
+                return report
             return recover(
                 self.state,
                 self.ledger,
@@ -680,14 +752,16 @@ class App:
                 release_lock=pipeline.release_lock,
             )
 
-        def sweep_leftovers() -> RecoveryReport:
+        def sweep_leftovers(report: RecoveryReport | None = None) -> RecoveryReport:
             return sweep(
                 self.state,
                 self.ledger,
                 self.hypervisor,
                 self.objects,
+                report,
                 release_lock=pipeline.release_lock,
                 stale_upload_age=dt.timedelta(seconds=cfg.stale_upload_age),
+                others_uploads=self.fleet if duty is not None else None,
             )
 
         return DaemonParts(
@@ -697,6 +771,8 @@ class App:
             discovery=Discovery(self.discovery_hypervisor, self.state),
             recover=recover_all,
             sweep=sweep_leftovers,
+            fleet=duty,
+            leave=self.fleet.leave if duty is not None else (lambda: None),
         )
 
     def close(self) -> None:
@@ -708,6 +784,55 @@ class App:
             self.vsphere.close()
         if "state" in self.__dict__:
             self.state.close()
+
+
+def database_connect_args(config: Config) -> dict[str, Any]:
+    """How psycopg reaches [fleet]'s server: the password (from its file, credential or
+    environment variable, never the URL) and, for a server not on this machine, TLS
+    with the server's name verified against its certificate."""
+    fleet = config.fleet
+    assert fleet is not None
+    args: dict[str, Any] = {
+        "connect_timeout": max(1, round(fleet.connect_timeout)),
+        "application_name": "connector",
+    }
+    password = config.database_password()
+    if password is not None:
+        register_secret(password)
+        args["password"] = password.reveal()
+    if not fleet.is_local:
+        args["sslmode"] = "verify-full"
+        args["sslrootcert"] = str(fleet.ca_file) if fleet.ca_file is not None else "system"
+    elif fleet.ca_file is not None:
+        args["sslmode"] = "verify-full"
+        args["sslrootcert"] = str(fleet.ca_file)
+    return args
+
+
+def fleet_database(config: Config) -> Database:
+    """[fleet]'s PostgreSQL, its schema migrated; a ConfigError or a TransientError that
+    says what failed (never with the password) when it cannot be opened."""
+    fleet = config.fleet
+    assert fleet is not None
+    args = database_connect_args(config)
+    try:
+        return Database(fleet.database_url, connect_args=args)
+    except sa_exc.OperationalError as exc:
+        reason = scrub(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc))
+        if "password" in reason.lower() or "authentication" in reason.lower():
+            raise ConfigError(
+                f"the fleet database {fleet.redacted_url()} refused the login: {reason}; "
+                "check [fleet] password_file (or password_env) and the user in database_url"
+            ) from None
+        if "certificate" in reason.lower() or "ssl" in reason.lower():
+            raise ConfigError(
+                f"TLS to the fleet database {fleet.redacted_url()} failed: {reason}; give "
+                "the CA of the server's certificate in [fleet] ca_file"
+            ) from None
+        raise TransientError(
+            f"the fleet database {fleet.redacted_url()} cannot be reached: {reason}; "
+            "check that PostgreSQL runs there and that this machine may connect"
+        ) from None
 
 
 def wrap_object_store(

@@ -394,6 +394,112 @@ class DaemonConfig(_Section):
     schedule_unit_seconds: float = Field(default=3600.0, gt=0.0)
 
 
+_LOCAL_DB_HOSTS = {"localhost", "127.0.0.1", "::1"}
+_WEAK_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca"}
+
+
+class FleetConfig(_Section):
+    """Fleet mode: the state and the job queue in one PostgreSQL, shared by N connectors.
+
+    The URL names the server, port, database and user; the password comes from a
+    file, a systemd credential or an environment variable, never from the URL. TLS
+    to a server that is not on this machine is required and verified (the server's
+    name against its certificate, from `ca_file` or the system's trust store).
+    """
+
+    database_url: str
+    password_file: Path | None = None  # a file, or credential:NAME (systemd LoadCredential=)
+    password_env: str | None = None  # or the name of an environment variable
+    ca_file: Path | None = None  # the CA of the server's certificate; default: system store
+    member_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
+    # A member heartbeats every heartbeat_interval seconds; one silent for lease_timeout
+    # is dead: its runs are taken over, its leadership passes to another member.
+    heartbeat_interval: float = Field(default=5.0, gt=0.0, le=300.0)
+    lease_timeout: float = Field(default=30.0, gt=0.0, le=3600.0)
+    # Runs active at once across the whole fleet ([daemon] max_runs_per_host holds
+    # fleet-wide per ESXi host).
+    max_concurrent_runs: int = Field(default=16, ge=1, le=10000)
+    connect_timeout: float = Field(default=10.0, gt=0.0, le=300.0)
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        try:
+            parts = urlsplit(v)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"[fleet] database_url cannot be read: {exc}") from None
+        if parts.scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError(
+                "[fleet] database_url must be a postgresql:// URL "
+                "(postgresql://USER@HOST:PORT/DATABASE)"
+            )
+        if parts.password is not None:
+            raise ValueError(
+                "[fleet] database_url must not carry a password; remove it from the URL "
+                "and put it in password_file (a file or credential:NAME) or password_env"
+            )
+        query = {k.lower() for k in _query_keys(parts.query)}
+        if "password" in query or "passfile" in query:
+            raise ValueError(
+                "[fleet] database_url must not carry a password; use password_file or password_env"
+            )
+        if not parts.hostname:
+            raise ValueError("[fleet] database_url has no host name")
+        if not parts.path.strip("/"):
+            raise ValueError("[fleet] database_url names no database (…/DATABASE at its end)")
+        if not parts.username:
+            raise ValueError("[fleet] database_url names no user (postgresql://USER@HOST/…)")
+        if port is not None and not 0 < port < 65536:
+            raise ValueError("[fleet] database_url has a port out of range")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FleetConfig:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("[fleet] takes password_file or password_env, not both")
+        if self.lease_timeout < 2 * self.heartbeat_interval:
+            raise ValueError(
+                "[fleet] lease_timeout must be at least twice heartbeat_interval, or a "
+                "member that is alive may be taken for dead"
+            )
+        if not self.is_local:
+            mode = _query_value(urlsplit(self.database_url).query, "sslmode")
+            if mode is not None and mode in _WEAK_SSLMODES:
+                raise ValueError(
+                    f"[fleet] database_url asks for sslmode={mode}, but the server "
+                    f"{self.host} is not on this machine: TLS is verified "
+                    "(verify-full); remove sslmode from the URL"
+                )
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.database_url).hostname or ""
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the server is on this machine (loopback): then TLS is not required."""
+        return self.host in _LOCAL_DB_HOSTS or self.host.startswith("127.")
+
+    def redacted_url(self) -> str:
+        """The URL without its query (which may name files): for messages."""
+        parts = urlsplit(self.database_url)
+        return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+def _query_keys(query: str) -> list[str]:
+    return [item.split("=", 1)[0] for item in query.split("&") if item]
+
+
+def _query_value(query: str, key: str) -> str | None:
+    for item in query.split("&"):
+        k, _, v = item.partition("=")
+        if k.lower() == key:
+            return v
+    return None
+
+
 class RetryConfig(_Section):
     """How often a transient failure (a 5xx, throttling, a dropped connection, EIO) is
     tried again within one operation: S3 requests and disk reads. One policy for all."""
@@ -430,6 +536,7 @@ class Config(_Section):
     network: NetworkConfig = NetworkConfig()
     api: ApiConfig | None = None
     audit: AuditConfig = AuditConfig()
+    fleet: FleetConfig | None = None  # PostgreSQL for state and queue; SQLite without it
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -505,6 +612,13 @@ class Config(_Section):
         if self.store.key_env is None:
             return None
         return read_secret_env(self.store.key_env, "store key")
+
+    def database_password(self) -> Secret | None:
+        """The password of [fleet]'s database user; None when the server needs none."""
+        f = self.fleet
+        if f is None or (f.password_file is None and f.password_env is None):
+            return None
+        return load_secret(f.password_file, f.password_env, "database password")
 
     def api_token(self) -> Secret:
         if self.api is None:
@@ -582,6 +696,7 @@ _PATH_KEYS = {
     "network": ("proxy_ca_file",),
     "api": ("cert_file", "key_file", "token_file"),
     "audit": ("path",),
+    "fleet": ("password_file", "ca_file"),
 }
 # Keys that name secrets: they may also be systemd credentials.
 _SECRET_KEYS = {
@@ -590,6 +705,7 @@ _SECRET_KEYS = {
     ("store", "key_file"),
     ("api", "token_file"),
     ("api", "key_file"),
+    ("fleet", "password_file"),
 }
 
 

@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -443,10 +444,17 @@ class MemoryLedger:
         attempts: int | None = None,
         state: str | None = None,
         host: str | None = None,
+        due_in: float = 0.0,
     ) -> int:
         with self._lock:
             ctl = self.ensure_control(run_id)
-            values: dict[str, Any] = {"seq": ctl.seq + 1, "updated_at": self._now()}
+            values: dict[str, Any] = {
+                "seq": ctl.seq + 1,
+                "updated_at": self._now(),
+                "owner": None,
+                "owner_since": None,
+                "due_at": time.time() + due_in,
+            }
             if stage is not None:
                 values["attempts"] = 0
                 values["detail"] = ""

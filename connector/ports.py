@@ -335,8 +335,12 @@ class RunControls(Protocol):
         attempts: int | None = None,
         state: str | None = None,
         host: str | None = None,
+        due_in: float = 0.0,
     ) -> int:
-        """Move the run's token on (and its stage or state); return the new token."""
+        """Move the run's token on (and its stage or state); return the new token.
+
+        Moving the token ends any claim on the run's current stage; `due_in` says
+        when the task of the new token is due (seconds from now)."""
         ...
 
     def set_failure(self, run_id: str, failed_stage: str, reason: str) -> None: ...

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.harness.fixtures_tls",
     "tests.harness.nbd",
     "tests.messages.plugin",
+    "tests.harness.postgres",
 ]

@@ -50,15 +50,18 @@ class JobStore:
     # -- jobs ----------------------------------------------------------------------
 
     def create(self, server_id: str, spec: JobSpec) -> JobRow:
-        existing = self.for_server(server_id)
-        if existing is not None:
-            raise InvalidInputError(
-                f"the VM already has job {existing.id} ({existing.state}); change it with "
-                "`connector jobs update` or delete it first"
-            )
         job_id = "j-" + os.urandom(6).hex()
         now = _now()
-        with self._tx() as c:
+        # One job per VM, also when two commands (on two connectors) create one at once.
+        with self.state.db.write_tx(f"jobs:{server_id}") as c:
+            existing = c.execute(
+                sa.select(jobs).where(jobs.c.server_id == server_id, jobs.c.state != JOB_DELETED)
+            ).first()
+            if existing is not None:
+                raise InvalidInputError(
+                    f"the VM already has job {existing.id} ({existing.state}); change it with "
+                    "`connector jobs update` or delete it first"
+                )
             c.execute(
                 jobs.insert().values(
                     id=job_id,
@@ -203,19 +206,73 @@ class JobStore:
         run_type: str,
         state: str,
         error: str | None = None,
-    ) -> None:
-        """A new run of a job: PENDING (to be queued) or MISSED (recorded, never run)."""
+        schedule_key: str | None = None,
+    ) -> bool:
+        """A new run of a job: PENDING (to be queued) or MISSED (recorded, never run).
+
+        With `schedule_key` (the job and its scheduled time), a second run of the same
+        key is not made: False, nothing changed (a schedule that fired twice)."""
+        if schedule_key is not None and self.run_of_schedule(schedule_key) is not None:
+            return False
+        try:
+            with self._tx() as c:
+                self.runs.create_run(
+                    run_id,
+                    job.server_id,
+                    run_type,
+                    state=state,
+                    stage="missed" if state == RUN_MISSED else "queued",
+                    error=error,
+                    conn=c,
+                )
+                if schedule_key is not None:
+                    c.execute(
+                        runs.update().where(runs.c.id == run_id).values(schedule_key=schedule_key)
+                    )
+                self.ledger.ensure_control(run_id, job.id, conn=c)
+        except sa.exc.IntegrityError:
+            if schedule_key is not None and self.run_of_schedule(schedule_key) is not None:
+                return False
+            raise
+        return True
+
+    def run_of_schedule(self, schedule_key: str) -> str | None:
+        """The run made for a schedule slot, if any."""
         with self._tx() as c:
-            self.runs.create_run(
-                run_id,
-                job.server_id,
-                run_type,
-                state=state,
-                stage="missed" if state == RUN_MISSED else "queued",
-                error=error,
-                conn=c,
-            )
-            self.ledger.ensure_control(run_id, job.id, conn=c)
+            return c.execute(
+                sa.select(runs.c.id).where(runs.c.schedule_key == schedule_key)
+            ).scalar()
+
+    def admit(
+        self, run_id: str, server_id: str, host: str, max_total: int, max_per_host: int
+    ) -> tuple[str, str, int]:
+        """Admit a PENDING run, in one transaction that every connector of a fleet takes
+        in turn: ("missed", why, 0) when another run of the VM is active, ("wait", why,
+        0) when the fleet or the host has no free slot, ("admitted", "", seq)."""
+        with self.state.db.write_tx("admission") as c:
+            busy = c.execute(
+                sa.select(runs.c.id).where(
+                    runs.c.server_id == server_id, runs.c.state == RUN_ACTIVE, runs.c.id != run_id
+                )
+            ).first()
+            if busy is not None:
+                return (
+                    "missed",
+                    f"run {busy.id} of this VM was still active when this run was due",
+                    0,
+                )
+            active = c.execute(
+                sa.select(runs.c.id, run_control.c.host)
+                .select_from(runs.outerjoin(run_control, run_control.c.run_id == runs.c.id))
+                .where(runs.c.state == RUN_ACTIVE)
+            ).all()
+            on_host = sum(1 for r in active if r.host == host)
+            if len(active) >= max_total:
+                return "wait", f"{len(active)} runs are active (max_concurrent_runs)", 0
+            if on_host >= max_per_host:
+                return "wait", f"{on_host} runs are active on host {host} (max_runs_per_host)", 0
+            seq = self.ledger.advance(run_id, stage="validate", state=RUN_ACTIVE, host=host, conn=c)
+            return "admitted", "", seq
 
     def job_of_run(self, run_id: str) -> JobRow | None:
         ctl = self.ledger.control(run_id)

@@ -48,8 +48,10 @@ _now = stamp
 class RunLedger:
     """The `Ledger` (steps, side effects), `RunControls` and `UploadJournal` ports."""
 
-    def __init__(self, state: Database | Any) -> None:
+    def __init__(self, state: Database | Any, member: str | None = None) -> None:
+        """`member`: the fleet member this process is; its multipart uploads carry it."""
         self.db: Database = state if isinstance(state, Database) else state.db
+        self.member = member
         self.runs = SqlRuns(self.db)
         self._tx = self.db.tx
 
@@ -58,13 +60,9 @@ class RunLedger:
     def ensure_control(
         self, run_id: str, job_id: str | None = None, conn: Connection | None = None
     ) -> Control:
-        if conn is None:
-            with self._tx() as c:
-                return self.ensure_control(run_id, job_id, c)
-        row = conn.execute(sa.select(run_control).where(run_control.c.run_id == run_id)).first()
-        if row is None:
-            conn.execute(
-                run_control.insert().values(
+        with self.db.write_tx(f"run:{run_id}", conn) as c:
+            c.execute(
+                self.db.insert_ignoring_duplicates(run_control).values(
                     run_id=run_id,
                     job_id=job_id,
                     seq=0,
@@ -73,9 +71,10 @@ class RunLedger:
                     progress_total=0,
                     detail="",
                     updated_at=_now(),
+                    due_at=self.db.now_expr(),  # its first task is due at once
                 )
             )
-            row = conn.execute(sa.select(run_control).where(run_control.c.run_id == run_id)).first()
+            row = c.execute(sa.select(run_control).where(run_control.c.run_id == run_id)).first()
         assert row is not None
         return Control(**row._mapping)
 
@@ -91,15 +90,25 @@ class RunLedger:
         attempts: int | None = None,
         state: str | None = None,
         host: str | None = None,
+        due_in: float = 0.0,
+        conn: Connection | None = None,
     ) -> int:
         """Move the run's token on (a new stage, a retry, an admission); return the new seq.
 
         A queued task carries the seq it was enqueued with; only the task whose seq
-        is current runs, so a duplicate or stale task is a no-op.
+        is current runs, so a duplicate or stale task is a no-op. Moving the token
+        also ends the claim on the run's stage (`claim`); `due_in` is when the task
+        of the new token is due (seconds from now), for the fleet's watch on stalls.
         """
-        with self._tx() as c:
+        with self.db.write_tx(f"run:{run_id}", conn) as c:
             ctl = self.ensure_control(run_id, conn=c)
-            values: dict[str, Any] = {"seq": ctl.seq + 1, "updated_at": _now()}
+            values: dict[str, Any] = {
+                "seq": ctl.seq + 1,
+                "updated_at": _now(),
+                "owner": None,
+                "owner_since": None,
+                "due_at": self.db.now_expr() + due_in,
+            }
             if stage is not None:
                 values["attempts"] = 0
                 values["detail"] = ""
@@ -112,7 +121,7 @@ class RunLedger:
         return int(values["seq"])
 
     def set_failure(self, run_id: str, failed_stage: str, reason: str) -> None:
-        with self._tx() as c:
+        with self.db.write_tx(f"run:{run_id}") as c:
             self.ensure_control(run_id, conn=c)
             c.execute(
                 run_control.update()
@@ -161,7 +170,7 @@ class RunLedger:
         return {r.disk_key: json.loads(r.result) for r in rows}
 
     def step_done(self, run_id: str, stage: str, disk_key: int, result: dict[str, Any]) -> None:
-        with self._tx() as c:
+        with self.db.write_tx(f"run:{run_id}") as c:
             c.execute(
                 run_steps.delete().where(
                     run_steps.c.run_id == run_id,
@@ -189,7 +198,7 @@ class RunLedger:
             side_effects.c.name == name,
             side_effects.c.state == PENDING,
         )
-        with self._tx() as c:
+        with self.db.write_tx(f"run:{run_id}") as c:
             row = c.execute(mine).first()
             if row is None:
                 now = _now()
@@ -269,6 +278,7 @@ class RunLedger:
                     state=PENDING,
                     created_at=now,
                     updated_at=now,
+                    owner=self.member,
                 )
             )
         crash_point("multipart-created")

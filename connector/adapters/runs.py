@@ -93,7 +93,7 @@ class SqlRuns:
             c.execute(runs.update().where(runs.c.id == run_id).values(**values))
 
     def record_disk(self, run_id: str, result: DiskResult) -> None:
-        with self.db.tx() as c:
+        with self.db.write_tx(f"run:{run_id}") as c:
             c.execute(
                 run_disks.delete().where(
                     run_disks.c.run_id == run_id, run_disks.c.disk_key == result.disk_key
@@ -102,7 +102,10 @@ class SqlRuns:
             c.execute(run_disks.insert().values(run_id=run_id, **result.to_json()))
 
     def record_commit(self, run_id: str, disks: list[DiskStateRow], stats: dict[str, Any]) -> None:
-        with self.db.tx() as c:
+        servers = sorted({d.server_id for d in disks})
+        with self.db.write_tx(f"run:{run_id}") as c:
+            for server_id in servers:
+                self.db.lock_key(c, f"disks:{server_id}")
             for d in disks:
                 c.execute(
                     disk_state.delete().where(
@@ -140,7 +143,7 @@ class SqlRuns:
                 )
 
     def import_run(self, run: RunRow) -> bool:
-        with self.db.tx() as c:
+        with self.db.write_tx(f"run:{run.id}") as c:
             if c.execute(sa.select(runs.c.id).where(runs.c.id == run.id)).first() is not None:
                 return False
             c.execute(
@@ -192,6 +195,7 @@ class SqlRuns:
 def _run(r: Any, drows: Any) -> RunRow:
     m = dict(r._mapping)
     m["stats"] = json.loads(m["stats"] or "{}")
+    m.pop("schedule_key", None)
     disks = []
     for d in drows:
         doc = dict(d._mapping)

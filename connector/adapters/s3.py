@@ -734,9 +734,12 @@ class S3ObjectStore:
         with self._in_use_lock:
             return frozenset(self._in_use)
 
-    def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+    def abort_incomplete_uploads(
+        self, older_than: dt.timedelta, keep: frozenset[str] = frozenset()
+    ) -> int:
         """Abort multipart uploads under the prefix started more than `older_than` ago
-        that no put of this process is using.
+        that no put of this process is using, and whose id is not in `keep` (in a fleet:
+        the uploads that other connectors, alive, recorded as theirs).
 
         For startup recovery after a crash (a process kill skips the in-process abort),
         and for the daemon's sweep: an upload whose CreateMultipartUpload reply was lost
@@ -750,6 +753,8 @@ class S3ObjectStore:
             for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix):
                 in_use = self.uploads_in_use()
                 for upload in page.get("Uploads", ()):
+                    if upload["UploadId"] in keep:
+                        continue
                     if upload["Initiated"] > cutoff or upload["UploadId"] in in_use:
                         continue
                     if self._abort_multipart(upload["Key"], upload["UploadId"]):

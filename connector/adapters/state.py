@@ -76,7 +76,7 @@ class SqlCatalog(_Tables):
             "seen_at": stamp(),
             "removed_at": None,
         }
-        with self.db.tx() as c:
+        with self.db.write_tx(f"vm:{vm.uuid}") as c:
             row = c.execute(sa.select(servers.c.id).where(servers.c.vm_uuid == vm.uuid)).first()
             if row is None:
                 server_id = "s-" + os.urandom(8).hex()
@@ -120,7 +120,7 @@ class SqlCatalog(_Tables):
         return [_server(r) for r in rows]
 
     def add_server(self, server_id: str, vm_uuid: str, name: str) -> ServerRow:
-        with self.db.tx() as c:
+        with self.db.write_tx(f"vm:{vm_uuid}") as c:
             row = c.execute(
                 sa.select(servers.c.id, servers.c.vm_uuid).where(
                     sa.or_(servers.c.id == server_id, servers.c.vm_uuid == vm_uuid)
@@ -173,7 +173,7 @@ class SqlDiskStates(_Tables):
             c.execute(disk_state.delete().where(disk_state.c.server_id == server_id))
 
     def put_disk_state(self, row: DiskStateRow) -> None:
-        with self.db.tx() as c:
+        with self.db.write_tx(f"disks:{row.server_id}") as c:
             c.execute(
                 disk_state.delete().where(
                     disk_state.c.server_id == row.server_id, disk_state.c.disk_key == row.disk_key
@@ -237,7 +237,7 @@ class SqlRetention(_Tables):
     """The `RetentionSettings` port."""
 
     def set_retention(self, server_id: str, keep: int | None) -> None:
-        with self.db.tx() as c:
+        with self.db.write_tx(f"retention:{server_id}") as c:
             c.execute(retention.delete().where(retention.c.server_id == server_id))
             if keep is not None:
                 c.execute(

@@ -7,7 +7,7 @@ import datetime as dt
 import fcntl
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,9 @@ class Retention:
     default_keep: int  # [retention] keep: runs to keep per server by default (0: all)
     stale_lock_age: dt.timedelta
     guard_path: Path  # the advisory lock file beside the state database
+    # In a fleet: one purge at a time across every connector (a lock in the database
+    # that goes with its holder); yields whether it was taken.
+    shared_guard: Callable[[], AbstractContextManager[bool]] = lambda: nullcontext(True)
 
     def policies(self, server_ids: set[str]) -> dict[str, int]:
         """Runs to keep per server: its own setting, else the default.
@@ -74,6 +77,11 @@ class Retention:
                 raise PermanentError(
                     "another purge is running against this state database; wait for it to end"
                 ) from None
-            yield
+            with self.shared_guard() as taken:
+                if not taken:
+                    raise PermanentError(
+                        "another connector of the fleet is purging this store; wait for it to end"
+                    )
+                yield
         finally:
             os.close(fd)

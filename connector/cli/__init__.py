@@ -21,6 +21,7 @@ from typer.core import TyperGroup
 from connector import __version__
 from connector.cli import (
     catalog,
+    fleet,
     init,
     jobs,
     replication,
@@ -145,6 +146,7 @@ app.command("run")(service.run_command)
 app.command("support-bundle")(support.support_bundle_cmd)
 app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(state.state_app, name="state")
+app.add_typer(fleet.fleet_app, name="fleet")
 
 
 def main() -> None:

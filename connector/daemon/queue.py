@@ -1,4 +1,6 @@
-"""The durable run queue: huey with its SQLite storage in the state folder.
+"""The durable run queue: huey, with its SQLite storage in the state folder, or, in a
+fleet, with its storage in the fleet's PostgreSQL (`connector.adapters.sqlqueue`),
+shared by every connector: a task is taken by one consumer of the fleet.
 
 One task type, `advance_run(run_id, seq)`: "do the next thing for this run".
 What the next thing is (admission, a stage, a rollback) is read from the state
@@ -17,8 +19,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from huey import SqliteHuey
+from huey import Huey, SqliteHuey
 from huey.consumer import Consumer
+
+from connector.adapters.sql import Database
+from connector.adapters.sqlqueue import SqlStorage
 
 TASK_NAME = "advance_run"
 
@@ -33,15 +38,23 @@ class _Consumer(Consumer):  # type: ignore[misc]
 
 
 class RunQueue:
-    def __init__(self, path: Path, handler: Handler | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existed = path.exists()
+    """The queue port: `enqueue`, `pending`, `set_handler`, `consumer`, `close`."""
+
+    def __init__(
+        self, path: Path | None = None, handler: Handler | None = None, *, huey: Huey | None = None
+    ) -> None:
+        """The SQLite queue file at `path`, or the `huey` given (`in_database`)."""
         self.path = path
-        self.huey = SqliteHuey(
-            name="connector", filename=str(path), results=False, utc=True, fsync=True
-        )
-        if not existed and path.exists():
-            os.chmod(path, 0o600)
+        if huey is None:
+            assert path is not None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            existed = path.exists()
+            huey = SqliteHuey(
+                name="connector", filename=str(path), results=False, utc=True, fsync=True
+            )
+            if not existed and path.exists():
+                os.chmod(path, 0o600)
+        self.huey = huey
         self._handler = handler
 
         def advance_run(run_id: str, seq: int) -> None:
@@ -50,6 +63,16 @@ class RunQueue:
             self._handler(run_id, seq)
 
         self._task = self.huey.task(name=TASK_NAME)(advance_run)
+
+    @classmethod
+    def in_database(cls, db: Database, handler: Handler | None = None) -> RunQueue:
+        """The queue in the state database (a fleet's PostgreSQL), shared by its members."""
+        return cls(
+            handler=handler,
+            huey=Huey(
+                name="connector", results=False, utc=True, storage_class=SqlStorage, database=db
+            ),
+        )
 
     def set_handler(self, handler: Handler) -> None:
         self._handler = handler

@@ -49,7 +49,17 @@ class UploadAborter(Protocol):
 
     def uploads_in_use(self) -> frozenset[str]: ...
 
-    def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int: ...
+    def abort_incomplete_uploads(
+        self, older_than: dt.timedelta, keep: frozenset[str] = frozenset()
+    ) -> int: ...
+
+
+class OthersUploads(Protocol):
+    """In a fleet: which recorded uploads belong to other members, alive."""
+
+    def is_others_upload(self, owner: str | None) -> bool: ...
+
+    def live_uploads_of_others(self) -> frozenset[str]: ...
 
 
 @dataclass
@@ -124,6 +134,7 @@ def sweep(
     keep: set[str] | None = None,
     release_lock: Callable[[str], None] | None = None,
     stale_upload_age: dt.timedelta | None = None,
+    others_uploads: OthersUploads | None = None,
 ) -> RecoveryReport:
     """Undo the recorded side effects of runs that are over (or unknown), and the
     multipart uploads no put owns any more.
@@ -131,6 +142,11 @@ def sweep(
     With `stale_upload_age`, also abort the incomplete uploads under the store's
     prefix that are older and that no put owns (their id may never have been
     recorded).
+
+    In a fleet (`others_uploads`), the store has many writers: an upload recorded
+    by another member that is alive is its own (no put of this process owns it,
+    yet it is in flight), so neither the recorded sweep nor the prefix-wide one
+    touches it; a dead member's uploads are aborted by the takeover of its runs.
     """
     report = report or RecoveryReport()
     if keep is None:
@@ -154,14 +170,19 @@ def sweep(
     for effect in recorded:
         if effect.ref is None or effect.ref in in_use:
             continue
+        if others_uploads is not None and (
+            effect.owner is None or others_uploads.is_others_upload(effect.owner)
+        ):
+            continue
         if uploads.abort_upload(effect.target, effect.ref):
             ledger.undone(effect.id)
             report.uploads_aborted += 1
         else:
             report.problems.append(f"multipart upload of {effect.target} could not be aborted")
     if stale_upload_age is not None:
+        keep_ids = others_uploads.live_uploads_of_others() if others_uploads else frozenset()
         try:
-            report.uploads_aborted += uploads.abort_incomplete_uploads(stale_upload_age)
+            report.uploads_aborted += uploads.abort_incomplete_uploads(stale_upload_age, keep_ids)
         except ConnectorError as exc:
             report.problems.append(f"listing incomplete uploads: {scrub(str(exc))}")
     if report.uploads_aborted:

@@ -76,6 +76,16 @@ class Enqueue(Protocol):
     def enqueue(self, run_id: str, seq: int, delay: float = 0.0) -> None: ...
 
 
+class Claims(Protocol):
+    """The claims on runs' stages (connector.adapters.fleet.Fleet)."""
+
+    def claim(self, run_id: str, seq: int) -> bool: ...
+
+    def stage_started(self, run_id: str, server_id: str, stage: str) -> int: ...
+
+    def stage_ended(self, entry: int, outcome: str) -> None: ...
+
+
 class RunExecutor:
     def __init__(
         self,
@@ -89,7 +99,12 @@ class RunExecutor:
         retention: Retention,
         stopping: threading.Event,
         on_run_end: Callable[[str], object] = lambda _run_id: None,
+        claims: Claims | None = None,
+        transient_faults: tuple[type[BaseException], ...] = (),
     ) -> None:
+        """`transient_faults`: errors of the connector's own services (the state
+        database gone for a moment) that a stage is retried after, like a
+        TransientError, instead of failing the run."""
         self.pipeline = pipeline
         self.hv = hv
         self.state = state
@@ -100,6 +115,9 @@ class RunExecutor:
         self.retention = retention
         self.stopping = stopping
         self.on_run_end = on_run_end
+        self.claims = claims
+        self.transient_faults = transient_faults
+        self.executing: set[str] = set()  # runs whose task runs in this process now
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._admission = threading.Lock()
@@ -113,6 +131,9 @@ class RunExecutor:
         with self._locks_guard:
             lock = self._locks.setdefault(run_id, threading.Lock())
         with lock:  # a duplicate of the current task waits, then finds the token moved on
+            if self.claims is not None and not self.claims.claim(run_id, seq):
+                return  # another connector works on it, or the token moved on
+            self.executing.add(run_id)
             try:
                 self._handle(run_id, seq)
             except Exception:
@@ -120,6 +141,8 @@ class RunExecutor:
                 # keeps its state and token, and startup recovery takes it up again.
                 log.exception("a queue task failed", run=run_id, seq=seq)
                 raise
+            finally:
+                self.executing.discard(run_id)
 
     def _handle(self, run_id: str, seq: int) -> None:
         if self.stopping.is_set():
@@ -142,21 +165,41 @@ class RunExecutor:
             self._fail(run_id, run.stage, "the job was deleted while the run was active")
             return
         stage = run.stage
+        entry = (
+            None if self.claims is None else self.claims.stage_started(run_id, run.server_id, stage)
+        )
+        outcome = "error"
         try:
             following = self.pipeline.execute(run_id, stage)
+            outcome = "done"
         except StageInterrupted:
+            outcome = "interrupted"
             log.info("stage interrupted by shutdown; it resumes at the next start", run=run_id)
             return
         except TransientError as exc:
+            outcome = "retry"
             self._retry(run_id, stage, ctl.attempts + 1, scrub(str(exc)))
             return
         except ConnectorError as exc:
+            outcome = "failed"
             self._fail(run_id, stage, scrub(str(exc)))
             return
+        except self.transient_faults as exc:
+            outcome = "retry"
+            reason = scrub(f"the state database failed: {type(exc).__name__}: {exc}")
+            self._retry(run_id, stage, ctl.attempts + 1, reason.splitlines()[0])
+            return
         except Exception as exc:
+            outcome = "failed"
             log.exception("unexpected error in a stage", run=run_id, stage=stage)
             self._fail(run_id, stage, scrub(f"unexpected {type(exc).__name__}: {exc}"))
             return
+        finally:
+            if entry is not None and self.claims is not None:
+                try:
+                    self.claims.stage_ended(entry, outcome)
+                except Exception as exc:  # the log is for reading; the run goes on
+                    log.warning("recording the end of a stage failed", error=str(exc))
         if following == DONE:
             self._finished(run_id)
             return
@@ -181,35 +224,27 @@ class RunExecutor:
             if job is not None:
                 self._job_failed(job, scrub(str(exc)))
             return
-        with self._admission:
-            others = self.jobs.live_runs(run.server_id, exclude=run.id)
-            busy = [o for o in others if o.state == RUN_ACTIVE]
-            if busy:
-                self.jobs.mark_run(
-                    run.id,
-                    RUN_MISSED,
-                    f"run {busy[0].id} of this VM was still active when this run was due",
-                )
-                return
-            active = self.jobs.active_runs()
-            on_host = sum(1 for _, h in active if h == host)
-            if len(active) >= self.limits.max_concurrent_runs:
-                reason = f"{len(active)} runs are active (max_concurrent_runs)"
-            elif on_host >= self.limits.max_runs_per_host:
-                reason = f"{on_host} runs are active on host {host} (max_runs_per_host)"
-            else:
-                reason = ""
-            if reason:
-                self._wait(run.id, f"waiting for a free slot: {reason}")
-                return
-            new_seq = self.ledger.advance(run.id, stage="validate", state=RUN_ACTIVE, host=host)
+        with self._admission:  # one transaction across the fleet, too (JobStore.admit)
+            verdict, why, new_seq = self.jobs.admit(
+                run.id,
+                run.server_id,
+                host,
+                self.limits.max_concurrent_runs,
+                self.limits.max_runs_per_host,
+            )
+        if verdict == "missed":
+            self.jobs.mark_run(run.id, RUN_MISSED, why)
+            return
+        if verdict == "wait":
+            self._wait(run.id, f"waiting for a free slot: {why}")
+            return
         log.info("run admitted", run=run.id, host=host)
         if job is not None:
             self.jobs.set_status(job.id, on_run_started(job.status))
         self.queue.enqueue(run.id, new_seq)
 
     def _wait(self, run_id: str, why: str) -> None:
-        new_seq = self.ledger.advance(run_id)
+        new_seq = self.ledger.advance(run_id, due_in=self.limits.admission_interval)
         self.ledger.set_progress(run_id, 0, 0, why)
         self.queue.enqueue(run_id, new_seq, delay=self.limits.admission_interval)
 
@@ -224,7 +259,7 @@ class RunExecutor:
         log.warning(
             "stage failed; retrying", run=run_id, stage=stage, attempt=attempt, error=message
         )
-        new_seq = self.ledger.advance(run_id, attempts=attempt)
+        new_seq = self.ledger.advance(run_id, attempts=attempt, due_in=delay)
         self.ledger.set_progress(
             run_id,
             0,
@@ -237,7 +272,9 @@ class RunExecutor:
     def _fail(self, run_id: str, stage: str, reason: str) -> None:
         log.error("run failed; rolling back", run=run_id, stage=stage, error=reason)
         self.ledger.set_failure(run_id, stage, f"{stage}: {reason}")
-        self.ledger.advance(run_id, attempts=0)
+        seq = self.ledger.advance(run_id, attempts=0)
+        if self.claims is not None:
+            self.claims.claim(run_id, seq)  # the rollback is this member's work, too
         self._rollback(run_id)
 
     def _rollback(self, run_id: str) -> None:
@@ -250,7 +287,7 @@ class RunExecutor:
             attempt = ctl.attempts + 1
             delay = backoff_delay(attempt, self.limits.retry_backoff, self.limits.retry_backoff_max)
             log.warning("rollback failed; retrying", run=run_id, error=scrub(str(exc)))
-            new_seq = self.ledger.advance(run_id, attempts=attempt)
+            new_seq = self.ledger.advance(run_id, attempts=attempt, due_in=delay)
             self.queue.enqueue(run_id, new_seq, delay=delay)
             return
         self._finished(run_id)

@@ -9,6 +9,13 @@ the daemon runs.
 
 When a trigger fires while a run of the same VM is pending or active, the run
 is recorded as MISSED, never queued twice.
+
+In a fleet, every connector keeps the triggers, but only the one holding the
+scheduler's lease (`leader`) fires them; each firing is keyed by its job and
+scheduled time (`runs.schedule_key`, unique), so a slot that fires twice (two
+members briefly both believing they lead) still makes one run. A member that
+becomes the leader fires, once, the latest slot of each job that is due and has
+no run (`catch_up`), so a slot that fell while nobody led is not lost.
 """
 
 from __future__ import annotations
@@ -60,8 +67,16 @@ class JobSource(Protocol):
     ) -> int: ...
 
     def create_run(
-        self, run_id: str, job: JobRow, run_type: str, state: str, error: str | None = None
-    ) -> None: ...
+        self,
+        run_id: str,
+        job: JobRow,
+        run_type: str,
+        state: str,
+        error: str | None = None,
+        schedule_key: str | None = None,
+    ) -> bool: ...
+
+    def run_of_schedule(self, schedule_key: str) -> str | None: ...
 
 
 class JobScheduler:
@@ -74,12 +89,14 @@ class JobScheduler:
         unit_seconds: float,
         sync_interval: float,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        leader: Callable[[], bool] = lambda: True,
     ) -> None:
         self.jobs = jobs
         self.queue = queue
         self.unit_seconds = unit_seconds
         self.sync_interval = sync_interval
         self.clock = clock
+        self.leader = leader
         self.scheduler = BackgroundScheduler(
             timezone=dt.UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -184,7 +201,7 @@ class JobScheduler:
                 self.scheduler.add_job(
                     self.fire,
                     DateTrigger(run_date=max(job.seed, now), timezone=dt.UTC),
-                    args=(job.id,),
+                    args=(job.id, "once"),
                     id=f"once:{job.id}",
                 )
             return
@@ -192,7 +209,7 @@ class JobScheduler:
         self.scheduler.add_job(
             self.fire,
             IntervalTrigger(seconds=interval, start_date=job.seed, timezone=dt.UTC),
-            args=(job.id,),
+            args=(job.id, "every"),
             id=f"every:{job.id}",
         )
         if not ran and job.seed <= now:
@@ -200,7 +217,7 @@ class JobScheduler:
             self.scheduler.add_job(
                 self.fire,
                 DateTrigger(run_date=now, timezone=dt.UTC),
-                args=(job.id,),
+                args=(job.id, "seed"),
                 id=f"seed:{job.id}",
             )
         log.info("job scheduled", job=job.id, every_seconds=interval, seed=job.seed_time)
@@ -214,12 +231,45 @@ class JobScheduler:
 
     # -- firing --------------------------------------------------------------------
 
-    def fire(self, job_id: str) -> str | None:
-        """The trigger of a job fired: queue a run, or record it as MISSED."""
+    def slot_key(self, job: JobRow, kind: str) -> str:
+        """The key of the slot a firing is for: the job and its scheduled time."""
+        if kind != "every" or job.frequency_hours is None:
+            return f"{job.id}@{kind}"
+        interval = job.frequency_hours * self.unit_seconds
+        elapsed = (self.clock() - job.seed).total_seconds()
+        # A trigger fires at its slot or just after; a hair early still means that slot.
+        index = max(0, int((elapsed + min(1.0, interval / 10)) // interval))
+        slot = job.seed + dt.timedelta(seconds=index * interval)
+        return f"{job.id}@{slot.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}"
+
+    def catch_up(self) -> list[str]:
+        """Fire the latest due slot of each recurring job that has no run (a new leader)."""
+        fired: list[str] = []
+        for job in self.jobs.all():
+            if self._signature(job) is None or job.frequency_hours is None:
+                continue
+            if job.seed > self.clock():
+                continue
+            if self.jobs.count_runs(job.id, run_type=AUTOMATIC) == 0:
+                continue  # its seed firing is due: `_add` queues it
+            if self.jobs.run_of_schedule(self.slot_key(job, "every")) is None:
+                run_id = self.fire(job.id, "every")
+                if run_id is not None:
+                    fired.append(run_id)
+        return fired
+
+    def fire(self, job_id: str, kind: str | None = None) -> str | None:
+        """The trigger of a job fired: queue a run, or record it as MISSED.
+
+        `kind` ("every", "seed", "once") is the trigger's: the run is keyed by its slot.
+        None makes an unkeyed run (a firing asked for by hand)."""
         with self._fire_lock:
+            if not self.leader():
+                return None
             job = self.jobs.get(job_id)
             if job.paused or job.state not in SCHEDULED_STATES or job.problem is not None:
                 return None
+            key = None if kind is None else self.slot_key(job, kind)
             run_id = new_run_id()
             live = self.jobs.live_runs(job.server_id)
             if live:
@@ -227,14 +277,19 @@ class JobScheduler:
                     f"the schedule fired while run {live[0].id} of this VM was still "
                     f"{live[0].state}; this run was skipped"
                 )
-                self.jobs.create_run(run_id, job, AUTOMATIC, RUN_MISSED, error=why)
+                if not self.jobs.create_run(
+                    run_id, job, AUTOMATIC, RUN_MISSED, error=why, schedule_key=key
+                ):
+                    return None
                 log.warning("scheduled run missed", job=job.id, run=run_id, busy=live[0].id)
                 if job.run_once:
                     self.jobs.set_status(
                         job.id, JobStatus(JOB_FAILED, job.consecutive_failures, why)
                     )
                 return run_id
-            self.jobs.create_run(run_id, job, AUTOMATIC, RUN_PENDING)
+            if not self.jobs.create_run(run_id, job, AUTOMATIC, RUN_PENDING, schedule_key=key):
+                log.info("schedule slot already has its run", job=job.id, slot=key)
+                return None
             self.queue.enqueue(run_id, 0)
             log.info("scheduled run queued", job=job.id, run=run_id)
             return run_id

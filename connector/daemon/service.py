@@ -23,6 +23,7 @@ from typing import Protocol
 
 from connector.config import DaemonConfig
 from connector.daemon.discovery import Discovery
+from connector.daemon.fleet import FleetDuty
 from connector.daemon.lock import StateLock
 from connector.daemon.notify import Notifier
 from connector.daemon.queue import RunQueue
@@ -66,6 +67,8 @@ class DaemonParts:
     discovery: Discovery
     recover: Callable[[], RecoveryReport]
     sweep: Callable[[], object]  # undo leftovers: of runs that are over, uploads no put owns
+    fleet: FleetDuty | None = None  # a member of a fleet: heartbeat, leadership, takeover
+    leave: Callable[[], None] = lambda: None  # a clean stop: tell the fleet
 
 
 class Daemon:
@@ -137,9 +140,28 @@ class Daemon:
                 workers=cfg.max_concurrent_runs + 2, shutdown_timeout=cfg.shutdown_deadline
             )
             consumer.start()
+            duty = parts.fleet
+            lead_now = duty.tick() if duty is not None else False
             scheduler = JobScheduler(
-                parts.jobs, queue, cfg.schedule_unit_seconds, cfg.sync_interval
+                parts.jobs,
+                queue,
+                cfg.schedule_unit_seconds,
+                cfg.sync_interval,
+                leader=(lambda: duty.leader) if duty is not None else (lambda: True),
             )
+            if duty is not None:
+                sched = scheduler
+
+                def fleet_round() -> None:
+                    if duty.tick():
+                        sched.catch_up()
+
+                scheduler.add_periodic(
+                    "fleet",
+                    fleet_round,
+                    duty.heartbeat_interval,
+                    first_after=duty.heartbeat_interval,
+                )
             # Recovery and queued runs go first; the inventory follows within a minute.
             scheduler.add_periodic(
                 "discovery",
@@ -159,6 +181,8 @@ class Daemon:
             scheduler.start()
             self._scheduler, self._consumer = scheduler, consumer
             self._heartbeat = time.monotonic()
+            if lead_now:
+                scheduler.catch_up()
             if self.api is not None:
                 self.api.start()
             self.notifier.ready(f"running; recovery: {report.summary()}")
@@ -221,6 +245,10 @@ class Daemon:
                     "stages still running at the shutdown deadline; they resume at the next start"
                 )
         if parts is not None:
+            try:
+                parts.leave()
+            except Exception as exc:
+                log.warning("telling the fleet of the stop failed", error=str(exc))
             parts.discovery.close()
             parts.queue.close()
         log.info("stopped")

@@ -135,6 +135,9 @@ class Control:
     progress_total: int
     detail: str
     updated_at: str
+    owner: str | None = None  # the member executing its current stage (fleet)
+    owner_since: float | None = None
+    due_at: float | None = None  # when its next queue task is due (the database's clock)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class Effect:
     detail: dict[str, Any]
     state: str
     created_at: str
+    owner: str | None = None  # the member whose multipart upload it is
 
     def snapshot(self) -> SnapshotInfo:
         """The recorded snapshot with its frozen disks (once it was created)."""

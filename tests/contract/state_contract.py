@@ -987,7 +987,73 @@ class RetentionContract(_Fixture):
         assert ports.retention.retention_settings() == {"s-1": 7}
 
 
+def _together(n: int, work) -> list[object]:
+    """Run `work(i)` in n threads at once; their results, or the first error raised."""
+    results: list[object] = [None] * n
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[i] = work(i)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+class AtomicityContract(_Fixture):
+    """Writes that read first stay right when writers race (threads here; connectors of
+    a fleet on PostgreSQL, which the same locks serve)."""
+
+    def test_concurrent_advances_each_get_their_own_token(self, ports: StatePorts) -> None:
+        ports.runs.create_run("r-1", "s-1", "ON_DEMAND")
+        seqs = _together(8, lambda _i: ports.controls.advance("r-1"))
+        assert sorted(int(str(s)) for s in seqs) == list(
+            range(1, 9)
+        )  # no two advances read the same seq
+        ctl = ports.controls.control("r-1")
+        assert ctl is not None and ctl.seq == 8
+
+    def test_concurrent_ensure_control_makes_one_control(self, ports: StatePorts) -> None:
+        ctls = _together(6, lambda _i: ports.controls.ensure_control("r-2", "j-1"))
+        assert {c.run_id for c in ctls} == {"r-2"}  # type: ignore[attr-defined]
+        assert ports.controls.controls(["r-2"])["r-2"].seq == 0
+
+    def test_concurrent_snapshot_intents_record_one_snapshot(self, ports: StatePorts) -> None:
+        effects = _together(
+            6, lambda _i: ports.ledger.snapshot_intent("r-3", "uuid-3", "connector-r-3")
+        )
+        assert len({e.id for e in effects}) == 1  # type: ignore[attr-defined]
+        assert len(ports.ledger.pending("snapshot", "r-3")) == 1
+
+    def test_concurrent_step_done_of_one_step_keeps_one_result(self, ports: StatePorts) -> None:
+        _together(6, lambda i: ports.ledger.step_done("r-4", "transfer", 2000, {"by": i}))
+        steps = ports.ledger.steps("r-4", "transfer")
+        assert list(steps) == [2000]
+        assert steps[2000]["by"] in range(6)
+
+    def test_concurrent_upserts_of_one_vm_make_one_server(self, ports: StatePorts) -> None:
+        rows = _together(6, lambda _i: ports.catalog.upsert_server(vm("uuid-5", "db-5")))
+        assert len({r.id for r in rows}) == 1  # type: ignore[attr-defined]
+        assert len(ports.catalog.find_servers("uuid-5")) == 1
+
+    def test_concurrent_disk_results_of_one_disk_keep_one(self, ports: StatePorts) -> None:
+        ports.runs.create_run("r-6", "s-6", "ON_DEMAND")
+        _together(6, lambda i: ports.runs.record_disk("r-6", result(2000, bytes_read=i)))
+        disks = ports.runs.run("r-6").disks
+        assert [d.disk_key for d in disks] == [2000]
+
+
 class StateContract(
+    AtomicityContract,
     CatalogContract,
     DiskStatesContract,
     RunsContract,

@@ -3,7 +3,8 @@
 Each implementation is a factory of `StatePorts` in `IMPLEMENTATIONS`; the one
 `ports` fixture runs the whole suite over each. The assignments in the
 factories are what makes mypy check that every adapter and fake implements its
-ports. (A PostgreSQL factory goes next to these, its param marked integration.)
+ports. The PostgreSQL factory runs the same adapters over a database of the test's
+own on the machine's PostgreSQL (created for the test, dropped after it).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from connector.adapters.ledger import RunLedger
+from connector.adapters.sql import Database
 from connector.adapters.state import StateStore
 from connector.fakestate import MemoryLedger, MemoryState
 from tests.contract.state_contract import StateContract, StatePorts
+from tests.harness.postgres import temp_database
 
 
 @contextmanager
@@ -40,6 +43,26 @@ def sqlite_ports(tmp_path: Path) -> Iterator[StatePorts]:
 
 
 @contextmanager
+def postgresql_ports(tmp_path: Path) -> Iterator[StatePorts]:
+    with temp_database() as url:
+        state = StateStore(Database(url))
+        ledger = RunLedger(state)
+        try:
+            yield StatePorts(
+                catalog=state,
+                disk_states=state,
+                runs=state,
+                ledger=ledger,
+                controls=ledger,
+                journal=ledger,
+                blocks=state,
+                retention=state,
+            )
+        finally:
+            state.close()
+
+
+@contextmanager
 def memory_ports(tmp_path: Path) -> Iterator[StatePorts]:
     state = MemoryState()
     ledger = MemoryLedger(state)
@@ -57,12 +80,20 @@ def memory_ports(tmp_path: Path) -> Iterator[StatePorts]:
 
 IMPLEMENTATIONS: dict[str, Callable[[Path], AbstractContextManager[StatePorts]]] = {
     "sqlite": sqlite_ports,
+    "postgresql": postgresql_ports,
     "memory": memory_ports,
 }
 
 
 class TestStatePorts(StateContract):
-    @pytest.fixture(params=[pytest.param(name, id=name) for name in IMPLEMENTATIONS])
+    @pytest.fixture(
+        params=[
+            pytest.param(
+                name, id=name, marks=[pytest.mark.integration] if name == "postgresql" else []
+            )
+            for name in IMPLEMENTATIONS
+        ]
+    )
     def ports(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StatePorts]:
         with IMPLEMENTATIONS[request.param](tmp_path) as ports:
             yield ports

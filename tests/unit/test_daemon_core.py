@@ -573,7 +573,9 @@ def test_recovery_resumes_an_active_run_and_removes_leftovers(tmp_path: Path) ->
             self.aborted.append((key, upload_id))
             return True
 
-        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+        def abort_incomplete_uploads(
+            self, older_than: dt.timedelta, keep: frozenset[str] = frozenset()
+        ) -> int:
             return 0
 
         def uploads_in_use(self) -> frozenset[str]:
@@ -604,7 +606,9 @@ def test_recovery_sweep_removes_the_lock_of_a_run_it_ends(tmp_path: Path) -> Non
         def abort_upload(self, key: str, upload_id: str) -> bool:
             return True
 
-        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+        def abort_incomplete_uploads(
+            self, older_than: dt.timedelta, keep: frozenset[str] = frozenset()
+        ) -> int:
             return 0
 
         def uploads_in_use(self) -> frozenset[str]:
@@ -731,7 +735,9 @@ def test_the_sweep_aborts_recorded_uploads_no_put_owns_and_stale_unrecorded_ones
             self.aborted.append(upload_id)
             return upload_id != "upload-refused"  # S3 refused this abort
 
-        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+        def abort_incomplete_uploads(
+            self, older_than: dt.timedelta, keep: frozenset[str] = frozenset()
+        ) -> int:
             self.listed.append(older_than)
             return 2
 
@@ -753,7 +759,9 @@ def test_the_sweep_aborts_recorded_uploads_no_put_owns_and_stale_unrecorded_ones
     assert uploads.listed == []
 
     class Unreachable(Uploads):
-        def abort_incomplete_uploads(self, older_than: dt.timedelta) -> int:
+        def abort_incomplete_uploads(
+            self, older_than: dt.timedelta, keep: frozenset[str] = frozenset()
+        ) -> int:
             raise UnreachableError("cannot reach the S3 endpoint https://s3.test (refused)")
 
     report = sweep(w.state, w.ledger, w.hv, Unreachable(), stale_upload_age=age)
