@@ -4,6 +4,7 @@ the S3 fixtures reuse its test CA)."""
 pytest_plugins = [
     "tests.harness.fixtures_vcsim",
     "tests.harness.fixtures_s3",
+    "tests.harness.fixtures_landing",
     "tests.harness.fixtures_tls",
     "tests.harness.nbd",
 ]
