@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from connector.adapters.landings import SqlLandings
 from connector.adapters.ledger import RunLedger
 from connector.adapters.state import StateStore
-from connector.fakestate import MemoryLedger, MemoryState
-from tests.contract.state_contract import StateContract, StatePorts
+from connector.fakestate import MemoryLandings, MemoryLedger, MemoryState
+from connector.ports import Landings
+from tests.contract.state_contract import LandingsContract, StateContract, StatePorts
 
 
 @contextmanager
@@ -66,3 +68,16 @@ class TestStatePorts(StateContract):
     def ports(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StatePorts]:
         with IMPLEMENTATIONS[request.param](tmp_path) as ports:
             yield ports
+
+
+class TestLandings(LandingsContract):
+    @pytest.fixture(params=["sqlite", "memory"])
+    def landings(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Landings]:
+        if request.param == "memory":
+            yield MemoryLandings()
+            return
+        state = StateStore.at_path(tmp_path / "state.db")
+        try:
+            yield SqlLandings(state.db)
+        finally:
+            state.close()
