@@ -214,6 +214,9 @@ landed_disks = sa.Table(
     sa.Column("capacity", sa.BigInteger, nullable=False),
     sa.Column("blocks_sent", sa.BigInteger, nullable=False, server_default="0"),
 )
+# A job's landing settings (JSON of connector.domain.landing.LandingSpec; NULL: the
+# [landing] defaults).
+jobs.append_column(sa.Column("landing", sa.Text))
 # -- end of the landing tables ------------------------------------------------------------
 
 

@@ -16,7 +16,17 @@ import typer
 from typer.core import TyperGroup
 
 from connector import __version__
-from connector.cli import catalog, jobs, replication, security, service, state, status, store
+from connector.cli import (
+    catalog,
+    jobs,
+    landing,
+    replication,
+    security,
+    service,
+    state,
+    status,
+    store,
+)
 from connector.cli.common import ConfigOpt, err, out
 
 app = typer.Typer(
@@ -95,6 +105,7 @@ app.command("vms")(catalog.vms)
 app.command("replicate")(replication.replicate)
 app.command("runs")(replication.runs)
 app.command("restore")(replication.restore)
+app.command("land")(landing.land)
 app.command("verify")(store.verify)
 app.command("retention")(store.retention)
 app.add_typer(security.audit_app, name="audit")
