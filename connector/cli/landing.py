@@ -20,6 +20,7 @@ from connector.domain.jobs import RUN_COMPLETED
 from connector.errors import PermanentError
 from connector.pipeline.context import RunRef
 from connector.pipeline.land import land as land_run
+from connector.pipeline.land import release_staging
 
 
 class LandReporter:
@@ -75,7 +76,9 @@ def land(
             StateLock(a.config.state.path, "land"),
         ):
             ctx = a.stage_context(LandReporter(progress))
-            landed = land_run(ctx, a.lander, RunRef(run_id, server.id, server.vm_uuid), spec)
+            ref = RunRef(run_id, server.id, server.vm_uuid)
+            landed = land_run(ctx, a.lander, ref, spec)
+            release_staging(ctx, ref)
         if as_json:
             print(json.dumps(landing_json(landed), indent=2))
             return

@@ -35,6 +35,7 @@ from connector.domain.landing import (
     SNAP_DELETED,
     SNAP_SENT,
     SNAP_STARTED,
+    STAGING_TEMPORARY,
     LandedDisk,
     LandingRow,
     LandingSpec,
@@ -107,12 +108,27 @@ def land(ctx: StageContext, lander: Lander, ref: RunRef, spec: LandingSpec) -> L
         landings.end_landing(run_id, LANDING_LANDED)
         ctx.reporter.stage(run_id, "land", f"AMI {row.image_id}")
         _retain(lander, target, server_id, spec.keep_amis)
-        if lander.release_staging is not None and spec.staging == "temporary":
-            lander.release_staging(server_id, run_id)
     except ConnectorError as exc:
         landings.end_landing(run_id, LANDING_FAILED, scrub(str(exc)))
         raise
     return _reload(landings, run_id)
+
+
+def release_staging(ctx: StageContext, ref: RunRef) -> None:
+    """Temporary staging: once the run is landed (and its own lock is gone, so purge
+    may delete at once), the staging data no later landing needs is released."""
+    lander = ctx.lander
+    if lander is None or lander.release_staging is None:
+        return
+    row = lander.landings.landing(ref.run_id)
+    if row is None or row.state != LANDING_LANDED:
+        return
+    if lander.spec_for(ref.server_id).staging != STAGING_TEMPORARY:
+        return
+    try:
+        lander.release_staging(ref.server_id, ref.run_id)
+    except ConnectorError as exc:  # the next landing's release tries again
+        log.warning("land.staging_not_released", run=ref.run_id, error=scrub(str(exc)))
 
 
 def _reload(landings: Landings, run_id: str) -> LandingRow:
