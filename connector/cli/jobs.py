@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Annotated, Any
 
 import typer
@@ -38,6 +38,7 @@ from connector.domain.jobs import (
     validate_retention,
     validate_seed_time,
 )
+from connector.domain.landing import LandingSpec
 from connector.domain.records import RunRow, new_run_id
 from connector.domain.times import iso
 from connector.errors import InvalidInputError
@@ -61,6 +62,61 @@ RetentionOpt = Annotated[
     int | None, typer.Option("--retention", "-r", help="How many recent runs to keep.")
 ]
 DescriptionOpt = Annotated[str | None, typer.Option("--description", "-d", help="Free text.")]
+LandOpt = Annotated[
+    str | None,
+    typer.Option("--land", help="Land runs in AWS as AMIs: every, on-demand or never."),
+]
+LicenseOpt = Annotated[
+    str | None, typer.Option("--license-type", help="The AMIs' license type: AWS or BYOL.")
+]
+EncryptedOpt = Annotated[
+    bool | None,
+    typer.Option("--encrypted/--no-encrypted", help="Encrypt the landed EBS snapshots."),
+]
+KmsOpt = Annotated[
+    str | None, typer.Option("--kms-key-id", help="KMS key of the snapshots ('' : the default).")
+]
+RoleOpt = Annotated[
+    str | None, typer.Option("--role-name", help="IAM role to land as ('' : none).")
+]
+KeepAmisOpt = Annotated[
+    int | None, typer.Option("--keep-amis", help="How many recent AMIs to keep (1 to 100).")
+]
+StagingOpt = Annotated[
+    str | None,
+    typer.Option("--staging", help="temporary (keep only what the next landing needs) or replica."),
+]
+
+
+def _landing(
+    base: LandingSpec,
+    land: str | None,
+    license_type: str | None,
+    encrypted: bool | None,
+    kms_key_id: str | None,
+    role_name: str | None,
+    keep_amis: int | None,
+    staging: str | None,
+) -> LandingSpec | None:
+    """The job's landing settings with the options given over `base`; None when none is."""
+    given: dict[str, Any] = {
+        "mode": land,
+        "license_type": license_type.upper() if license_type else None,
+        "encrypted": encrypted,
+        "kms_key_id": kms_key_id,
+        "role_name": role_name,
+        "keep_amis": keep_amis,
+        "staging": staging,
+    }
+    changes = {k: v for k, v in given.items() if v is not None}
+    if not changes:
+        return None
+    for k in ("kms_key_id", "role_name"):
+        if changes.get(k) == "":
+            changes[k] = None
+    if changes.get("encrypted") is False and "kms_key_id" not in changes:
+        changes["kms_key_id"] = None
+    return replace(base, **changes)
 
 
 def _now() -> dt.datetime:
@@ -91,6 +147,7 @@ def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]
         next_run=iso(nxt) if nxt else None,
         problem=problem,
         retention_pending=_retention_pending(job),
+        landing=a.landing_spec(job.server_id).to_json(),
     )
     if with_runs:
         doc["runs"] = _run_docs(a, a.jobs.runs_of(job.id))
@@ -246,10 +303,17 @@ def jobs_create(
     seed: SeedOpt = None,
     retention: RetentionOpt = None,
     description: DescriptionOpt = None,
+    land: LandOpt = None,
+    license_type: LicenseOpt = None,
+    encrypted: EncryptedOpt = None,
+    kms_key_id: KmsOpt = None,
+    role_name: RoleOpt = None,
+    keep_amis: KeepAmisOpt = None,
+    staging: StagingOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a replication job for a VM."""
+    """Create a replication job for a VM (landing settings default to [landing]'s)."""
 
     def go(a: App) -> None:
         now = _now()
@@ -261,7 +325,19 @@ def jobs_create(
             now=now,
         )
         server = a.servers.resolve(vm)
+        landing = _landing(
+            a.default_landing_spec(),
+            land,
+            license_type,
+            encrypted,
+            kms_key_id,
+            role_name,
+            keep_amis,
+            staging,
+        )
         job = a.jobs.create(server.id, spec)
+        if landing is not None:
+            job = a.jobs.set_landing(job.id, landing)
         if as_json:
             _print_job(a, job, as_json)
         else:
@@ -298,10 +374,17 @@ def jobs_update(
     seed: SeedOpt = None,
     retention: RetentionOpt = None,
     description: DescriptionOpt = None,
+    land: LandOpt = None,
+    license_type: LicenseOpt = None,
+    encrypted: EncryptedOpt = None,
+    kms_key_id: KmsOpt = None,
+    role_name: RoleOpt = None,
+    keep_amis: KeepAmisOpt = None,
+    staging: StagingOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change a job's schedule, retention or description."""
+    """Change a job's schedule, retention, description or landing settings."""
 
     def go(a: App) -> None:
         values: dict[str, Any] = {}
@@ -314,14 +397,28 @@ def jobs_update(
             values["retention"] = validate_retention(retention)
         if description is not None:
             values["description"] = validate_description(description)
-        if not values:
-            raise InvalidInputError(
-                "nothing to change: give --frequency/--run-once, --seed, --retention or "
-                "--description"
-            )
         row = a.jobs.find(job)
+        landing = _landing(
+            a.landing_spec(row.server_id),
+            land,
+            license_type,
+            encrypted,
+            kms_key_id,
+            role_name,
+            keep_amis,
+            staging,
+        )
+        if not values and landing is None:
+            raise InvalidInputError(
+                "nothing to change: give --frequency/--run-once, --seed, --retention, "
+                "--description or a landing option (--land, --keep-amis, --staging, ...)"
+            )
         _refuse_deleted(row)
-        _print_job(a, a.jobs.update(row.id, **values), as_json)
+        if landing is not None:
+            row = a.jobs.set_landing(row.id, landing)
+        if values:
+            row = a.jobs.update(row.id, **values)
+        _print_job(a, row, as_json)
 
     run_with_app(config, go, state_from_store=True)
 
