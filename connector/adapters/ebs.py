@@ -71,7 +71,12 @@ _DENIED = frozenset(
     }
 )
 _NOT_FOUND = frozenset(
-    {"ResourceNotFoundException", "InvalidSnapshot.NotFound", "InvalidAMIID.NotFound"}
+    {
+        "ResourceNotFoundException",
+        "InvalidSnapshot.NotFound",
+        "InvalidAMIID.NotFound",
+        "InvalidAMIID.Unavailable",  # deregistered
+    }
 )
 
 # The IAM actions each call needs (docs/permissions.md, `connector iam-policy --landing`).
