@@ -149,4 +149,4 @@ def test_landing_specs_check_their_fields_and_round_trip() -> None:
         {"role_name": "a b"},
     ):
         with pytest.raises(InvalidInputError):
-            LandingSpec(**bad)  # type: ignore[arg-type]
+            LandingSpec(**bad)
