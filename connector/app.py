@@ -405,6 +405,36 @@ class App:
             return spec
         return self.default_landing_spec()
 
+    def landing_enabled(self) -> bool:
+        """Whether any run may be landed: [landing] mode, or a job of its own."""
+        if self.config.landing.mode != "never":
+            return True
+        return any(
+            (job.landing_spec is not None and job.landing_spec.mode != "never")
+            for job in self.jobs.all()
+        )
+
+    def landing_probe(self) -> dict[str, str]:
+        """The landing permissions of the [landing] credentials (`connector check`)."""
+        spec = self.default_landing_spec()
+        cfg, s3 = self.config.landing, self.config.s3
+        secret = self.config.s3_secret_key()
+        own_endpoint = cfg.endpoint_url is not None
+        target = EbsTarget(
+            region=cfg.region or s3.region,
+            endpoint_url=cfg.endpoint_url if own_endpoint else s3.endpoint_url,
+            ca_file=cfg.ca_file if own_endpoint else (cfg.ca_file or s3.ca_file),
+            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
+            secret_access_key=secret,
+            role_name=spec.role_name,
+            use_fips_endpoint=s3.use_fips_endpoint,
+            proxy=self.proxy,
+        )
+        try:
+            return target.probe_permissions()
+        finally:
+            target.close()
+
     def default_landing_spec(self) -> LandingSpec:
         cfg = self.config.landing
         return LandingSpec(

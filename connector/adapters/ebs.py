@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +365,76 @@ class EbsTarget:
             )
         except NotFoundError:
             return
+
+    # -- permissions -----------------------------------------------------------------------
+
+    def probe_permissions(self) -> dict[str, str]:
+        """Each landing action -> "ok" or why not, without changing anything: EC2 calls
+        with DryRun, the EBS direct APIs on a snapshot that does not exist (an allowed
+        call is then refused as not found, a denied one as AccessDenied)."""
+        missing_snap = "snap-00000000000000000"
+        probes: dict[str, Callable[[], Any]] = {
+            "ebs:StartSnapshot": lambda: self.ebs.start_snapshot(
+                VolumeSize=1, ParentSnapshotId=missing_snap, Timeout=10
+            ),
+            "ebs:PutSnapshotBlock": lambda: self.ebs.put_snapshot_block(
+                SnapshotId=missing_snap,
+                BlockIndex=0,
+                BlockData=bytes(EBS_BLOCK),
+                DataLength=EBS_BLOCK,
+                Checksum=checksum(bytes(EBS_BLOCK)),
+                ChecksumAlgorithm="SHA256",
+            ),
+            "ebs:CompleteSnapshot": lambda: self.ebs.complete_snapshot(
+                SnapshotId=missing_snap, ChangedBlocksCount=0
+            ),
+            "ebs:ListSnapshotBlocks": lambda: self.ebs.list_snapshot_blocks(
+                SnapshotId=missing_snap
+            ),
+            "ec2:DescribeSnapshots": lambda: self.ec2.describe_snapshots(
+                OwnerIds=["self"], MaxResults=5
+            ),
+            "ec2:DescribeImages": lambda: self.ec2.describe_images(
+                Owners=["self"], Filters=[{"Name": "name", "Values": ["connector-probe"]}]
+            ),
+            "ec2:DeleteSnapshot": lambda: self.ec2.delete_snapshot(
+                SnapshotId=missing_snap, DryRun=True
+            ),
+            "ec2:RegisterImage": lambda: self.ec2.register_image(
+                Name="connector-probe",
+                RootDeviceName="/dev/xvda",
+                BlockDeviceMappings=[
+                    {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": missing_snap}}
+                ],
+                VirtualizationType="hvm",
+                DryRun=True,
+            ),
+            "ec2:DeregisterImage": lambda: self.ec2.deregister_image(
+                ImageId="ami-00000000000000000", DryRun=True
+            ),
+            "ec2:CreateTags": lambda: self.ec2.create_tags(
+                Resources=[missing_snap],
+                Tags=[{"Key": "connector:probe", "Value": "1"}],
+                DryRun=True,
+            ),
+        }
+        out: dict[str, str] = {}
+        for action, probe in probes.items():
+            try:
+                probe()
+                out[action] = "ok"
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+                if code in _DENIED or status == 403:
+                    out[action] = f"denied ({code or status})"
+                elif code in ("DryRunOperation",) or code in _NOT_FOUND or status in (400, 404):
+                    out[action] = "ok"
+                else:
+                    out[action] = f"unknown ({code or status})"
+            except BotoCoreError as exc:
+                raise _map_error(exc, action, "", self.endpoint, None) from None
+        return out
 
     # -- errors --------------------------------------------------------------------------
 
