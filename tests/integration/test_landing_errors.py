@@ -100,3 +100,34 @@ def test_throttling_that_does_not_end_fails_the_landing_clearly(
     landing_moto.reset()
     assert cli(env, "land", "web-1").returncode == 0
     _landed_exactly(env, landing_moto, run_id)
+
+
+def test_a_role_name_lands_with_assumed_credentials_and_no_secret_is_logged(
+    tmp_path: Path, landing_moto: LandingMoto
+) -> None:
+    from connector.adapters.ebs import EbsTarget
+    from connector.secrets import Secret
+
+    server = landing_moto.server
+    target = EbsTarget(
+        region=server.region,
+        endpoint_url=server.endpoint_url,
+        ca_file=server.ca_file,
+        access_key_id=Secret(server.access_key),
+        secret_access_key=Secret(server.secret_key),
+        role_name="connector-landing",
+    )
+    try:
+        creds = target.ebs._request_signer._credentials  # the clients sign as the role
+        assert creds.access_key != server.access_key and creds.token
+        token = creds.token
+    finally:
+        target.close()
+    env, run_id = _replicated(tmp_path, landing_moto, role_name="connector-landing")
+    env.config.write_text(env.config.read_text() + '[log]\nlevel = "debug"\n')
+    proc = cli(env, "land", "web-1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _landed_exactly(env, landing_moto, run_id)
+    logged = proc.stdout + proc.stderr
+    assert server.secret_key not in logged
+    assert token not in logged
