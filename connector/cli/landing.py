@@ -8,6 +8,7 @@ release of the staging data the next incremental no longer needs (docs/landing.m
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
@@ -80,7 +81,7 @@ def land(
             landed = land_run(ctx, a.lander, ref, spec)
             release_staging(ctx, ref)
         if as_json:
-            print(json.dumps(landing_json(landed), indent=2))
+            print(json.dumps(asdict(landed), indent=2))
             return
         out.print(f"run {run_id} landed: AMI {landed.image_id}")
         for d in landed.disks:
@@ -89,10 +90,3 @@ def land(
             )
 
     run_with_app(config, go, state_from_store=True)
-
-
-def landing_json(row: object) -> dict[str, object]:
-    from dataclasses import asdict
-
-    doc: dict[str, object] = asdict(row)  # type: ignore[call-overload]
-    return doc

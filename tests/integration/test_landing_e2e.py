@@ -107,6 +107,12 @@ def test_three_runs_land_as_three_amis_sending_only_changed_blocks_and_keep_two(
     all_snaps = {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
     assert not {d["snapshot_id"] for d in landed[0]["disks"]} & all_snaps
     assert landing_of(env, landed[0]["run_id"])["state"] == "DELETED"
+    table = cli(env, "runs", "web-1")
+    assert table.returncode == 0 and landed[2]["image_id"] in table.stdout
+    assert "(deleted)" in table.stdout
+    shown = cli(env, "runs", "show", landed[2]["run_id"])
+    assert shown.returncode == 0 and f"AMI {landed[2]['image_id']}" in shown.stdout
+    assert all(d["snapshot_id"] in shown.stdout for d in landed[2]["disks"])
     for k in (1, 2):
         for n, d in enumerate(landed[k]["disks"]):
             assert (

@@ -131,3 +131,16 @@ def test_a_role_name_lands_with_assumed_credentials_and_no_secret_is_logged(
     logged = proc.stdout + proc.stderr
     assert server.secret_key not in logged
     assert token not in logged
+
+
+def test_land_refuses_bad_input_clearly(tmp_path: Path, landing_moto: LandingMoto) -> None:
+    env = make_env(tmp_path, landing_moto, landing={"mode": "on-demand"})
+    proc = cli(env, "land", "web-1")  # nothing replicated yet
+    assert proc.returncode == 1
+    assert "has no COMPLETED run" in " ".join(proc.stderr.split())
+    proc = cli(env, "land", "web-1", "--run", "../../etc")
+    assert proc.returncode == 2, proc.stderr
+    assert "run id" in proc.stderr
+    proc = cli(env, "land", "no-such-vm")
+    assert proc.returncode in (1, 2) and "no-such-vm" in proc.stderr
+    assert landing_moto.calls() == []  # nothing reached AWS
