@@ -196,14 +196,29 @@ class App:
     def store_objects(self) -> ObjectStore:
         """The object store the replica store writes through: S3 wrapped by
         `wrap_object_store` (retry, bandwidth limit, metrics)."""
+        return wrap_object_store(
+            self.objects,
+            self.retry_policy,
+            self.upload_schedule,
+            self.store_metrics,
+            bucket=self.upload_bucket,
+        )
+
+    @cached_property
+    def upload_schedule(self) -> RateSchedule:
+        """The upload limit ([daemon] bandwidth_limit and its windows)."""
         d = self.config.daemon
-        schedule = RateSchedule(
+        return RateSchedule(
             d.bandwidth_limit,
             tuple(
                 Window(parse_hhmm(w.start), parse_hhmm(w.end), w.limit) for w in d.bandwidth_windows
             ),
         )
-        return wrap_object_store(self.objects, self.retry_policy, schedule, self.store_metrics)
+
+    @cached_property
+    def upload_bucket(self) -> TokenBucket:
+        """One token bucket for every upload: to S3 and to EBS (PutSnapshotBlock)."""
+        return TokenBucket(self.upload_schedule)
 
     @cached_property
     def kms_provider(self) -> KmsKeyProvider:
@@ -466,15 +481,8 @@ class App:
             proxy=self.proxy,
             max_pool_connections=max(10, cfg.concurrency * 2),
         )
-        d = self.config.daemon
-        schedule = RateSchedule(
-            d.bandwidth_limit,
-            tuple(
-                Window(parse_hhmm(w.start), parse_hhmm(w.end), w.limit) for w in d.bandwidth_windows
-            ),
-        )
-        if not schedule.unlimited:
-            target = BandwidthLimitedTarget(target, TokenBucket(schedule))
+        if not self.upload_schedule.unlimited:
+            target = BandwidthLimitedTarget(target, self.upload_bucket)
         return RetryingTarget(target, self.retry_policy)
 
     def release_staging(self, server_id: str, run_id: str) -> None:
@@ -688,6 +696,7 @@ def wrap_object_store(
     metrics: StoreMetrics | None = None,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    bucket: TokenBucket | None = None,
 ) -> ObjectStore:
     """The object store's cross-cutting concerns, stacked in one fixed order.
 
@@ -702,14 +711,15 @@ def wrap_object_store(
       reaches S3 (each attempt, the transient errors a retry then hid included)
       and time S3 itself, not the limiter's pacing or the retry's pauses.
 
-    An unlimited schedule adds no limiter; no `metrics`, no metrics layer.
+    An unlimited schedule adds no limiter; no `metrics`, no metrics layer. `bucket`:
+    the token bucket to share with other uploads (landing's PutSnapshotBlock).
     `sleep` is the retry's pause (tests pass their own).
     """
     wrapped = store
     if metrics is not None:
         wrapped = MeteredStore(wrapped, metrics)
     if not bandwidth.unlimited:
-        wrapped = BandwidthLimitedStore(wrapped, TokenBucket(bandwidth))
+        wrapped = BandwidthLimitedStore(wrapped, bucket or TokenBucket(bandwidth))
     return RetryingStore(wrapped, retry, sleep=sleep)
 
 
