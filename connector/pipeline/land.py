@@ -107,11 +107,23 @@ def land(ctx: StageContext, lander: Lander, ref: RunRef, spec: LandingSpec) -> L
         row = _register(ctx, lander, target, ref, spec, row, names)
         landings.end_landing(run_id, LANDING_LANDED)
         ctx.reporter.stage(run_id, "land", f"AMI {row.image_id}")
-        _retain(lander, target, server_id, spec.keep_amis)
     except ConnectorError as exc:
         landings.end_landing(run_id, LANDING_FAILED, scrub(str(exc)))
+        _close(target)
         raise
+    try:
+        _retain(lander, target, server_id, spec.keep_amis)
+    except ConnectorError as exc:  # the run is landed; the next landing retains again
+        log.warning("land.retention_failed", run=run_id, error=scrub(str(exc)))
+    finally:
+        _close(target)
     return _reload(landings, run_id)
+
+
+def _close(target: SnapshotTarget) -> None:
+    closer = getattr(target, "close", None)
+    if callable(closer):
+        closer()
 
 
 def release_staging(ctx: StageContext, ref: RunRef) -> None:
