@@ -363,8 +363,7 @@ def _wait(
                 f"snapshot {snapshot_id} of disk {key} was not completed within "
                 f"{settings.wait_timeout:.0f} s; land the run again later to wait for it"
             )
-        ctx.check_stop()
-        time.sleep(pause)
+        time.sleep(pause)  # bounded by wait_timeout; a killed wait resumes
         pause = min(pause * 2, settings.poll_interval_max)
 
 
