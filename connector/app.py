@@ -25,9 +25,11 @@ from sqlalchemy import exc as sa_exc
 
 from connector import __version__
 from connector.adapters.datastore_reader import DatastoreHttpsSource
+from connector.adapters.ebs import EbsTarget
 from connector.adapters.fleet import Fleet
 from connector.adapters.jobstore import JobStore
 from connector.adapters.kms import KmsKeyProvider
+from connector.adapters.landings import SqlLandings
 from connector.adapters.ledger import RunLedger
 from connector.adapters.local import (
     LocalDiskSource,
@@ -67,16 +69,24 @@ from connector.decorators.bandwidth import (
     Window,
     parse_hhmm,
 )
+from connector.decorators.landing import BandwidthLimitedTarget, RetryingTarget
 from connector.decorators.metrics import MeteredStore, ProcessMetrics, StoreMetrics
 from connector.decorators.retry import RetryingStore
+from connector.domain.landing import LandingSpec
 from connector.domain.records import Control, RunRow, ServerRow
 from connector.errors import ConfigError, ConnectorError, PermanentError, TransientError
 from connector.logging import register_secret, scrub
 from connector.network import Proxy
-from connector.pipeline.context import PipelineSettings, Reporter, StageContext
+from connector.pipeline.context import (
+    Lander,
+    LandSettings,
+    PipelineSettings,
+    Reporter,
+    StageContext,
+)
 from connector.pipeline.driver import RunPipeline
 from connector.pipeline.replicate import Replicator
-from connector.ports import DiskSource, Hypervisor, ObjectStore
+from connector.ports import DiskSource, Hypervisor, ObjectStore, SnapshotTarget
 from connector.retry import RetryPolicy
 from connector.secrets import Secret, is_credential, resolve_secret_path, secret_file_path
 from connector.store.keys import KeyProvider, LocalKeyProvider, generate_key_file
@@ -449,12 +459,121 @@ class App:
             settings=self.pipeline_settings(),
             should_stop=should_stop,
             audit=self.audit,
+            lander=self.lander,
         )
         if reporter is not None:
             ctx.reporter = reporter
         if stop_reason is not None:
             ctx.stop_reason = stop_reason
         return ctx
+
+    # -- landing in AWS ---------------------------------------------------------------
+
+    @cached_property
+    def landings(self) -> SqlLandings:
+        return SqlLandings(self.state.db)
+
+    @cached_property
+    def lander(self) -> Lander:
+        """The land stage's ports: landings, a snapshot target per job setting, and the
+        release of staging data in temporary mode."""
+        cfg = self.config.landing
+        return Lander(
+            landings=self.landings,
+            target=self.snapshot_target,
+            spec_for=self.landing_spec,
+            settings=LandSettings(
+                concurrency=cfg.concurrency,
+                snapshot_timeout_minutes=cfg.snapshot_timeout_minutes,
+                wait_timeout=cfg.wait_timeout,
+                ena_support=cfg.ena_support,
+            ),
+            release_staging=self.release_staging,
+        )
+
+    def landing_spec(self, server_id: str) -> LandingSpec:
+        """The landing settings of the server's job, else the [landing] defaults."""
+        job = self.jobs.for_server(server_id)
+        spec = job.landing_spec if job is not None else None
+        if spec is not None:
+            return spec
+        return self.default_landing_spec()
+
+    def landing_enabled(self) -> bool:
+        """Whether any run may be landed: [landing] mode, or a job of its own."""
+        if self.config.landing.mode != "never":
+            return True
+        return any(
+            (job.landing_spec is not None and job.landing_spec.mode != "never")
+            for job in self.jobs.all()
+        )
+
+    def landing_probe(self) -> dict[str, str]:
+        """The landing permissions of the [landing] credentials (`connector check`)."""
+        spec = self.default_landing_spec()
+        cfg, s3 = self.config.landing, self.config.s3
+        secret = self.config.s3_secret_key()
+        own_endpoint = cfg.endpoint_url is not None
+        target = EbsTarget(
+            region=cfg.region or s3.region,
+            endpoint_url=cfg.endpoint_url if own_endpoint else s3.endpoint_url,
+            ca_file=cfg.ca_file if own_endpoint else (cfg.ca_file or s3.ca_file),
+            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
+            secret_access_key=secret,
+            role_name=spec.role_name,
+            use_fips_endpoint=s3.use_fips_endpoint,
+            proxy=self.proxy,
+        )
+        try:
+            return target.probe_permissions()
+        finally:
+            target.close()
+
+    def default_landing_spec(self) -> LandingSpec:
+        cfg = self.config.landing
+        return LandingSpec(
+            mode=cfg.mode,
+            license_type=cfg.license_type,
+            encrypted=cfg.encrypted,
+            kms_key_id=cfg.kms_key_id,
+            role_name=cfg.role_name,
+            keep_amis=cfg.keep_amis,
+            staging=cfg.staging,
+        )
+
+    def snapshot_target(self, spec: LandingSpec) -> SnapshotTarget:
+        """EBS and EC2 of [landing] (defaults: [s3]'s region, endpoint, trust and keys),
+        as the job's role when it names one; retried and under the upload limit."""
+        cfg, s3 = self.config.landing, self.config.s3
+        secret = self.config.s3_secret_key()
+        if secret is not None:
+            register_secret(secret)
+        own_endpoint = cfg.endpoint_url is not None
+        target: SnapshotTarget = EbsTarget(
+            region=cfg.region or s3.region,
+            endpoint_url=cfg.endpoint_url if own_endpoint else s3.endpoint_url,
+            ca_file=cfg.ca_file if own_endpoint else (cfg.ca_file or s3.ca_file),
+            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
+            secret_access_key=secret,
+            role_name=spec.role_name,
+            use_fips_endpoint=s3.use_fips_endpoint,
+            proxy=self.proxy,
+            max_pool_connections=max(10, cfg.concurrency * 2),
+        )
+        if self.bandwidth_bucket is not None:  # one limit for uploads to S3 and to EBS
+            target = BandwidthLimitedTarget(target, self.bandwidth_bucket)
+        return RetryingTarget(target, self.retry_policy)
+
+    def release_staging(self, server_id: str, run_id: str) -> None:
+        """Temporary staging: once `run_id` is landed, the server's earlier runs leave
+        the store, and with them every pack no remaining run uses (purge's rules). The
+        landed run stays: the next incremental builds on it."""
+        repo = self.repository()
+        committed = sorted(repo.committed_runs(server_id))
+        keep = len([r for r in committed if r >= run_id])
+        if keep == 0:
+            return
+        self.retention.apply(server_id, keep)
 
     def replicator(
         self,
@@ -859,7 +978,8 @@ def wrap_object_store(
 
     An unlimited schedule adds no limiter; no `metrics`, no metrics layer.
     `sleep` is the retry's pause (tests pass their own); `bucket` the limiter's token
-    bucket (made from `bandwidth` when not given), so its waits can be measured.
+    bucket (made from `bandwidth` when not given), shared with landing's
+    PutSnapshotBlock, so its waits can be measured.
     """
     wrapped = store
     if metrics is not None:
@@ -897,6 +1017,8 @@ def local_specs(config: Config) -> list[LocalVmSpec]:
                 snapshot_command=tuple(vm.snapshot_command) if vm.snapshot_command else None,
                 release_command=tuple(vm.release_command) if vm.release_command else None,
                 hook_timeout=vm.hook_timeout,
+                guest_id=vm.guest_id,
+                firmware=vm.firmware,
             )
         )
     return specs

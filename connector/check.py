@@ -500,3 +500,40 @@ def require_vddk(config: Config) -> None:
             f"the vddk transport cannot run: {result.summary} "
             "(see `connector check` and docs/transports.md)"
         )
+
+
+# ------------------------------------------------------------------ landing in AWS
+
+
+class LandingSubject(Subject, Protocol):
+    """What the landing check uses of the composition root."""
+
+    def landing_enabled(self) -> bool: ...
+
+    def landing_probe(self) -> dict[str, str]: ...
+
+
+GUEST_NOTE = (
+    "a landed AMI is the disks as they are: it boots on EC2 only when the guest has the "
+    "ENA and NVMe drivers (no guest conversion; see docs/landing.md)"
+)
+
+
+@register("aws.landing", "the AWS credentials may land runs as EBS snapshots and AMIs")
+def _landing(app: Subject) -> CheckResult:
+    land: LandingSubject = app  # type: ignore[assignment]
+    if not land.landing_enabled():
+        return CheckResult("skipped", "no job lands its runs and [landing] mode is 'never'")
+    found = land.landing_probe()
+    missing = sorted(a for a, v in found.items() if v != "ok")
+    details = [f"{a}: {v}" for a, v in sorted(found.items())] + [GUEST_NOTE]
+    if missing:
+        return CheckResult(
+            "failed",
+            "missing landing permissions: "
+            + ", ".join(missing)
+            + "; apply `connector iam-policy --landing` (docs/permissions.md)",
+            missing=missing,
+            details=details,
+        )
+    return CheckResult("ok", f"{len(found)} landing calls allowed; " + GUEST_NOTE, details=details)

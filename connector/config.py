@@ -136,6 +136,33 @@ class S3Config(_Section):
         return self
 
 
+class LandingConfig(_Section):
+    """[landing]: where and how committed runs become EBS snapshots and AMIs
+    (docs/landing.md). Region, endpoint and trust default to those of [s3], and the
+    credentials are [s3]'s (or the role of a job's role name, assumed with them).
+    The job fields (mode ... staging) are the defaults of a job that sets none."""
+
+    region: str | None = None
+    endpoint_url: str | None = None
+    ca_file: Path | None = None
+    ena_support: StrictBool = True
+    concurrency: int = Field(default=8, ge=1, le=64)  # PutSnapshotBlock calls in flight
+    snapshot_timeout_minutes: int = Field(default=60, ge=10, le=4320)
+    wait_timeout: float = Field(default=3600.0, gt=0)  # seconds for a snapshot to complete
+    mode: Literal["every", "on-demand", "never"] = "never"
+    license_type: Literal["AWS", "BYOL"] = "BYOL"
+    encrypted: StrictBool = True
+    kms_key_id: str | None = None
+    role_name: str | None = None
+    keep_amis: int = Field(default=3, ge=1, le=100)
+    staging: Literal["temporary", "replica"] = "temporary"
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else _no_userinfo(v, "[landing] endpoint_url")
+
+
 class StateConfig(_Section):
     path: Path = Path("/var/lib/connector/state.db")
 
@@ -316,6 +343,10 @@ class LocalVmConfig(_Section):
     snapshot_command: list[str] | None = Field(default=None, min_length=1)
     release_command: list[str] | None = Field(default=None, min_length=1)
     hook_timeout: float = Field(default=600.0, gt=0)
+    guest_id: str | None = (
+        None  # e.g. "ubuntu64Guest", "arm-ubuntu64Guest": a landed AMI's architecture
+    )
+    firmware: Literal["bios", "efi"] | None = None  # a landed AMI's boot mode
     disks: list[LocalDiskConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -534,6 +565,7 @@ class Config(_Section):
     retry: RetryConfig = RetryConfig()
     retention: RetentionConfig = RetentionConfig()
     network: NetworkConfig = NetworkConfig()
+    landing: LandingConfig = LandingConfig()
     api: ApiConfig | None = None
     audit: AuditConfig = AuditConfig()
     fleet: FleetConfig | None = None  # PostgreSQL for state and queue; SQLite without it

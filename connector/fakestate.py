@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from connector.domain.jobs import RUN_ACTIVE, RUN_COMPLETED, RUN_DELETED, RUN_FAILED, RUN_MISSED
+from connector.domain.landing import LANDING_ACTIVE, LandedDisk, LandingRow
 from connector.domain.manifest import BlockRef
 from connector.domain.model import SnapshotInfo, VmInfo
 from connector.domain.records import (
@@ -57,7 +58,7 @@ from connector.domain.times import stamp, utcnow
 from connector.errors import NotFoundError
 from connector.faults import crash_point
 
-__all__ = ["MemoryLedger", "MemoryState"]
+__all__ = ["MemoryLandings", "MemoryLedger", "MemoryState"]
 
 DONE_STAGE = "done"  # the stage of a finished run
 TERMINAL_STATES = frozenset({RUN_MISSED, RUN_FAILED, RUN_COMPLETED, RUN_DELETED})
@@ -589,3 +590,75 @@ class MemoryLedger:
     def _settle(self, row: _EffectRow, state: str) -> None:
         row.effect = replace(row.effect, state=state)
         row.updated_at = self._now()
+
+
+class MemoryLandings:
+    """The Landings port in memory."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, LandingRow] = {}
+        self._lock = threading.Lock()
+
+    def landing(self, run_id: str) -> LandingRow | None:
+        with self._lock:
+            row = self._rows.get(run_id)
+            return _copy_landing(row) if row else None
+
+    def landings(self, server_id: str | None = None) -> list[LandingRow]:
+        with self._lock:
+            return [
+                _copy_landing(r)
+                for _, r in sorted(self._rows.items())
+                if server_id is None or r.server_id == server_id
+            ]
+
+    def start_landing(self, run_id: str, server_id: str, image_name: str) -> LandingRow:
+        with self._lock:
+            row = self._rows.get(run_id)
+            if row is None:
+                row = LandingRow(
+                    run_id, server_id, LANDING_ACTIVE, image_name, None, 0, stamp(), None, None
+                )
+                self._rows[run_id] = row
+            else:
+                row.state, row.error, row.finished_at = LANDING_ACTIVE, None, None
+            return _copy_landing(row)
+
+    def record_snapshot(self, disk: LandedDisk) -> None:
+        with self._lock:
+            row = self._rows[disk.run_id]
+            row.disks = sorted(
+                [d for d in row.disks if d.disk_key != disk.disk_key] + [replace(disk)],
+                key=lambda d: d.disk_key,
+            )
+
+    def set_snapshot_state(
+        self, run_id: str, disk_key: int, state: str, blocks_sent: int | None = None
+    ) -> None:
+        with self._lock:
+            row = self._rows.get(run_id)
+            for d in row.disks if row else []:
+                if d.disk_key == disk_key:
+                    d.state = state
+                    if blocks_sent is not None:
+                        d.blocks_sent = blocks_sent
+
+    def set_attempt(self, run_id: str, attempt: int) -> None:
+        with self._lock:
+            if run_id in self._rows:
+                self._rows[run_id].attempt = attempt
+
+    def record_image(self, run_id: str, image_id: str) -> None:
+        with self._lock:
+            if run_id in self._rows:
+                self._rows[run_id].image_id = image_id
+
+    def end_landing(self, run_id: str, state: str, error: str | None = None) -> None:
+        with self._lock:
+            row = self._rows.get(run_id)
+            if row is not None:
+                row.state, row.error, row.finished_at = state, error, stamp()
+
+
+def _copy_landing(row: LandingRow) -> LandingRow:
+    return replace(row, disks=[replace(d) for d in row.disks])

@@ -17,7 +17,8 @@ and returns.
 The named points, in the order a run reaches them (see docs/operations.md):
 snapshot-create, snapshot-created, changes, block-read, multipart-created,
 multipart-part, pack-uploaded, before-manifest, manifest-written, before-commit,
-after-commit, snapshot-remove, snapshot-removed.
+after-commit, land-block, land-wait, land-before-image, snapshot-remove,
+snapshot-removed.
 """
 
 from __future__ import annotations

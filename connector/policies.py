@@ -91,19 +91,48 @@ def bucket_policy(
     return {"Version": POLICY_VERSION, "Id": "ConnectorStagingBucket", "Statement": statements}
 
 
+# The calls of the landing stage (`connector.adapters.ebs`), as IAM actions.
+LANDING_EBS_ACTIONS = (
+    "ebs:StartSnapshot",
+    "ebs:PutSnapshotBlock",
+    "ebs:CompleteSnapshot",
+    "ebs:ListSnapshotBlocks",  # reading a landed snapshot back
+    "ebs:GetSnapshotBlock",
+)
+LANDING_EC2_ACTIONS = (
+    "ec2:DescribeSnapshots",
+    "ec2:DeleteSnapshot",
+    "ec2:RegisterImage",
+    "ec2:DescribeImages",
+    "ec2:DeregisterImage",
+    "ec2:CreateTags",  # the tags StartSnapshot and RegisterImage set
+)
+# What EBS asks of a customer managed key for encrypted snapshots.
+LANDING_KMS_ACTIONS = (
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:CreateGrant",
+    "kms:DescribeKey",
+    "kms:Decrypt",
+)
+
+
 def iam_policy(
     bucket: str,
     prefix: str,
     region: str,
     kms_key_arn: str | None = None,
     landing: bool = False,
+    landing_kms_key_arn: str | None = None,
+    landing_role_arn: str | None = None,
 ) -> dict[str, Any]:
     """The least-privilege IAM policy of the connector's AWS credentials.
 
     S3: the bucket (HeadBucket and listing need s3:ListBucket on the bucket
     itself) and the objects under the prefix. KMS (with SSE-KMS): the data keys
     S3 asks for on the connector's behalf, only through S3. `landing` adds the
-    EBS direct API and EC2 actions of the landing stage.
+    EBS direct API and EC2 actions of the landing stage: exactly the calls of
+    `connector.adapters.ebs` (tests/unit/test_landing_policy.py checks it), with the
+    landing KMS key's actions and the AssumeRole of a job's role when given.
     """
     part = partition(region)
     arn = f"arn:{part}:s3:::{bucket}"
@@ -147,29 +176,34 @@ def iam_policy(
             {
                 "Sid": "LandingEbsDirectApi",
                 "Effect": "Allow",
-                "Action": [
-                    "ebs:StartSnapshot",
-                    "ebs:PutSnapshotBlock",
-                    "ebs:CompleteSnapshot",
-                    "ebs:ListSnapshotBlocks",
-                    "ebs:ListChangedBlocks",
-                ],
+                "Action": list(LANDING_EBS_ACTIONS),
                 "Resource": f"arn:{part}:ec2:{region}::snapshot/*",
             },
             {
                 "Sid": "LandingImages",
                 "Effect": "Allow",
-                "Action": [
-                    "ec2:RegisterImage",
-                    "ec2:DeregisterImage",
-                    "ec2:DeleteSnapshot",
-                    "ec2:DescribeSnapshots",
-                    "ec2:DescribeImages",
-                    "ec2:CreateTags",
-                ],
+                "Action": list(LANDING_EC2_ACTIONS),
                 "Resource": "*",
             },
         ]
+        if landing_role_arn:
+            statements.append(
+                {
+                    "Sid": "LandingAssumeRole",
+                    "Effect": "Allow",
+                    "Action": ["sts:AssumeRole"],
+                    "Resource": landing_role_arn,
+                }
+            )
+        if landing_kms_key_arn:
+            statements.append(
+                {
+                    "Sid": "LandingKmsKey",
+                    "Effect": "Allow",
+                    "Action": list(LANDING_KMS_ACTIONS),
+                    "Resource": landing_kms_key_arn,
+                }
+            )
     return {"Version": POLICY_VERSION, "Statement": statements}
 
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from connector.domain.jobs import RUN_ACTIVE
+from connector.domain.landing import LandedDisk, LandingRow
 from connector.domain.manifest import BlockRef
 from connector.domain.model import ChangedAreas, DiskInfo, Extent, SnapshotInfo, VmInfo
 from connector.domain.records import (
@@ -386,3 +387,108 @@ class RetentionSettings(Protocol):
         ...
 
     def retention_settings(self) -> dict[str, int]: ...
+
+
+# -- landing in AWS -------------------------------------------------------------------
+
+
+class SnapshotTarget(Protocol):
+    """EBS snapshots written block by block (the EBS direct APIs) and AMIs (EC2).
+
+    Missing resources are not errors where the verb says so; every other failure is
+    a class of `connector.errors` (TransientError for throttling: the retry decorator
+    tries it again).
+    """
+
+    def start_snapshot(
+        self,
+        *,
+        volume_size: int,
+        client_token: str,
+        parent_snapshot_id: str | None,
+        encrypted: bool,
+        kms_key_id: str | None,
+        tags: dict[str, str],
+        description: str,
+        timeout_minutes: int,
+    ) -> tuple[str, str]:
+        """(snapshot id, status); the same client token gives the same snapshot."""
+        ...
+
+    def put_block(self, snapshot_id: str, index: int, data: bytes) -> None:
+        """Write one 512 KiB block (with its SHA-256 checksum)."""
+        ...
+
+    def complete_snapshot(self, snapshot_id: str, changed_blocks: int) -> str:
+        """Seal the snapshot; AWS then completes it asynchronously."""
+        ...
+
+    def snapshot_state(self, snapshot_id: str) -> str | None:
+        """pending | completed | error, or None when there is no such snapshot."""
+        ...
+
+    def snapshots_tagged(self, key: str, value: str) -> list[str]:
+        """The ids of this account's snapshots that carry tag `key` = `value`."""
+        ...
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Deleting an absent snapshot is not an error."""
+        ...
+
+    def list_blocks(self, snapshot_id: str) -> list[int]:
+        """The indexes of the blocks that hold data."""
+        ...
+
+    def read_block(self, snapshot_id: str, index: int) -> bytes: ...
+
+    def register_image(
+        self,
+        *,
+        name: str,
+        description: str,
+        mappings: list[tuple[str, str]],
+        architecture: str,
+        boot_mode: str,
+        ena_support: bool,
+        tags: dict[str, str],
+    ) -> str:
+        """An AMI of (device name, snapshot id) mappings, the first one the root."""
+        ...
+
+    def find_image(self, name: str) -> str | None:
+        """The id of this account's AMI of that name, if any."""
+        ...
+
+    def describe_image(self, image_id: str) -> dict[str, Any] | None: ...
+
+    def deregister_image(self, image_id: str) -> None:
+        """Deregistering an absent AMI is not an error."""
+        ...
+
+
+class Landings(Protocol):
+    """The landings of runs: every AWS resource id, recorded before anything uses it."""
+
+    def landing(self, run_id: str) -> LandingRow | None: ...
+
+    def landings(self, server_id: str | None = None) -> list[LandingRow]:
+        """Oldest run first."""
+        ...
+
+    def start_landing(self, run_id: str, server_id: str, image_name: str) -> LandingRow:
+        """Record (once) that the run is being landed; an existing one is made ACTIVE again."""
+        ...
+
+    def record_snapshot(self, disk: LandedDisk) -> None:
+        """A disk's snapshot (replacing an earlier record of the same disk)."""
+        ...
+
+    def set_snapshot_state(
+        self, run_id: str, disk_key: int, state: str, blocks_sent: int | None = None
+    ) -> None: ...
+
+    def set_attempt(self, run_id: str, attempt: int) -> None: ...
+
+    def record_image(self, run_id: str, image_id: str) -> None: ...
+
+    def end_landing(self, run_id: str, state: str, error: str | None = None) -> None: ...

@@ -5,6 +5,7 @@ docs/troubleshooting.md (tests/messages/plugin.py)."""
 pytest_plugins = [
     "tests.harness.fixtures_vcsim",
     "tests.harness.fixtures_s3",
+    "tests.harness.fixtures_landing",
     "tests.harness.fixtures_tls",
     "tests.harness.nbd",
     "tests.messages.plugin",

@@ -8,6 +8,7 @@ names the job.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ from connector.domain.jobs import (
     JobSpec,
     JobStatus,
 )
+from connector.domain.landing import LandingSpec
 from connector.domain.records import RunRow
 from connector.domain.times import iso, stamp
 from connector.errors import InvalidInputError, NotFoundError
@@ -130,6 +132,11 @@ class JobStore:
         with self._tx() as c:
             c.execute(jobs.update().where(jobs.c.id == job_id).values(updated_at=_now(), **values))
         return self.get(job_id)
+
+    def set_landing(self, job_id: str, spec: LandingSpec | None) -> JobRow:
+        """The job's landing settings (None: back to the [landing] defaults)."""
+        value = None if spec is None else json.dumps(spec.to_json(), sort_keys=True)
+        return self.update(job_id, landing=value)
 
     def set_status(self, job_id: str, status: JobStatus) -> JobRow:
         return self.update(

@@ -81,6 +81,8 @@ class LocalVmSpec:
     snapshot_command: tuple[str, ...] | None = None
     release_command: tuple[str, ...] | None = None
     hook_timeout: float = 600.0
+    guest_id: str | None = None  # what a landed AMI's architecture comes from
+    firmware: str | None = None  # bios | efi: a landed AMI's boot mode
 
 
 # ----------------------------------------------------------------------------- reader
@@ -300,6 +302,8 @@ class LocalHypervisor:
             cbt_enabled=False,
             disks=tuple(self._disk(vm, d, d.path, strict=False) for d in vm.disks),
             snapshots=tuple(SnapshotInfo(ref=n, name=n) for n in self._marked(vm)),
+            guest_id=vm.guest_id,
+            firmware=vm.firmware,
         )
 
     def _disk(

@@ -263,8 +263,11 @@ def make_aws_client(
     read_timeout: float = 60.0,
     max_attempts: int = 1,
     proxy: Proxy | None = None,
+    session_token: Secret | None = None,
 ) -> Any:
     """A boto3 client with explicit trust, TLS 1.2 minimum and no environment endpoints.
+
+    `session_token`: with the keys, temporary credentials (from STS AssumeRole).
 
     Credentials: both keys, or neither (then boto3's default chain: environment,
     shared files, container or instance role).
@@ -325,6 +328,7 @@ def make_aws_client(
         secret_access_key,
         use_fips_endpoint,
         options,
+        session_token,
     )
     extra = (proxy.ca_file,) if proxy is not None and proxy.ca_file is not None else ()
     enforce_tls_minimum(client, extra)
@@ -340,10 +344,12 @@ def _build_client(
     secret_access_key: Secret | None,
     use_fips_endpoint: bool,
     extra_options: dict[str, Any],
+    session_token: Secret | None = None,
 ) -> Any:
     session = boto3.session.Session(
         aws_access_key_id=access_key_id.reveal() if access_key_id else None,
         aws_secret_access_key=secret_access_key.reveal() if secret_access_key else None,
+        aws_session_token=session_token.reveal() if session_token else None,
         region_name=region,
     )
     options: dict[str, Any] = {

@@ -281,6 +281,41 @@ queue_kv = sa.Table(
 BASELINE_REVISION = "0001"
 
 
+# -- Landing in AWS (connector.adapters.landings) --------------------------------------
+# New in the landing release: one landing per run, one snapshot per landed disk. Every
+# AWS resource id is written here before anything depends on it.
+landings = sa.Table(
+    "landings",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("server_id", sa.String(40), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False),  # ACTIVE | LANDED | FAILED | DELETED
+    sa.Column("image_name", sa.String(128), nullable=False),
+    sa.Column("image_id", sa.String(64)),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("started_at", sa.String(32), nullable=False),
+    sa.Column("finished_at", sa.String(32)),
+    sa.Column("error", sa.Text),
+)
+
+landed_disks = sa.Table(
+    "landed_disks",
+    metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("disk_key", sa.Integer, primary_key=True),
+    sa.Column("snapshot_id", sa.String(64)),
+    sa.Column("state", sa.String(16), nullable=False),  # started | sent | completed | ...
+    sa.Column("client_token", sa.String(64), nullable=False),
+    sa.Column("parent_snapshot_id", sa.String(64)),
+    sa.Column("capacity", sa.BigInteger, nullable=False),
+    sa.Column("blocks_sent", sa.BigInteger, nullable=False, server_default="0"),
+)
+# A job's landing settings (JSON of connector.domain.landing.LandingSpec; NULL: the
+# [landing] defaults).
+jobs.append_column(sa.Column("landing", sa.Text))
+# -- end of the landing tables ------------------------------------------------------------
+
+
 class Database:
     """The engine of the state database, with its schema in place (migrated)."""
 

@@ -67,6 +67,8 @@ _VM_PROPERTIES = (
     "config.instanceUuid",
     "config.hardware.device",
     "config.changeTrackingEnabled",
+    "config.guestId",  # a landed AMI's architecture
+    "config.firmware",  # bios | efi: a landed AMI's boot mode
     "runtime.powerState",
     "runtime.host",
     # Requested through the PropertyCollector, an unset `snapshot` is simply
@@ -632,6 +634,8 @@ class VSphereClient:
                     ),
                     snapshots=snapshots,
                     host=hosts.get(host_ref._moId) if host_ref is not None else None,
+                    guest_id=str(props.get("config.guestId") or "") or None,
+                    firmware=str(props.get("config.firmware") or "") or None,
                 )
             )
         return vms

@@ -266,7 +266,7 @@ class JobActions:
                     "the retention or the description"
                 )
             row = self._jobs.find(ref)
-            _refuse_deleted(row)
+            refuse_deleted(row)
             rec.update(job=row.id, changed=sorted(values))
             if retention is not None:
                 self._retention_settings.set_retention(row.server_id, values["retention"])
@@ -296,7 +296,7 @@ class JobActions:
         with self._audited("job.pause", ref, actor) as rec:
             row = self._jobs.find(ref)
             rec.update(job=row.id)
-            _refuse_deleted(row)
+            refuse_deleted(row)
             return self._jobs.update(row.id, paused=True)
 
     def resume(self, ref: str, actor: str | None = None) -> JobRow:
@@ -314,7 +314,7 @@ class JobActions:
         with self._audited("job.delete", ref, actor) as rec:
             row = self._jobs.find(ref)
             rec.update(job=row.id)
-            _refuse_deleted(row)
+            refuse_deleted(row)
             live = self._jobs.live_runs(row.server_id)
             state = JOB_DELETING if live else JOB_DELETED
             message = "deleting: waiting for the active run to stop" if live else "deleted"
@@ -345,7 +345,7 @@ def _retention_pending(job: JobRow) -> dict[str, Any] | None:
     }
 
 
-def _refuse_deleted(job: JobRow) -> None:
+def refuse_deleted(job: JobRow) -> None:
     """Refuse to change a job that is deleted or being deleted."""
     if job.state in (JOB_DELETING, JOB_DELETED):
         raise InvalidInputError(f"job {job.id} is {job.state}; create a new job for the VM")

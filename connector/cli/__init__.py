@@ -24,6 +24,7 @@ from connector.cli import (
     fleet,
     init,
     jobs,
+    landing,
     replication,
     security,
     service,
@@ -132,6 +133,7 @@ app.command("vms")(catalog.vms)
 app.command("replicate")(replication.replicate)
 app.command("runs")(replication.runs)
 app.command("restore")(replication.restore)
+app.command("land")(landing.land)
 app.command("verify")(store.verify)
 app.command("retention")(store.retention)
 app.add_typer(security.audit_app, name="audit")

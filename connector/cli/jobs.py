@@ -8,15 +8,17 @@ database (the daemon picks changes up within `[daemon] sync_interval`), and
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from connector.app import App
+from connector.application.jobs import refuse_deleted
 from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, id_table, out, run_with_app
 from connector.domain.jobs import LIVE_RUN_STATES, JobRow, validate_frequency
+from connector.domain.landing import LandingSpec
 from connector.errors import InvalidInputError
 
 jobs_app = typer.Typer(
@@ -44,11 +46,69 @@ RetentionOpt = Annotated[
     ),
 ]
 DescriptionOpt = Annotated[str | None, typer.Option("--description", "-d", help="Free text.")]
+LandOpt = Annotated[
+    str | None,
+    typer.Option("--land", help="Land runs in AWS as AMIs: every, on-demand or never."),
+]
+LicenseOpt = Annotated[
+    str | None, typer.Option("--license-type", help="The AMIs' license type: AWS or BYOL.")
+]
+EncryptedOpt = Annotated[
+    bool | None,
+    typer.Option("--encrypted/--no-encrypted", help="Encrypt the landed EBS snapshots."),
+]
+KmsOpt = Annotated[
+    str | None, typer.Option("--kms-key-id", help="KMS key of the snapshots ('' : the default).")
+]
+RoleOpt = Annotated[
+    str | None, typer.Option("--role-name", help="IAM role to land as ('' : none).")
+]
+KeepAmisOpt = Annotated[
+    int | None, typer.Option("--keep-amis", help="How many recent AMIs to keep (1 to 100).")
+]
+StagingOpt = Annotated[
+    str | None,
+    typer.Option("--staging", help="temporary (keep only what the next landing needs) or replica."),
+]
+
+
+def _landing(
+    base: LandingSpec,
+    land: str | None,
+    license_type: str | None,
+    encrypted: bool | None,
+    kms_key_id: str | None,
+    role_name: str | None,
+    keep_amis: int | None,
+    staging: str | None,
+) -> LandingSpec | None:
+    """The job's landing settings with the options given over `base`; None when none is."""
+    given: dict[str, Any] = {
+        "mode": land,
+        "license_type": license_type.upper() if license_type else None,
+        "encrypted": encrypted,
+        "kms_key_id": kms_key_id,
+        "role_name": role_name,
+        "keep_amis": keep_amis,
+        "staging": staging,
+    }
+    changes = {k: v for k, v in given.items() if v is not None}
+    if not changes:
+        return None
+    for k in ("kms_key_id", "role_name"):
+        if changes.get(k) == "":
+            changes[k] = None
+    if changes.get("encrypted") is False and "kms_key_id" not in changes:
+        changes["kms_key_id"] = None
+    return replace(base, **changes)
 
 
 def job_document(a: App, job: JobRow, with_runs: bool = False) -> dict[str, Any]:
-    """A job as `jobs show --json` prints it (the API returns the same document)."""
-    return a.job_actions.document(job, with_runs)
+    """A job as `jobs show --json` prints it (the API returns the same document), with
+    its landing settings."""
+    doc = a.job_actions.document(job, with_runs)
+    doc["landing"] = a.landing_spec(job.server_id).to_json()
+    return doc
 
 
 def _print_jobs(a: App, rows: list[JobRow], as_json: bool) -> None:
@@ -169,12 +229,30 @@ def jobs_create(
     seed: SeedOpt = None,
     retention: RetentionOpt = None,
     description: DescriptionOpt = None,
+    land: LandOpt = None,
+    license_type: LicenseOpt = None,
+    encrypted: EncryptedOpt = None,
+    kms_key_id: KmsOpt = None,
+    role_name: RoleOpt = None,
+    keep_amis: KeepAmisOpt = None,
+    staging: StagingOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a replication job for a VM."""
+    """Create a replication job for a VM (landing settings default to [landing]'s)."""
 
     def go(a: App) -> None:
+        # The landing options are checked before the job exists: a refused one makes none.
+        landing = _landing(
+            a.default_landing_spec(),
+            land,
+            license_type,
+            encrypted,
+            kms_key_id,
+            role_name,
+            keep_amis,
+            staging,
+        )
         job = a.job_actions.create(
             vm,
             frequency_hours=_frequency(frequency, run_once),
@@ -182,6 +260,8 @@ def jobs_create(
             retention=retention,
             description=description,
         )
+        if landing is not None:
+            job = a.jobs.set_landing(job.id, landing)
         if as_json:
             _print_job(a, job, as_json)
         else:
@@ -220,23 +300,46 @@ def jobs_update(
     seed: SeedOpt = None,
     retention: RetentionOpt = None,
     description: DescriptionOpt = None,
+    land: LandOpt = None,
+    license_type: LicenseOpt = None,
+    encrypted: EncryptedOpt = None,
+    kms_key_id: KmsOpt = None,
+    role_name: RoleOpt = None,
+    keep_amis: KeepAmisOpt = None,
+    staging: StagingOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change a job's schedule, retention or description."""
+    """Change a job's schedule, retention, description or landing settings."""
 
     def go(a: App) -> None:
         changes: dict[str, Any] = {}
         if run_once or frequency is not None:
             changes["frequency_hours"] = _frequency(frequency, run_once)
-        if seed is None and retention is None and description is None and not changes:
-            raise InvalidInputError(
-                "nothing to change: give --frequency/--run-once, --seed, --retention or "
-                "--description"
-            )
-        row = a.job_actions.update(
-            job, seed=seed, retention=retention, description=description, **changes
+        row = a.job_actions.find(job)
+        landing = _landing(
+            a.landing_spec(row.server_id),
+            land,
+            license_type,
+            encrypted,
+            kms_key_id,
+            role_name,
+            keep_amis,
+            staging,
         )
+        others = seed is not None or retention is not None or description is not None
+        if not others and not changes and landing is None:
+            raise InvalidInputError(
+                "nothing to change: give --frequency/--run-once, --seed, --retention, "
+                "--description or a landing option (--land, --keep-amis, --staging, ...)"
+            )
+        refuse_deleted(row)
+        if others or changes:
+            row = a.job_actions.update(
+                row.id, seed=seed, retention=retention, description=description, **changes
+            )
+        if landing is not None:
+            row = a.jobs.set_landing(row.id, landing)
         _print_job(a, row, as_json)
 
     run_with_app(config, go, state_from_store=True)

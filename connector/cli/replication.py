@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from connector.app import App
 from connector.cli.common import (
@@ -32,6 +33,8 @@ from connector.cli.signals import StopOnSignals
 from connector.daemon.lock import StateLock
 from connector.domain.ids import check_disk_key, check_run_id
 from connector.domain.jobs import LIVE_RUN_STATES, RUN_STATES
+from connector.domain.landing import LandingRow
+from connector.domain.records import RunRow
 from connector.errors import InvalidInputError, PermanentError
 from connector.pipeline.replicate import RunStopped
 from connector.pipeline.restore import check_target, restore_disk
@@ -101,7 +104,13 @@ def _report_stop(exc: RunStopped, vm: str) -> None:
 
 
 def runs(
-    vm: Annotated[str | None, typer.Argument(help="Only this VM (name or UUID).")] = None,
+    vm: Annotated[
+        str | None,
+        typer.Argument(help="Only this VM (name or UUID); or `show` and a run id: that run."),
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Argument(help="With `show`: the run to show.", show_default=False)
+    ] = None,
     last: Annotated[
         int | None,
         typer.Option("--last", metavar="N", help=f"Only the N most recent runs (1 to {MAX_LAST})."),
@@ -115,9 +124,15 @@ def runs(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show the history of replication runs, oldest first."""
+    """Show the history of replication runs, oldest first, with what each landed in AWS
+    (snapshot ids, AMI id). `connector runs show RUN` shows one run."""
 
     def go(a: App) -> None:
+        if vm == "show" and run_id is not None:
+            _show_run(a, check_run_id(run_id), as_json)
+            return
+        if run_id is not None:
+            raise InvalidInputError(f"unexpected argument {run_id!r}; to show a run: runs show RUN")
         if last is not None and not 1 <= last <= MAX_LAST:
             raise InvalidInputError(f"--last must be 1 to {MAX_LAST} runs, not {last}")
         wanted = state.upper() if state is not None else None
@@ -131,8 +146,9 @@ def runs(
             rows = [r for r in rows if r.state == wanted]
         if last is not None:
             rows = rows[-last:]
+        landed = {row.run_id: row for row in a.landings.landings(server_id)}
         if as_json:
-            print(json.dumps([asdict(r) for r in rows], indent=2))
+            print(json.dumps([_run_doc(r, landed.get(r.id)) for r in rows], indent=2))
             return
         names = {s.id: s.name for s in a.state.servers()}
         progress = a.ledger.controls([r.id for r in rows if r.state in LIVE_RUN_STATES])
@@ -145,8 +161,9 @@ def runs(
             "started",
             "finished",
             "read",
+            "ami",
             "error",
-            ids={"run"},
+            ids={"run", "ami"},
         )
         for r in rows:
             ctl = progress.get(r.id)
@@ -159,11 +176,46 @@ def runs(
                 r.started_at,
                 r.finished_at or "",
                 human_size(sum(d.bytes_read for d in r.disks)),
+                _ami(landed.get(r.id)),
                 r.error or "",
             )
         out.print(t)
 
     run_with_app(config, go, state_from_store=True)
+
+
+def _run_doc(run: RunRow, landing: LandingRow | None) -> dict[str, Any]:
+    return {**asdict(run), "landing": asdict(landing) if landing is not None else None}
+
+
+def _ami(landing: LandingRow | None) -> str:
+    if landing is None:
+        return ""
+    if landing.state == "LANDED":
+        return landing.image_id or ""
+    return f"({landing.state.lower()})"
+
+
+def _show_run(a: App, run_id: str, as_json: bool) -> None:
+    run = a.state.run(run_id)
+    landing = a.landings.landing(run_id)
+    if as_json:
+        print(json.dumps(_run_doc(run, landing), indent=2))
+        return
+    out.print(f"run {run.id} {run.state} (server {run.server_id}, {run.type})")
+    out.print(f"  started {run.started_at}, finished {run.finished_at or '-'}")
+    if run.error:
+        out.print(f"  error: {escape(run.error)}")
+    for d in run.disks:
+        out.print(f"  disk {d.disk_key}: {d.mode}, read {human_size(d.bytes_read)}")
+    if landing is None:
+        out.print("  not landed in AWS")
+        return
+    out.print(f"  landing {landing.state}: AMI {landing.image_id or '-'}")
+    for ld in landing.disks:
+        out.print(f"    disk {ld.disk_key}: snapshot {ld.snapshot_id or '-'} ({ld.state})")
+    if landing.error:
+        out.print(f"  landing error: {escape(landing.error)}")
 
 
 def restore(

@@ -88,7 +88,18 @@ def iam_policy_cmd(
     def go(a: App) -> None:
         s3 = a.config.s3
         kms = s3.kms_key_id if s3.sse == "aws:kms" and is_kms_key_arn(s3.kms_key_id) else None
-        policy = iam_policy(s3.bucket, s3.prefix, s3.region, kms, landing=landing)
+        land = a.config.landing
+        land_kms = land.kms_key_id if is_kms_key_arn(land.kms_key_id) else None
+        role = f"arn:aws:iam::*:role/{land.role_name}" if land.role_name else None
+        policy = iam_policy(
+            s3.bucket,
+            s3.prefix,
+            s3.region,
+            kms,
+            landing=landing,
+            landing_kms_key_arn=land_kms if landing else None,
+            landing_role_arn=role if landing else None,
+        )
         print(json.dumps(policy, indent=2))
 
     run_with_app(config, go, audit_load=False)

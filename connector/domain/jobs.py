@@ -8,9 +8,11 @@ the N most recent runs, and pauses itself after repeated failures.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, replace
 
 from connector.domain.backoff import backoff_delay as backoff_delay  # the daemon's import
+from connector.domain.landing import LandingSpec
 from connector.domain.times import parse as parse_time
 from connector.errors import InvalidInputError
 
@@ -283,6 +285,12 @@ class JobRow:
     retention_attempts: int = 0
     retention_next_at: str | None = None
     retention_error: str | None = None
+    landing: str | None = None  # JSON of a LandingSpec; None: the [landing] defaults
+
+    @property
+    def landing_spec(self) -> LandingSpec | None:
+        """The job's own landing settings, if it has any."""
+        return None if self.landing is None else LandingSpec.from_json(json.loads(self.landing))
 
     @property
     def run_once(self) -> bool:

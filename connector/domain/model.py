@@ -55,6 +55,8 @@ class VmInfo:
     disks: tuple[DiskInfo, ...] = ()
     snapshots: tuple[SnapshotInfo, ...] = field(default=())
     host: str | None = None
+    guest_id: str | None = None  # vSphere's guest id (config.guestId), e.g. "ubuntu64Guest"
+    firmware: str | None = None  # "bios" or "efi" (config.firmware)
 
     def disk(self, key: int) -> DiskInfo:
         for d in self.disks:

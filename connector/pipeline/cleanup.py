@@ -6,6 +6,7 @@ runs, after failures too.
 from __future__ import annotations
 
 from connector.errors import ConnectorError
+from connector.pipeline import land
 from connector.pipeline.context import RunRef, StageContext
 from connector.pipeline.snapshot import remove_run_snapshots, snapshot_name
 
@@ -16,6 +17,7 @@ def run(ctx: StageContext, ref: RunRef) -> None:
     ctx.release_lock(ref.run_id)
     ctx.runs.finish_run(ref.run_id)
     ctx.audit_finish(ref.run_id, ref.vm_uuid)
+    land.release_staging(ctx, ref)
 
 
 def abort(ctx: StageContext, run_id: str, reason: str, best_effort: bool = False) -> None:

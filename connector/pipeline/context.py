@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from connector.domain.jobs import RUN_FAILED
+from connector.domain.landing import LandingSpec
 from connector.domain.model import SnapshotInfo, VmInfo
 from connector.domain.records import NO_DISK, SNAPSHOT
 from connector.domain.times import iso
@@ -27,8 +28,10 @@ from connector.ports import (
     DiskSource,
     DiskStates,
     Hypervisor,
+    Landings,
     Ledger,
     Runs,
+    SnapshotTarget,
 )
 from connector.store.repository import DEFAULT_PACK_SIZE, Repository, RunLock
 
@@ -75,6 +78,29 @@ class PipelineSettings:
 
 
 @dataclass(frozen=True)
+class LandSettings:
+    """How landing talks to AWS (from the config's [landing] section)."""
+
+    concurrency: int = 8
+    snapshot_timeout_minutes: int = 60
+    wait_timeout: float = 3600.0
+    ena_support: bool = True
+    poll_interval: float = 0.2
+    poll_interval_max: float = 5.0
+
+
+@dataclass
+class Lander:
+    """What the land stage needs besides the stage context."""
+
+    landings: Landings
+    target: Callable[[LandingSpec], SnapshotTarget]
+    spec_for: Callable[[str], LandingSpec]  # server id -> the job's landing settings
+    settings: LandSettings
+    release_staging: Callable[[str, str], None] | None = None  # (server id, run id)
+
+
+@dataclass(frozen=True)
 class RunRef:
     """The run a stage works on."""
 
@@ -102,6 +128,8 @@ class StageContext:
     # Whether releasing a run's lock may open the store first: the daemon's runs may
     # hold locks written by an earlier process; a foreground run's only by itself.
     locks_need_store: bool = True
+    # Landing in AWS (`connector.pipeline.land.Lander`); None: runs are not landed.
+    lander: Lander | None = None
     _repo: Repository | None = field(default=None, repr=False)
     _repo_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -1,6 +1,9 @@
 """One replication run as resumable, idempotent stages, driven from one table.
 
-    validate -> snapshot -> changes -> transfer -> commit -> cleanup
+    validate -> snapshot -> changes -> transfer -> commit -> land -> cleanup
+
+`land` lands the committed run in AWS when its job lands every run (`pipeline/land.py`);
+otherwise it does nothing.
 
 Each stage's body is the `run(ctx, ref)` function of the module named after
 it (`connector/pipeline/<stage>.py`). Each persists what it did in the run
@@ -18,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from connector.pipeline import changes, cleanup, commit, snapshot, transfer, validate
+from connector.pipeline import changes, cleanup, commit, land, snapshot, transfer, validate
 from connector.pipeline.context import RunRef, StageContext
 
 
@@ -34,6 +37,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("changes", changes.run),
     Stage("transfer", transfer.run),
     Stage("commit", commit.run),
+    Stage("land", land.run),
     Stage("cleanup", cleanup.run),
 )
 DONE = "done"

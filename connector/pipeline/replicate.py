@@ -8,7 +8,8 @@ are stored only after the run's commit object is durable.
 A stop request (the context's `should_stop`, set by the CLI on SIGTERM, SIGINT
 or SIGHUP) is honoured between stages and between reads of the transfer: the run
 is rolled back (snapshot removed, FAILED with the stop's reason) and `RunStopped`
-raised. Once the run is committed, its cleanup still runs and it completes.
+raised. Once the run is committed, its landing (when its job lands every run)
+and its cleanup still run and it completes.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class Replicator:
         stage = FIRST
         try:
             while stage != DONE:
-                if stage != _FINAL:
+                # Once the run is committed, a stop lets it complete (land, cleanup).
+                if stage != _FINAL and not pipeline.committed(run_id):
                     ctx.check_stop()
                 stage = pipeline.execute(run_id, stage)
         except BaseException as exc:

@@ -24,6 +24,14 @@ from connector.domain.jobs import (
     RUN_MISSED,
     RUN_PENDING,
 )
+from connector.domain.landing import (
+    LANDING_ACTIVE,
+    LANDING_FAILED,
+    LANDING_LANDED,
+    SNAP_COMPLETED,
+    SNAP_STARTED,
+    LandedDisk,
+)
 from connector.domain.manifest import BlockRef
 from connector.domain.model import DiskInfo, SnapshotInfo, VmInfo
 from connector.domain.records import (
@@ -40,6 +48,7 @@ from connector.ports import (
     BlockStore,
     Catalog,
     DiskStates,
+    Landings,
     Ledger,
     RetentionSettings,
     RunControls,
@@ -1065,3 +1074,63 @@ class StateContract(
     RetentionContract,
 ):
     """Every state port's contract, over one `ports` fixture."""
+
+
+# -- landings ---------------------------------------------------------------------------
+
+
+class LandingsContract:
+    """The Landings port: ids recorded, states moved, read back in run order.
+
+    Override the `landings` fixture with a fresh, empty implementation.
+    """
+
+    @pytest.fixture
+    def landings(self) -> Landings:
+        raise NotImplementedError
+
+    def test_a_landing_records_its_snapshots_and_its_image(self, landings: Landings) -> None:
+        assert landings.landing("r-2") is None
+        row = landings.start_landing("r-2", "s-1", "connector-s-1-r-2")
+        assert (row.state, row.image_id, row.disks) == (LANDING_ACTIVE, None, [])
+        landings.record_snapshot(LandedDisk("r-2", 2001, "snap-b", SNAP_STARTED, "t2", None, 5))
+        landings.record_snapshot(LandedDisk("r-2", 2000, "snap-a", SNAP_STARTED, "t1", "p", 7))
+        landings.set_snapshot_state("r-2", 2000, SNAP_COMPLETED, blocks_sent=3)
+        landings.set_attempt("r-2", 1)
+        landings.record_image("r-2", "ami-1")
+        landings.end_landing("r-2", LANDING_LANDED)
+        got = landings.landing("r-2")
+        assert got is not None
+        assert (got.state, got.image_id, got.attempt, got.error) == (
+            LANDING_LANDED,
+            "ami-1",
+            1,
+            None,
+        )
+        assert got.finished_at is not None
+        assert [(d.disk_key, d.snapshot_id, d.state, d.blocks_sent) for d in got.disks] == [
+            (2000, "snap-a", SNAP_COMPLETED, 3),
+            (2001, "snap-b", SNAP_STARTED, 0),
+        ]
+        assert got.snapshot_ids() == ["snap-a", "snap-b"]
+
+    def test_a_snapshot_record_replaces_the_earlier_one(self, landings: Landings) -> None:
+        landings.start_landing("r-1", "s-1", "n")
+        landings.record_snapshot(LandedDisk("r-1", 2000, "snap-a", SNAP_STARTED, "t0", None, 5))
+        landings.record_snapshot(LandedDisk("r-1", 2000, "snap-b", SNAP_STARTED, "t1", None, 5))
+        got = landings.landing("r-1")
+        assert got is not None and [d.snapshot_id for d in got.disks] == ["snap-b"]
+
+    def test_starting_again_keeps_the_ids_and_makes_it_active(self, landings: Landings) -> None:
+        landings.start_landing("r-1", "s-1", "n")
+        landings.record_image("r-1", "ami-9")
+        landings.end_landing("r-1", LANDING_FAILED, "throttled")
+        row = landings.start_landing("r-1", "s-1", "n")
+        assert (row.state, row.error, row.image_id) == (LANDING_ACTIVE, None, "ami-9")
+
+    def test_landings_are_by_run_and_by_server(self, landings: Landings) -> None:
+        landings.start_landing("r-3", "s-2", "c")
+        landings.start_landing("r-1", "s-1", "a")
+        landings.start_landing("r-2", "s-1", "b")
+        assert [r.run_id for r in landings.landings()] == ["r-1", "r-2", "r-3"]
+        assert [r.run_id for r in landings.landings("s-1")] == ["r-1", "r-2"]

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from connector.adapters.landings import SqlLandings
 from connector.adapters.ledger import RunLedger
 from connector.adapters.sql import Database
 from connector.adapters.state import StateStore
-from connector.fakestate import MemoryLedger, MemoryState
-from tests.contract.state_contract import StateContract, StatePorts
+from connector.fakestate import MemoryLandings, MemoryLedger, MemoryState
+from connector.ports import Landings
+from tests.contract.state_contract import LandingsContract, StateContract, StatePorts
 from tests.harness.postgres import temp_database
 
 
@@ -97,3 +99,30 @@ class TestStatePorts(StateContract):
     def ports(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StatePorts]:
         with IMPLEMENTATIONS[request.param](tmp_path) as ports:
             yield ports
+
+
+class TestLandings(LandingsContract):
+    @pytest.fixture(
+        params=[
+            "sqlite",
+            pytest.param("postgresql", marks=[pytest.mark.integration]),
+            "memory",
+        ]
+    )
+    def landings(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Landings]:
+        if request.param == "memory":
+            yield MemoryLandings()
+            return
+        if request.param == "postgresql":
+            with temp_database() as url:
+                pg = StateStore(Database(url))
+                try:
+                    yield SqlLandings(pg.db)
+                finally:
+                    pg.close()
+            return
+        state = StateStore.at_path(tmp_path / "state.db")
+        try:
+            yield SqlLandings(state.db)
+        finally:
+            state.close()

@@ -175,18 +175,32 @@ def start_moto(
     access_key: str = DEFAULT_ACCESS_KEY,
     secret_key: str = DEFAULT_SECRET_KEY,
     attempts: int = 3,
+    extended: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> MotoProcess:
-    """Start moto_server with TLS from `ca` on a free 127.0.0.1 port and wait until it answers."""
-    beside = Path(sys.executable).parent / "moto_server"  # the virtualenv's own
-    exe = str(beside) if beside.exists() else shutil.which("moto_server")
-    if exe is None:
-        raise MotoStartError("moto_server is not on PATH (pip install 'moto[server]')")
+    """Start moto_server with TLS from `ca` on a free 127.0.0.1 port and wait until it answers.
+
+    `extended`: moto_server with the landing extension (`tests/harness/motoext.py`);
+    `extra_env` reaches the server process (the extension's call log and faults files).
+    """
+    if extended:
+        command = [sys.executable, "-m", "tests.harness.motoext"]
+    else:
+        beside = Path(sys.executable).parent / "moto_server"  # the virtualenv's own
+        exe = str(beside) if beside.exists() else shutil.which("moto_server")
+        if exe is None:
+            raise MotoStartError("moto_server is not on PATH (pip install 'moto[server]')")
+        command = [exe]
     workdir.mkdir(parents=True, exist_ok=True)
     cert = ca.issue(name, hosts=("127.0.0.1", "localhost"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["AWS_ACCESS_KEY_ID"] = access_key
     env["AWS_SECRET_ACCESS_KEY"] = secret_key
     env["AWS_DEFAULT_REGION"] = region
+    if extended:
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.update(extra_env or {})
     last: MotoStartError | None = None
     for attempt in range(attempts):
         port = free_port()
@@ -194,7 +208,7 @@ def start_moto(
         with log_file.open("wb") as log:
             proc = subprocess.Popen(
                 [
-                    exe,
+                    *command,
                     "-H",
                     "127.0.0.1",
                     "-p",

@@ -124,6 +124,13 @@ def test_list_vms_reports_disks_capacity_and_change_ids(vcsim, client):
         client.remove_snapshot(vm_uuid, snap.ref)
 
 
+def test_vms_carry_the_guest_id_and_firmware_a_landing_needs(vcsim, client):
+    uuid = vcsim.add_vm("guest-fw", [MiB])
+    vm = client.get_vm(uuid)
+    assert vm.guest_id  # the simulator's VMs have one (e.g. otherGuest)
+    assert vm.firmware in (None, "bios", "efi")
+
+
 def test_simulator_default_vms_capacity_falls_back_to_kb(client):
     # The model's own VMs report capacityInKB=1024 and no capacityInBytes.
     vms = [v for v in client.list_vms() if v.name.startswith("DC0_")]

@@ -82,6 +82,7 @@ def test_each_stage_body_is_the_run_function_of_the_module_named_after_it() -> N
         "changes",
         "transfer",
         "commit",
+        "land",
         "cleanup",
     ]
     for stage in STAGES:
