@@ -30,7 +30,7 @@ PACKAGE = ROOT / "connector"
 GUIDE = ROOT / "docs" / "troubleshooting.md"
 SEEN_DIR = ROOT / "build" / "messages-seen"
 # In-memory doubles of the ports for unit tests; the `connector` command never uses them.
-NOT_SHIPPED = {"connector/fakes.py", "connector/fakestate.py"}
+NOT_SHIPPED = {"connector/fakes.py", "connector/fakestate.py", "connector/fakelanding.py"}
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 
 
