@@ -39,6 +39,14 @@ def test_store_commands_refuse_what_they_cannot_do(
     assert env.cli("replicate", name).returncode == 0
     (run,) = env.cli_json("runs", name)
     run_id = run["id"]
+    refused(
+        env,
+        2,
+        f"unexpected argument '{run_id}'; to show a run: runs show RUN",
+        "runs",
+        name,
+        run_id,
+    )
     # the same key, another prefix of the bucket: no store there to rebuild the state from
     key_file = env.workdir / "state" / "store.key"
     other = write_config(
@@ -159,7 +167,8 @@ def test_job_commands_refuse_what_they_cannot_do(env: ConnectorEnv, vcsim: Any) 
     refused(
         env,
         2,
-        "nothing to change: give --frequency/--run-once, --seed, --retention or --description",
+        "nothing to change: give --frequency/--run-once, --seed, --retention, --description "
+        "or a landing option (--land, --keep-amis, --staging, ...)",
         "jobs",
         "update",
         name,
