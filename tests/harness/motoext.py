@@ -25,7 +25,9 @@ For tests, two files named by the environment:
   snapshot id, block index, ...), so that a test can assert which blocks were sent;
 - `MOTOEXT_FAULTS`: a JSON object {operation: [{"code": ..., "status": ...,
   "count": n}]}, read on every call: the next n calls of that operation fail with
-  that error (ThrottlingException, AccessDeniedException, ...).
+  that error (ThrottlingException, AccessDeniedException, ...); under `SnapshotFailure`,
+  the next n snapshots completed end in the state its code names (`error`), as a
+  snapshot AWS could not complete.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ BLOCK_SIZE = 512 * 1024
 CALL_LOG_VAR = "MOTOEXT_CALL_LOG"
 FAULTS_VAR = "MOTOEXT_FAULTS"
 PENDING_VAR = "MOTOEXT_PENDING_DESCRIBES"
+# A pseudo-operation of the faults file: the next `count` snapshots completed end in the
+# state named by `code` (AWS's `error`) instead of `completed`.
+SNAPSHOT_FAILURE = "SnapshotFailure"
 
 _lock = threading.RLock()
 
@@ -81,24 +86,32 @@ class _InjectedEC2(EC2ClientError):
         self.code = status  # type: ignore[assignment]
 
 
-def _fault(op: str, ec2: bool = False) -> None:
-    """Raise the next fault the faults file holds for `op`, if any."""
+def _next_fault(op: str) -> dict[str, Any] | None:
+    """The next fault the faults file holds for `op` (taken from it), if any."""
     path = os.environ.get(FAULTS_VAR)
     if not path:
-        return
+        return None
     with _lock:
         try:
             doc = json.loads(Path(path).read_text() or "{}")
         except (OSError, ValueError):
-            return
+            return None
         queue = doc.get(op) or []
         if not queue:
-            return
-        fault = queue[0]
+            return None
+        fault: dict[str, Any] = queue[0]
         fault["count"] = int(fault.get("count", 1)) - 1
         if fault["count"] <= 0:
             queue.pop(0)
         Path(path).write_text(json.dumps(doc))
+    return fault
+
+
+def _fault(op: str, ec2: bool = False) -> None:
+    """Raise the next fault the faults file holds for `op`, if any."""
+    fault = _next_fault(op)
+    if fault is None:
+        return
     code = str(fault.get("code", "ThrottlingException"))
     status = int(fault.get("status", 400))
     message = str(fault.get("message", f"injected {code} for {op}"))
@@ -260,6 +273,10 @@ def complete_snapshot(self: Any, snapshot_id: str, changed_blocks_count: int | N
         snapshot.status = "completed"
         ec2_snap = self.ec2_backend.snapshots[snapshot_id]
         ec2_snap.motoext_describes_left = int(os.environ.get(PENDING_VAR, "1"))
+        failed = _next_fault(SNAPSHOT_FAILURE)
+        if failed is not None:  # AWS could not complete it: DescribeSnapshots says error
+            ec2_snap.status = str(failed.get("code", "error"))
+            ec2_snap.motoext_describes_left = None
     _record("CompleteSnapshot", snapshot=snapshot_id, changed=changed_blocks_count)
     return "pending"
 
