@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.harness.connector_env import write_config
 from tests.harness.fixtures_landing import LandingMoto
 from tests.harness.landing_env import LandingEnv, MiB, make_env, read_snapshot
 from tests.harness.motoext import SNAPSHOT_FAILURE
@@ -131,3 +134,30 @@ def test_a_snapshot_not_completed_in_time_is_waited_for_when_the_run_is_landed_a
     assert cli(env, "land", "web-1").returncode == 0
     _landed_exactly(env, landing_moto, run_id)
     assert landing_of(env, run_id)["disks"][0]["snapshot_id"] == snapshot  # the same one
+
+
+def test_a_run_of_a_vm_without_disks_has_nothing_to_land(
+    tmp_path: Path, vcsim: Any, landing_moto: LandingMoto
+) -> None:
+    server = landing_moto.server
+    bucket = f"t-{uuid.uuid4().hex[:20]}"
+    server.boto3_client("s3").create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": server.region}
+    )
+    name = f"diskless-{uuid.uuid4().hex[:8]}"
+    vcsim.add_vm(name, [])
+    env = write_config(
+        tmp_path,
+        vcsim,
+        server,
+        bucket,
+        extra='[landing]\nmode = "on-demand"\nstaging = "replica"\n',
+    )
+    proc = env.cli("replicate", name)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = env.cli_json("runs", name)
+    assert run["state"] == "COMPLETED"
+    proc = env.cli("land", name)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"error: run {run['id']} has no disks to land" in message(proc)
+    assert landing_moto.calls() == []  # nothing reached AWS
