@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,25 @@ def test_a_run_of_a_vm_without_disks_has_nothing_to_land(
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"error: run {run['id']} has no disks to land" in message(proc)
     assert landing_moto.calls() == []  # nothing reached AWS
+
+
+def test_no_ami_is_registered_while_the_landing_record_names_a_disk_not_landed(
+    tmp_path: Path, landing_moto: LandingMoto
+) -> None:
+    """A landing record whose disks are not those of the run's commit (a state database
+    edited, or put back from another copy) never gives an AMI that lacks a disk."""
+    env = make_env(tmp_path, landing_moto, sizes=(2 * MiB,), landing={"mode": "on-demand"})
+    run_id = _replicate(env)
+    landing_moto.inject("StartSnapshot", "AccessDeniedException", status=403)
+    assert cli(env, "land", "web-1").returncode == 1  # a landing record, FAILED
+    with sqlite3.connect(tmp_path / "state" / "state.db") as db:
+        db.execute(
+            "INSERT INTO landed_disks (run_id, disk_key, state, client_token, capacity, "
+            "blocks_sent) VALUES (?, 2099, 'started', 'not-a-disk-of-the-commit', ?, 0)",
+            (run_id, MiB),
+        )
+    proc = cli(env, "land", "web-1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"error: disk 2099 of run {run_id} is not landed yet" in message(proc)
+    assert landing_moto.calls("RegisterImage") == []
+    assert landing_of(env, run_id)["state"] == "FAILED"
