@@ -30,6 +30,7 @@ from connector.adapters.local import (
     LocalVmSpec,
     local_vm_uuid,
 )
+from connector.adapters.localstore import LocalDirObjectStore
 from connector.adapters.nbd import parse_nbd_uri
 from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.state import StateStore
@@ -141,13 +142,22 @@ class App:
         )
 
     @cached_property
-    def objects(self) -> S3ObjectStore:
-        return self.s3_store()
+    def objects(self) -> S3ObjectStore | LocalDirObjectStore:
+        """The replica store's own objects, unwrapped: [s3], or [store] kind = "local"."""
+        return self.replica_objects()
+
+    def replica_objects(self, **limits: Any) -> S3ObjectStore | LocalDirObjectStore:
+        """A new object store of [store] kind; `limits` go to an S3 client (see s3_store)."""
+        st = self.config.store
+        if st.kind == "local":
+            assert st.path is not None  # the config's validation
+            return LocalDirObjectStore(st.path, "the replica store directory ([store] path)")
+        return self.s3_store(**limits)
 
     def s3_store(self, **limits: Any) -> S3ObjectStore:
         """A new S3 client of the [s3] section; `limits` are its connect_timeout,
         read_timeout and max_attempts, its defaults when absent."""
-        s3 = self.config.s3
+        s3 = self.config.require_s3()
         secret = self.config.s3_secret_key()
         if secret is not None:
             register_secret(secret)
@@ -184,8 +194,8 @@ class App:
 
     @cached_property
     def store_objects(self) -> ObjectStore:
-        """The object store the replica store writes through: S3 wrapped by
-        `wrap_object_store` (retry, bandwidth limit, metrics)."""
+        """The object store the replica store writes through: S3 or the local directory,
+        wrapped by `wrap_object_store` (retry, bandwidth limit, metrics)."""
         d = self.config.daemon
         schedule = RateSchedule(
             d.bandwidth_limit,
@@ -203,15 +213,20 @@ class App:
         secret = self.config.s3_secret_key()
         if secret is not None:
             register_secret(secret)
-        own_endpoint = st.kms_endpoint_url is not None
+        if st.kms_endpoint_url is not None or s3 is None:
+            endpoint_url, ca_file = st.kms_endpoint_url, st.kms_ca_file
+        else:
+            endpoint_url, ca_file = s3.endpoint_url, st.kms_ca_file or s3.ca_file
+        region = st.kms_region or (s3.region if s3 is not None else None)
+        assert region is not None  # the config's validation: a local store names kms_region
         return KmsKeyProvider(
             st.kms_key_id,
-            region=st.kms_region or s3.region,
-            endpoint_url=st.kms_endpoint_url if own_endpoint else s3.endpoint_url,
-            ca_file=st.kms_ca_file if own_endpoint else (st.kms_ca_file or s3.ca_file),
-            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
+            region=region,
+            endpoint_url=endpoint_url,
+            ca_file=ca_file,
+            access_key_id=Secret(s3.access_key_id) if s3 and s3.access_key_id else None,
             secret_access_key=secret,
-            use_fips_endpoint=s3.use_fips_endpoint,
+            use_fips_endpoint=s3.use_fips_endpoint if s3 is not None else False,
             proxy=self.proxy,
         )
 
@@ -373,13 +388,16 @@ class App:
         return Replicator(self.stage_context(reporter, should_stop, stop_reason))
 
     def open_repository_for_write(self) -> Repository:
-        """Check S3 access, then open (or create) the replica store for writing.
+        """Check access to the store (S3 or the directory), then open (or create) the
+        replica store for writing.
 
         The check is retried like every other request to the store: a transient
         error (a reset, a 5xx) does not fail a run before its snapshot.
         """
         self.retry_policy.call(
-            self.objects.check_access, "checking access to S3", retryable=(TransientError,)
+            self.objects.check_access,
+            "checking access to the replica store",
+            retryable=(TransientError,),
         )
         return self.repository(create=True)
 
@@ -429,7 +447,7 @@ class App:
                 finally:
                     client.close()
 
-        store = self.s3_store(
+        store = self.replica_objects(
             connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT, max_attempts=1
         )
 
@@ -440,7 +458,11 @@ class App:
                 store.close()
 
         s3 = self.config.s3
-        bucket = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+        if s3 is None:
+            s3_target = f"the directory {store.endpoint_url}"
+        else:
+            bucket = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+            s3_target = f"{bucket} at {store.endpoint_url}"
         return Status(
             jobs=self.jobs,
             catalog=self.state,
@@ -453,7 +475,8 @@ class App:
                 on_demand_quota=self.config.daemon.on_demand_quota_per_24h,
                 schedule_unit_seconds=self.config.daemon.schedule_unit_seconds,
                 vcenter_target=vcenter_target,
-                s3_target=f"{bucket} at {store.endpoint_url}",
+                s3_target=s3_target,
+                store_name="S3" if s3 is not None else "replica store",
             ),
         )
 

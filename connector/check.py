@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from connector.adapters.localstore import LocalDirObjectStore
 from connector.adapters.vddk import dump_vddk_plugin, nbdkit_plugin_dir, vddk_library
 from connector.audit import verify as verify_audit
 from connector.errors import ConfigError, ConnectorError
@@ -38,7 +39,7 @@ class Subject(Protocol):
     def vsphere(self) -> VSphereClient: ...
 
     @property
-    def objects(self) -> S3ObjectStore: ...
+    def objects(self) -> S3ObjectStore | LocalDirObjectStore: ...
 
 
 Status = Literal["ok", "failed", "skipped"]
@@ -119,8 +120,10 @@ def run_checks(app: Subject, only: Iterable[str] = ()) -> list[CheckResult]:
 @register("secrets", "every configured secret can be read")
 def _secrets(app: Subject) -> CheckResult:
     cfg = app.config
-    sources = ["vCenter password"]
-    cfg.vcenter_password()
+    sources = []
+    if cfg.vcenter is not None:
+        cfg.vcenter_password()
+        sources.append("vCenter password")
     if cfg.s3_secret_key() is not None:
         sources.append("S3 secret access key")
     if cfg.store.key_env is not None:
@@ -129,6 +132,8 @@ def _secrets(app: Subject) -> CheckResult:
     if cfg.api is not None:
         cfg.api_token()
         sources.append("API token")
+    if not sources:
+        return CheckResult("ok", "no secrets configured")
     return CheckResult("ok", "readable: " + ", ".join(sources))
 
 
@@ -172,7 +177,12 @@ def _vcenter_privileges(app: Subject) -> CheckResult:
 
 @register("s3.permissions", "the AWS credentials can use the staging bucket with encryption")
 def _s3_permissions(app: Subject) -> CheckResult:
-    probes = app.objects.probe_permissions()
+    s3 = app.config.s3
+    if s3 is None:
+        return CheckResult("skipped", "the replica store is a local directory ([store] kind)")
+    store = app.objects
+    assert not isinstance(store, LocalDirObjectStore)  # [s3] present: the S3 store
+    probes = store.probe_permissions()
     missing: list[str] = []
     details: list[str] = []
     failed = False
@@ -196,9 +206,24 @@ def _s3_permissions(app: Subject) -> CheckResult:
         return CheckResult("failed", summary, missing=missing, details=details)
     return CheckResult(
         "ok",
-        f"s3://{app.objects.bucket}/{app.config.s3.prefix} readable and writable with "
-        f"{app.config.s3.sse} encryption",
+        f"s3://{store.bucket}/{s3.prefix} readable and writable with {s3.sse} encryption",
         details=details,
+    )
+
+
+@register("store.directory", "the replica store's directory is writable, with its free space")
+def _store_directory(app: Subject) -> CheckResult:
+    path = app.config.store.path
+    if app.config.store.kind != "local" or path is None:
+        return CheckResult("skipped", "the replica store is in S3 ([store] kind)")
+    store = app.objects
+    assert isinstance(store, LocalDirObjectStore)  # [store] kind = "local"
+    store.check_access()
+    usage = shutil.disk_usage(store.root)
+    free = usage.free / 1024**3
+    return CheckResult(
+        "ok",
+        f"{path} readable and writable; {free:.1f} GiB free of {usage.total / 1024**3:.1f} GiB",
     )
 
 
