@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick, args.reps)
+    if args.rounds is not None:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
     out: Path = args.out.resolve()
     bench = Bench(
         plan,
