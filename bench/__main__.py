@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--reps", type=int, default=None, help="repetitions (default 3; quick 1)")
     run.add_argument(
+        "--rounds", type=int, default=None, help="incremental rounds (default 3; quick 1)"
+    )
+    run.add_argument(
         "--contender",
         action="append",
         choices=ALL_CONTENDERS,
