@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=ALL_TARGETS,
         help="run only these targets (repeatable; default both)",
     )
+    run.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also put results.md into bench/README.md, between its results markers",
+    )
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick, args.reps)
     if args.rounds is not None:
@@ -64,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         met = {True: "met", False: "MISSED", None: "not run"}[t["met"]]
         print(f"{met:8} {t['target']}: {t['measured']} (goal {t['goal']})")
     print(f"reports in {out}: result.json, results.md, results.png")
+    if args.update_readme:
+        from bench.report import update_readme
+
+        update_readme(REPO / "bench" / "README.md", (out / "results.md").read_text())
+        print("bench/README.md updated")
     return 0
 
 

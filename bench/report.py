@@ -252,3 +252,18 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown(result))
     chart(result, out / "results.png")
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme: Path, results_md: str) -> None:
+    """Replace what lies between the results markers of `readme` with `results_md`
+    (its title becomes a third-level heading)."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} ... {END} markers")
+    body = results_md.replace("\n## ", "\n#### ").replace("# Bench results", "### Bench results", 1)
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    readme.write_text(f"{head}{START}\n{body}{END}{tail}")
