@@ -29,9 +29,8 @@ MiB = disks.MiB
 # A sample's category: the first rule that matches one of its frames, leaf first.
 CATEGORIES = (
     ("start-up: imports", ("_find_and_load",)),
-    ("zstd compress", ("ZstdCompressor", "compress (")),
-    ("AES-GCM encrypt", ("encrypt (",)),
-    ("HMAC-SHA-256 block id", ("block_id", "digest (")),
+    ("seal: zstd 3 + AES-256-GCM", ("StoreKeys.seal",)),
+    ("HMAC-SHA-256 block id", ("block_id", "digest (hmac")),
     ("S3 upload (botocore, TLS)", ("botocore", "urllib3", "ssl.py", "s3transfer")),
     ("store write (file, fsync)", ("localstore.py",)),
     ("source read", ("read_extents", "LocalFileReader", "pread", "nbd.py")),
