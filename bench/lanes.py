@@ -151,10 +151,15 @@ class Lane:
             return self.services.bucket_bytes(self.bucket)
         return dir_bytes(self.store_dir) if self.store_dir.exists() else 0
 
+    # Programs that send the whole file again whenever it changed (rclone, boto3):
+    # what they upload is the file, even where it replaces an object of the same size.
+    sends_whole_file = False
+
     def step(self, image: Path) -> Step:
         before = self.stored()
         measured, read = self._run(image)
-        return Step(measured, read, self.stored() - before)
+        grown = self.stored() - before
+        return Step(measured, read, image.stat().st_size if self.sends_whole_file else grown)
 
     def _run(self, image: Path) -> tuple[Measured, int]:
         raise NotImplementedError
@@ -307,6 +312,8 @@ class Restic(Lane):
 class Rclone(Lane):
     """rclone (Debian) copying the image file (whole, whenever it changed)."""
 
+    sends_whole_file = True
+
     def env(self) -> dict[str, str]:
         m = self.services.moto
         return base_env() | {
@@ -345,6 +352,8 @@ s3.upload_file(path, bucket, key)
 
 class Boto3Upload(Lane):
     """boto3's `upload_file` of the raw image (its default TransferConfig)."""
+
+    sends_whole_file = True
 
     def _run(self, image: Path) -> tuple[Measured, int]:
         m = self.services.moto
