@@ -220,10 +220,9 @@ def _store_directory(app: Subject) -> CheckResult:
     assert isinstance(store, LocalDirObjectStore)  # [store] kind = "local"
     store.check_access()
     usage = shutil.disk_usage(store.root)
-    free = usage.free / 1024**3
+    free, total = usage.free / 1024**3, usage.total / 1024**3
     return CheckResult(
-        "ok",
-        f"{path} readable and writable; {free:.1f} GiB free of {usage.total / 1024**3:.1f} GiB",
+        "ok", f"{store.root} readable and writable; {free:.1f} GiB free of {total:.1f} GiB"
     )
 
 

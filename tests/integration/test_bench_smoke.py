@@ -79,6 +79,13 @@ def test_the_json_holds_every_contender_on_both_targets_with_plausible_fields(
             by_lane[(full, "rclone", target)]["median"]["bytes_read"]
             == (result["mixed_disk"]["capacity"])
         )
+        # rclone sends the whole file again after a change, where the connector and
+        # restic send only new data.
+        capacity = result["mixed_disk"]["capacity"]
+        rclone_inc = by_lane[("incremental 1 (2%)", "rclone", target)]["median"]
+        assert rclone_inc["bytes_uploaded"] == capacity
+        connector_inc = by_lane[("incremental 1 (2%)", "connector (local transport)", target)]
+        assert 0 < connector_inc["median"]["bytes_uploaded"] < capacity / 4
         # With CBT, an incremental reads exactly the changed blocks.
         inc = by_lane[("incremental 1 (2%)", "connector (vCenter sim, CBT)", target)]
         assert inc["median"]["bytes_read"] == inc["changed_bytes"] > 0

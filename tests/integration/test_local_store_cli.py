@@ -91,6 +91,9 @@ def test_replicates_to_a_directory_and_restores_byte_for_byte(tmp_path: Path) ->
     status = json.loads(cli(config, "status", "--json").stdout)
     assert status["s3"]["reachable"] is True
     assert status["s3"]["target"] == f"the directory {store.as_uri()}"
+    assert status["s3"]["name"] == "replica store"
+    human = cli(config, "status").stdout
+    assert f"store    reachable (the directory {store.as_uri()})" in human
 
 
 def test_a_store_path_that_is_a_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
