@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--update-readme",
         action="store_true",
-        help="also put results.md into bench/README.md, between its results markers",
+        help="also put results.md into bench/README.md (and the JSON and chart beside it)",
     )
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick, args.reps)
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import update_readme
 
         update_readme(REPO / "bench" / "README.md", (out / "results.md").read_text())
-        print("bench/README.md updated")
+        for name in ("result.json", "results.png"):  # what bench/README.md links to
+            shutil.copyfile(out / name, REPO / "bench" / name)
+        print("bench/README.md, bench/result.json and bench/results.png updated")
     return 0
 
 
