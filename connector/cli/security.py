@@ -64,7 +64,7 @@ def bucket_policy_cmd(config: ConfigOpt = None) -> None:
     """
 
     def go(a: App) -> None:
-        s3 = a.config.s3
+        s3 = a.config.require_s3()
         if s3.sse == "aws:kms" and s3.kms_key_id and not is_kms_key_arn(s3.kms_key_id):
             err.print(
                 "note: kms_key_id is not a key ARN, so the policy cannot pin the KMS key; "
@@ -86,7 +86,7 @@ def iam_policy_cmd(
     """Print the least-privilege IAM policy for the connector's AWS credentials."""
 
     def go(a: App) -> None:
-        s3 = a.config.s3
+        s3 = a.config.require_s3()
         kms = s3.kms_key_id if s3.sse == "aws:kms" and is_kms_key_arn(s3.kms_key_id) else None
         land = a.config.landing
         land_kms = land.kms_key_id if is_kms_key_arn(land.kms_key_id) else None

@@ -68,7 +68,8 @@ def _print_report(report: StatusReport) -> None:
         daemon += f"; the state is in use by {escape(d.holder)}"
     out.print(f"daemon   {daemon}", highlight=False)
     out.print(f"vCenter  {_service(report.vcenter)}", highlight=False, soft_wrap=True)
-    out.print(f"S3       {_service(report.s3)}", highlight=False, soft_wrap=True)
+    label = "S3" if report.s3.name == "S3" else "store"  # a local-directory replica store
+    out.print(f"{label:<8} {_service(report.s3)}", highlight=False, soft_wrap=True)
     if not report.jobs:
         out.print("no jobs")
         return

@@ -125,7 +125,7 @@ def _collect_secrets(a: App, bundle: SupportBundle) -> None:
             continue
         if secret is not None:
             bundle.secrets.add(secret.reveal())
-    if cfg.s3.access_key_id:
+    if cfg.s3 is not None and cfg.s3.access_key_id:
         bundle.secrets.add(cfg.s3.access_key_id)
     files = [cfg.key_file]
     if cfg.api is not None:
