@@ -10,14 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from connector.app import App
 from connector.cli.common import ConfigOpt, JsonOpt, err, id_table, out, run_with_app
-from connector.daemon.queue import RunQueue
 from connector.domain.jobs import (
     AUTOMATIC,
     DEFAULT_RETENTION,
@@ -41,6 +39,9 @@ from connector.domain.jobs import (
 from connector.domain.records import RunRow, new_run_id
 from connector.domain.times import iso
 from connector.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 jobs_app = typer.Typer(
     rich_markup_mode="markdown",
@@ -343,6 +344,8 @@ def jobs_start(job: JobArg, config: ConfigOpt = None, as_json: JsonOpt = False) 
             raise InvalidInputError(f"cannot start a run of job {row.id}: {refusal}")
         run_id = new_run_id()
         a.jobs.create_run(run_id, row, ON_DEMAND, RUN_PENDING)
+        from connector.daemon.queue import RunQueue
+
         queue = RunQueue(a.queue_path)
         try:
             queue.enqueue(run_id, 0)
