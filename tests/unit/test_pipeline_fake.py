@@ -77,7 +77,7 @@ def test_full_then_incremental_runs_restore_exactly(env, tmp_path):
         assert d.bytes_read < d.capacity
 
 
-def test_refused_change_id_reads_the_whole_disk(env, tmp_path):
+def test_refused_change_id_reads_the_allocated_areas_in_full(env, tmp_path):
     hv, objects, provider, state, rep = env
     uuid = hv.add_vm("db", [8 * MiB])
     hv.write(uuid, 2000, 5 * MiB, b"x" * 5000)
@@ -86,7 +86,23 @@ def test_refused_change_id_reads_the_whole_disk(env, tmp_path):
     hv.vms[uuid].disks[2000].refuse = "FileFault"
     run = rep.replicate(uuid)
     disk = run.disks[0]
-    assert disk.mode == "full" and "FileFault" in (disk.reason or "")
+    assert disk.mode == "allocated" and "FileFault" in (disk.reason or "")
+    assert disk.change_id_from == "*"
+    assert disk.bytes_read == 2 * MiB  # the two allocated blocks, not the 8 MiB capacity
+    exp = hashlib.sha256(hv.vms[uuid].disks[2000].data).hexdigest()
+    assert restore_sha(objects, provider, state, run, 2000, tmp_path) == exp
+
+
+def test_refused_allocated_areas_too_read_the_whole_disk(env, tmp_path):
+    hv, objects, provider, state, rep = env
+    uuid = hv.add_vm("db", [8 * MiB])
+    hv.write(uuid, 2000, 5 * MiB, b"x" * 5000)
+    rep.replicate(uuid)
+    hv.write(uuid, 2000, 1 * MiB, b"y" * 5000)
+    hv.vms[uuid].disks[2000].refuse_all = "FileFault"
+    run = rep.replicate(uuid)
+    disk = run.disks[0]
+    assert disk.mode == "full" and "allocated areas refused (FileFault)" in (disk.reason or "")
     assert disk.bytes_read == 8 * MiB
     exp = hashlib.sha256(hv.vms[uuid].disks[2000].data).hexdigest()
     assert restore_sha(objects, provider, state, run, 2000, tmp_path) == exp
