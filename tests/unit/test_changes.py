@@ -94,14 +94,17 @@ def test_fallbacks_to_a_full_read() -> None:
     assert same.mode == "incremental" and same.base_run == "r-prev"
 
 
-class OpaqueIds:
+class OpaqueIds(FakeHypervisor):
     """A hypervisor whose changeIds are opaque strings (not `uuid/seq`)."""
 
     def __init__(self, refuse: bool = False) -> None:
+        super().__init__()
         self.asked: list[str] = []
         self.refuse = refuse
 
-    def query_changed_areas(self, uuid, snapshot_ref, disk_key, start_offset, change_id):
+    def query_changed_areas(
+        self, uuid: str, snapshot_ref: str, disk_key: int, start_offset: int, change_id: str
+    ) -> ChangedAreas:
         from connector.errors import ChangeIdRefused
 
         self.asked.append(change_id)
