@@ -26,7 +26,8 @@ from connector.errors import ConfigError, IntegrityError, PermanentError
 NONCE_SIZE = 12
 KEY_SIZE = 32
 # The zstd level blocks are compressed at, chosen by bench/zstd_levels.py on the
-# realistic mix (README "Performance"): [pipeline] zstd_level changes it.
+# realistic mix (docs/operations.md, "The [pipeline] section"); [pipeline]
+# zstd_level changes it.
 DEFAULT_ZSTD_LEVEL = 2
 # The context a master key is wrapped under is this prefix followed by the store id.
 KEY_CONTEXT_PREFIX = b"connector store master key:"
