@@ -361,7 +361,12 @@ class App:
         return LocalKeyProvider(path)
 
     def repository(self, create: bool = False) -> Repository:
-        return Repository.open(self.store_objects, self.key_provider(create), create=create)
+        return Repository.open(
+            self.store_objects,
+            self.key_provider(create),
+            create=create,
+            zstd_level=self.config.pipeline.zstd_level,
+        )
 
     def pipeline_settings(self) -> PipelineSettings:
         """CBT only where vCenter reads the disks; the transport decides the rest."""
@@ -374,6 +379,10 @@ class App:
             max_read=self.config.transport.max_request,
             needs_no_foreign_snapshots=kind == "datastore-https",
             max_disks_per_vm=self.config.daemon.max_disks_per_vm,
+            pack_size=self.config.pipeline.pack_size,
+            workers=self.config.pipeline.workers,
+            reads_in_flight=self.config.pipeline.reads_in_flight,
+            uploads_in_flight=self.config.pipeline.uploads_in_flight,
         )
 
     @cached_property

@@ -566,6 +566,25 @@ class RetryConfig(_Section):
         return self
 
 
+class PipelineConfig(_Section):
+    """How a run's transfer stage uses memory and cores (docs/architecture.md, "The
+    transfer pipeline"). Memory per run is about
+    disks x reads_in_flight x 2 x [transport] max_request
+    + (uploads_in_flight + disks) x pack_size, whatever the size of the disks."""
+
+    # Threads that hash, compress and encrypt blocks, shared by the disks of a run.
+    workers: int = Field(default=2, ge=1, le=64)
+    # Per disk: reads held between the reader and the packs (queued, being sealed,
+    # waiting to be packed), each up to [transport] max_request bytes.
+    reads_in_flight: int = Field(default=4, ge=1, le=64)
+    # Per run: packs uploading at once, in the background of reading and sealing.
+    uploads_in_flight: int = Field(default=2, ge=1, le=32)
+    # A pack is closed and uploaded once it holds this many bytes (about).
+    pack_size: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
+    # zstd level for blocks (bench/zstd_levels.py measured the default).
+    zstd_level: int = Field(default=2, ge=-7, le=19)
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_format: StrictBool = Field(default=False, alias="json")
@@ -580,6 +599,7 @@ class Config(_Section):
     store: StoreConfig = StoreConfig()
     transport: TransportConfig = TransportConfig()
     daemon: DaemonConfig = DaemonConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     local: LocalConfig = LocalConfig()
     log: LogConfig = LogConfig()
     retry: RetryConfig = RetryConfig()

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
-from connector.app import App
 from connector.audit import verify as verify_audit
-from connector.check import run_checks
 from connector.cli.common import ConfigOpt, JsonOpt, err, out, print_checks, run_with_app
 from connector.errors import ConfigError
 from connector.policies import bucket_policy, iam_policy, is_kms_key_arn
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 audit_app = typer.Typer(
     rich_markup_mode="markdown", no_args_is_help=True, help="The append-only audit log."
@@ -121,6 +122,8 @@ def check_cmd(
     """
 
     def go(a: App) -> int:
+        from connector.check import run_checks
+
         try:
             results = run_checks(a, only or ())
         except ValueError as exc:

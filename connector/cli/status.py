@@ -10,15 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from connector.app import App
 from connector.application.status import JobHealth, Service, StatusReport
 from connector.cli.common import ConfigOpt, JsonOpt, human_size, out, run_with_app
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 ActiveLimitOpt = Annotated[
     float,
