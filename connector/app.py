@@ -38,6 +38,7 @@ from connector.adapters.local import (
     LocalVmSpec,
     local_vm_uuid,
 )
+from connector.adapters.localstore import LocalDirObjectStore
 from connector.adapters.nbd import parse_nbd_uri
 from connector.adapters.s3 import S3ObjectStore
 from connector.adapters.sql import Database
@@ -218,13 +219,22 @@ class App:
         )
 
     @cached_property
-    def objects(self) -> S3ObjectStore:
-        return self.s3_store()
+    def objects(self) -> S3ObjectStore | LocalDirObjectStore:
+        """The replica store's own objects, unwrapped: [s3], or [store] kind = "local"."""
+        return self.replica_objects()
+
+    def replica_objects(self, **limits: Any) -> S3ObjectStore | LocalDirObjectStore:
+        """A new object store of [store] kind; `limits` go to an S3 client (see s3_store)."""
+        st = self.config.store
+        if st.kind == "local":
+            assert st.path is not None  # the config's validation
+            return LocalDirObjectStore(st.path, "the replica store directory ([store] path)")
+        return self.s3_store(**limits)
 
     def s3_store(self, **limits: Any) -> S3ObjectStore:
         """A new S3 client of the [s3] section; `limits` are its connect_timeout,
         read_timeout and max_attempts, its defaults when absent."""
-        s3 = self.config.s3
+        s3 = self.config.require_s3()
         secret = self.config.s3_secret_key()
         if secret is not None:
             register_secret(secret)
@@ -307,15 +317,20 @@ class App:
         secret = self.config.s3_secret_key()
         if secret is not None:
             register_secret(secret)
-        own_endpoint = st.kms_endpoint_url is not None
+        if st.kms_endpoint_url is not None or s3 is None:
+            endpoint_url, ca_file = st.kms_endpoint_url, st.kms_ca_file
+        else:
+            endpoint_url, ca_file = s3.endpoint_url, st.kms_ca_file or s3.ca_file
+        region = st.kms_region or (s3.region if s3 is not None else None)
+        assert region is not None  # the config's validation: a local store names kms_region
         return KmsKeyProvider(
             st.kms_key_id,
-            region=st.kms_region or s3.region,
-            endpoint_url=st.kms_endpoint_url if own_endpoint else s3.endpoint_url,
-            ca_file=st.kms_ca_file if own_endpoint else (st.kms_ca_file or s3.ca_file),
-            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
+            region=region,
+            endpoint_url=endpoint_url,
+            ca_file=ca_file,
+            access_key_id=Secret(s3.access_key_id) if s3 and s3.access_key_id else None,
             secret_access_key=secret,
-            use_fips_endpoint=s3.use_fips_endpoint,
+            use_fips_endpoint=s3.use_fips_endpoint if s3 is not None else False,
             proxy=self.proxy,
         )
 
@@ -346,7 +361,12 @@ class App:
         return LocalKeyProvider(path)
 
     def repository(self, create: bool = False) -> Repository:
-        return Repository.open(self.store_objects, self.key_provider(create), create=create)
+        return Repository.open(
+            self.store_objects,
+            self.key_provider(create),
+            create=create,
+            zstd_level=self.config.pipeline.zstd_level,
+        )
 
     def pipeline_settings(self) -> PipelineSettings:
         """CBT only where vCenter reads the disks; the transport decides the rest."""
@@ -359,6 +379,10 @@ class App:
             max_read=self.config.transport.max_request,
             needs_no_foreign_snapshots=kind == "datastore-https",
             max_disks_per_vm=self.config.daemon.max_disks_per_vm,
+            pack_size=self.config.pipeline.pack_size,
+            workers=self.config.pipeline.workers,
+            reads_in_flight=self.config.pipeline.reads_in_flight,
+            uploads_in_flight=self.config.pipeline.uploads_in_flight,
         )
 
     @cached_property
@@ -511,7 +535,7 @@ class App:
     def landing_probe(self) -> dict[str, str]:
         """The landing permissions of the [landing] credentials (`connector check`)."""
         spec = self.default_landing_spec()
-        cfg, s3 = self.config.landing, self.config.s3
+        cfg, s3 = self.config.landing, self.config.require_s3()
         secret = self.config.s3_secret_key()
         own_endpoint = cfg.endpoint_url is not None
         target = EbsTarget(
@@ -544,7 +568,7 @@ class App:
     def snapshot_target(self, spec: LandingSpec) -> SnapshotTarget:
         """EBS and EC2 of [landing] (defaults: [s3]'s region, endpoint, trust and keys),
         as the job's role when it names one; retried and under the upload limit."""
-        cfg, s3 = self.config.landing, self.config.s3
+        cfg, s3 = self.config.landing, self.config.require_s3()
         secret = self.config.s3_secret_key()
         if secret is not None:
             register_secret(secret)
@@ -586,13 +610,16 @@ class App:
         return Replicator(self.stage_context(reporter, should_stop, stop_reason))
 
     def open_repository_for_write(self) -> Repository:
-        """Check S3 access, then open (or create) the replica store for writing.
+        """Check access to the store (S3 or the directory), then open (or create) the
+        replica store for writing.
 
         The check is retried like every other request to the store: a transient
         error (a reset, a 5xx) does not fail a run before its snapshot.
         """
         self.retry_policy.call(
-            self.objects.check_access, "checking access to S3", retryable=(TransientError,)
+            self.objects.check_access,
+            "checking access to the replica store",
+            retryable=(TransientError,),
         )
         return self.repository(create=True)
 
@@ -669,7 +696,7 @@ class App:
                 finally:
                     client.close()
 
-        store = self.s3_store(
+        store = self.replica_objects(
             connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT, max_attempts=1
         )
 
@@ -680,7 +707,11 @@ class App:
                 store.close()
 
         s3 = self.config.s3
-        bucket = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+        if s3 is None:
+            s3_target = f"the directory {store.endpoint_url}"
+        else:
+            bucket = f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+            s3_target = f"{bucket} at {store.endpoint_url}"
         return Status(
             jobs=self.jobs,
             catalog=self.state,
@@ -693,7 +724,8 @@ class App:
                 on_demand_quota=self.config.daemon.on_demand_quota_per_24h,
                 schedule_unit_seconds=self.config.daemon.schedule_unit_seconds,
                 vcenter_target=vcenter_target,
-                s3_target=f"{bucket} at {store.endpoint_url}",
+                s3_target=s3_target,
+                store_name="S3" if s3 is not None else "replica store",
             ),
         )
 
@@ -762,13 +794,24 @@ class App:
                 return f"logged in to {client.url}"
 
             checks["vcenter"] = vcenter
-        store = self.s3_store(connect_timeout=timeout, read_timeout=timeout, max_attempts=1)
+        s3_cfg = self.config.s3
+        if s3_cfg is None:  # [store] kind = "local": the directory must answer instead
+            directory = self.objects
 
-        def s3() -> str:
-            store.check_access()
-            return f"bucket {self.config.s3.bucket} answers"
+            def store_dir() -> str:
+                directory.check_access()
+                return f"replica store directory {self.config.store.path} is writable"
 
-        checks["s3"] = s3
+            checks["store"] = store_dir
+        else:
+            store = self.s3_store(connect_timeout=timeout, read_timeout=timeout, max_attempts=1)
+            bucket = s3_cfg.bucket
+
+            def s3() -> str:
+                store.check_access()
+                return f"bucket {bucket} answers"
+
+            checks["s3"] = s3
         checks["queue"] = lambda: f"{self.queue_depth()} task(s) waiting"
         if loops is not None:
             checks["daemon"] = loops

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from connector.adapters.localstore import LocalDirObjectStore
 from connector.adapters.vddk import dump_vddk_plugin, nbdkit_plugin_dir, vddk_library
 from connector.audit import verify as verify_audit
 from connector.errors import ConfigError, ConnectorError
@@ -48,7 +49,7 @@ class Subject(Protocol):
     def vsphere(self) -> VSphereClient: ...
 
     @property
-    def objects(self) -> S3ObjectStore: ...
+    def objects(self) -> S3ObjectStore | LocalDirObjectStore: ...
 
     @property
     def kms_provider(self) -> KmsKeyProvider: ...
@@ -149,8 +150,10 @@ def _config(app: Subject) -> CheckResult:
 @register("secrets", "every configured secret can be read")
 def _secrets(app: Subject) -> CheckResult:
     cfg = app.config
-    sources = ["vCenter password"]
-    cfg.vcenter_password()
+    sources = []
+    if cfg.vcenter is not None:
+        cfg.vcenter_password()
+        sources.append("vCenter password")
     if cfg.s3_secret_key() is not None:
         sources.append("S3 secret access key")
     if cfg.store.key_env is not None:
@@ -159,6 +162,8 @@ def _secrets(app: Subject) -> CheckResult:
     if cfg.api is not None:
         cfg.api_token()
         sources.append("API token")
+    if not sources:
+        return CheckResult("ok", "no secrets configured")
     return CheckResult("ok", "readable: " + ", ".join(sources))
 
 
@@ -202,7 +207,12 @@ def _vcenter_privileges(app: Subject) -> CheckResult:
 
 @register("s3.permissions", "the AWS credentials can use the staging bucket with encryption")
 def _s3_permissions(app: Subject) -> CheckResult:
-    probes = app.objects.probe_permissions()
+    s3 = app.config.s3
+    if s3 is None:
+        return CheckResult("skipped", "the replica store is a local directory ([store] kind)")
+    store = app.objects
+    assert not isinstance(store, LocalDirObjectStore)  # [s3] present: the S3 store
+    probes = store.probe_permissions()
     missing: list[str] = []
     details: list[str] = []
     failed = False
@@ -231,8 +241,7 @@ def _s3_permissions(app: Subject) -> CheckResult:
         return CheckResult("failed", summary, missing=missing, details=details, fix=fix)
     return CheckResult(
         "ok",
-        f"s3://{app.objects.bucket}/{app.config.s3.prefix} readable and writable with "
-        f"{app.config.s3.sse} encryption",
+        f"s3://{store.bucket}/{s3.prefix} readable and writable with {s3.sse} encryption",
         details=details,
     )
 
@@ -240,7 +249,11 @@ def _s3_permissions(app: Subject) -> CheckResult:
 @register("s3.encryption", "the staging bucket encrypts by default")
 def _s3_encryption(app: Subject) -> CheckResult:
     s3 = app.config.s3
-    algorithms = app.objects.default_encryption()
+    if s3 is None:
+        return CheckResult("skipped", "the replica store is a local directory ([store] kind)")
+    store = app.objects
+    assert not isinstance(store, LocalDirObjectStore)  # [s3] present: the S3 store
+    algorithms = store.default_encryption()
     if algorithms is None:
         default: dict[str, str] = {"SSEAlgorithm": s3.sse}
         if s3.sse == "aws:kms" and s3.kms_key_id:
@@ -268,7 +281,7 @@ def _kms(app: Subject) -> CheckResult:
         how = "a key file" if store.key_env is None else f"${store.key_env}"
         s3_kms = (
             "; the S3 SSE-KMS key is tried by s3.permissions (through S3)"
-            if app.config.s3.sse == "aws:kms"
+            if app.config.s3 is not None and app.config.s3.sse == "aws:kms"
             else ""
         )
         return CheckResult("skipped", f"no [store] kms_key_id: the store key is {how}{s3_kms}")
@@ -284,8 +297,11 @@ MAX_CLOCK_SKEW = dt.timedelta(minutes=5)
 
 @register("clock", "this machine's clock agrees with AWS within 5 minutes")
 def _clock(app: Subject) -> CheckResult:
+    store = app.objects
+    if isinstance(store, LocalDirObjectStore):
+        return CheckResult("skipped", "the replica store is a local directory: no S3 to ask")
     before = dt.datetime.now(dt.UTC)
-    server = app.objects.server_time()
+    server = store.server_time()
     after = dt.datetime.now(dt.UTC)
     if server is None:
         return CheckResult("skipped", "S3 answered without a Date header")
@@ -360,7 +376,8 @@ def secret_files(config: Config) -> list[tuple[str, Path | None]]:
 
     if config.vcenter is not None:
         add("vCenter password", config.vcenter.password_file)
-    add("S3 secret access key", config.s3.secret_access_key_file)
+    if config.s3 is not None:
+        add("S3 secret access key", config.s3.secret_access_key_file)
     if config.api is not None:
         add("API token", config.api.token_file)
         add("API private key", config.api.key_file)
@@ -398,6 +415,21 @@ def permissions_result(files: list[tuple[str, Path | None]]) -> CheckResult:
         )
     return CheckResult(
         "ok", f"{len(files)} secret file(s), none open to other users", details=details
+    )
+
+
+@register("store.directory", "the replica store's directory is writable, with its free space")
+def _store_directory(app: Subject) -> CheckResult:
+    path = app.config.store.path
+    if app.config.store.kind != "local" or path is None:
+        return CheckResult("skipped", "the replica store is in S3 ([store] kind)")
+    store = app.objects
+    assert isinstance(store, LocalDirObjectStore)  # [store] kind = "local"
+    store.check_access()
+    usage = shutil.disk_usage(store.root)
+    free, total = usage.free / 1024**3, usage.total / 1024**3
+    return CheckResult(
+        "ok", f"{store.root} readable and writable; {free:.1f} GiB free of {total:.1f} GiB"
     )
 
 
@@ -535,5 +567,6 @@ def _landing(app: Subject) -> CheckResult:
             + "; apply `connector iam-policy --landing` (docs/permissions.md)",
             missing=missing,
             details=details,
+            fix="grant them to the landing credentials: `connector iam-policy --landing`",
         )
     return CheckResult("ok", f"{len(found)} landing calls allowed; " + GUEST_NOTE, details=details)

@@ -167,7 +167,16 @@ class StateConfig(_Section):
     path: Path = Path("/var/lib/connector/state.db")
 
 
+StoreKind = Literal["s3", "local"]
+
+
 class StoreConfig(_Section):
+    """The replica store: where it lives ([s3], or a local directory) and its key."""
+
+    # "s3": the bucket of [s3]; "local": the directory `path` (air-gapped staging,
+    # restore drills), on a local disk or a mounted file system.
+    kind: StoreKind = "s3"
+    path: Path | None = None  # kind = "local" only
     key_file: Path | None = None  # default: store.key beside the state database
     key_env: str | None = None  # or the key's base64 text in an environment variable
     # AWS KMS instead of a key file: the master key is a KMS data key, stored wrapped.
@@ -183,6 +192,17 @@ class StoreConfig(_Section):
 
     @model_validator(mode="after")
     def _one_provider(self) -> StoreConfig:
+        if self.kind == "local" and self.path is None:
+            raise ValueError(
+                "[store] kind = 'local' needs path, the directory that holds the replica store"
+            )
+        if self.kind == "s3" and self.path is not None:
+            raise ValueError(
+                "[store] path is used only with kind = 'local'; the 's3' store lives in the "
+                "bucket of [s3]"
+            )
+        if self.path is not None and not str(self.path).strip():
+            raise ValueError("[store] path is empty; give the replica store's directory")
         if self.key_file is not None and self.key_env is not None:
             raise ValueError("[store] takes key_file or key_env, not both")
         if self.kms_key_id is not None and not self.kms_key_id.strip():
@@ -546,6 +566,25 @@ class RetryConfig(_Section):
         return self
 
 
+class PipelineConfig(_Section):
+    """How a run's transfer stage uses memory and cores (docs/architecture.md, "The
+    transfer pipeline"). Memory per run is about
+    disks x reads_in_flight x 2 x [transport] max_request
+    + (uploads_in_flight + disks) x pack_size, whatever the size of the disks."""
+
+    # Threads that hash, compress and encrypt blocks, shared by the disks of a run.
+    workers: int = Field(default=2, ge=1, le=64)
+    # Per disk: reads held between the reader and the packs (queued, being sealed,
+    # waiting to be packed), each up to [transport] max_request bytes.
+    reads_in_flight: int = Field(default=4, ge=1, le=64)
+    # Per run: packs uploading at once, in the background of reading and sealing.
+    uploads_in_flight: int = Field(default=2, ge=1, le=32)
+    # A pack is closed and uploaded once it holds this many bytes (about).
+    pack_size: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024, le=1024 * 1024 * 1024)
+    # zstd level for blocks (bench/zstd_levels.py measured the default).
+    zstd_level: int = Field(default=2, ge=-7, le=19)
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_format: StrictBool = Field(default=False, alias="json")
@@ -555,11 +594,12 @@ class LogConfig(_Section):
 
 class Config(_Section):
     vcenter: VCenterConfig | None = None  # required by the datastore-https and vddk transports
-    s3: S3Config
+    s3: S3Config | None = None  # required by [store] kind = "s3" (the default)
     state: StateConfig = StateConfig()
     store: StoreConfig = StoreConfig()
     transport: TransportConfig = TransportConfig()
     daemon: DaemonConfig = DaemonConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     local: LocalConfig = LocalConfig()
     log: LogConfig = LogConfig()
     retry: RetryConfig = RetryConfig()
@@ -570,6 +610,26 @@ class Config(_Section):
     audit: AuditConfig = AuditConfig()
     fleet: FleetConfig | None = None  # PostgreSQL for state and queue; SQLite without it
     source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _store_fits(self) -> Config:
+        st = self.store
+        if st.kind == "s3" and self.s3 is None:
+            raise ValueError(
+                "the replica store is in S3 ([store] kind = 's3', the default): add [s3] with "
+                "its bucket, or set [store] kind = 'local' and path for a local directory"
+            )
+        if st.kind == "local" and self.s3 is not None:
+            raise ValueError(
+                "[store] kind = 'local' keeps the replica store in a directory, so [s3] is not "
+                "used: remove [s3], or set [store] kind = 's3'"
+            )
+        if st.kind == "local" and st.kms_key_id is not None and st.kms_region is None:
+            raise ValueError(
+                "[store] kms_key_id with kind = 'local' needs kms_region (there is no [s3] "
+                "to take it from)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _transport_fits(self) -> Config:
@@ -631,8 +691,18 @@ class Config(_Section):
             )
         return self.vcenter
 
+    def require_s3(self) -> S3Config:
+        if self.s3 is None:
+            raise ConfigError(
+                f"this needs S3, but the config has no [s3] (the replica store is "
+                f"[store] kind = {self.store.kind!r})"
+            )
+        return self.s3
+
     def s3_secret_key(self) -> Secret | None:
         s3 = self.s3
+        if s3 is None:
+            return None
         if s3.secret_access_key_file is None and s3.secret_access_key_env is None:
             return None
         return load_secret(
@@ -724,7 +794,7 @@ _PATH_KEYS = {
     "vcenter": ("password_file", "ca_file"),
     "s3": ("ca_file", "secret_access_key_file"),
     "state": ("path",),
-    "store": ("key_file", "kms_ca_file"),
+    "store": ("path", "key_file", "kms_ca_file"),
     "network": ("proxy_ca_file",),
     "api": ("cert_file", "key_file", "token_file"),
     "audit": ("path",),

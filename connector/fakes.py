@@ -56,6 +56,7 @@ class FakeDisk:
     log: list[Extent] = field(default_factory=list)
     cbt: bool = True
     refuse: str | None = None  # fault name returned for any non-'*' change id
+    refuse_all: str | None = None  # fault name returned for every change id, '*' too
 
 
 @dataclass
@@ -168,6 +169,8 @@ class FakeHypervisor:
         end = seqs[disk_key]
         if not disk.cbt or end is None:
             raise ChangeIdRefused("CBT is off for this disk", "FileFault")
+        if disk.refuse_all:
+            raise ChangeIdRefused(f"change id {change_id} refused", disk.refuse_all)
         if change_id == "*":
             data = frozen[disk_key]
             step = 64 * 1024

@@ -32,6 +32,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -344,6 +345,11 @@ class MemoryState:
     def lookup(self, block_id: bytes) -> BlockRef | None:
         with self.lock:
             return self._blocks.get(bytes(block_id))
+
+    def lookup_many(self, block_ids: Sequence[bytes]) -> dict[bytes, BlockRef]:
+        with self.lock:
+            found = ((bytes(b), self._blocks.get(bytes(b))) for b in block_ids)
+            return {b: ref for b, ref in found if ref is not None}
 
     def add(self, refs: list[BlockRef]) -> None:
         with self.lock:

@@ -12,7 +12,7 @@ No SDK type (pyvmomi, boto3, SQLAlchemy) crosses these boundaries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from connector.domain.jobs import RUN_ACTIVE
@@ -353,6 +353,12 @@ class BlockIndex(Protocol):
     """Where each stored block lives: what deduplication looks up."""
 
     def lookup(self, block_id: bytes) -> BlockRef | None: ...
+
+    def lookup_many(self, block_ids: Sequence[bytes]) -> dict[bytes, BlockRef]:
+        """The refs of those blocks that are known, by block id, asked in one go (the
+        transfer stage deduplicates a batch of blocks at once). Unknown ones are left
+        out; an id given twice is not an error; no ids give an empty dict."""
+        ...
 
     def add(self, refs: list[BlockRef]) -> None:
         """The first ref of a block wins; adding a known block is not an error."""

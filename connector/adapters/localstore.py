@@ -8,9 +8,11 @@ reader sees either the whole object or nothing, even after a crash.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from stat import S_ISREG
@@ -26,19 +28,83 @@ __all__ = ["LocalDirObjectStore", "validate_key"]
 class LocalDirObjectStore:
     """Objects are files under `root`; the key is the relative path."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, what: str = "the object store directory") -> None:
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"{what} {root} is not a directory; give the path of a directory")
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the object store directory {root}: {exc}") from exc
-        if not root.is_dir():
-            raise ConfigError(f"the object store root {root} is not a directory")
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"cannot create {what} {root}: {reason}; create it and give the connector's "
+                "user write access to it, or choose another path"
+            ) from exc
         self._root = root.resolve()
+        self._what = what
 
     @property
     def root(self) -> Path:
         return self._root
+
+    @property
+    def endpoint_url(self) -> str:
+        """Where the objects are, as `connector status` names a store."""
+        return self._root.as_uri()
+
+    def close(self) -> None:
+        """Nothing to release (the S3 store closes its connections)."""
+
+    def check_access(self) -> None:
+        """Write, read back and remove a probe file: fail early with what to do."""
+        probe = self._root / f"{_TMP_MARK}access-{secrets.token_hex(8)}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"probe")
+            finally:
+                os.close(fd)
+            if probe.read_bytes() != b"probe":
+                raise PermanentError(f"{self._what} {self._root} did not read back a write")
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise PermanentError(
+                    f"{self._what} {self._root} is not writable ({exc.strerror}); give the "
+                    "connector's user write access to it, or choose another path"
+                ) from exc
+            raise _map_os_error(exc, f"writing to {self._root}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+    # Multipart uploads exist only in S3; a local write is one atomic rename. What a
+    # crash leaves is a temporary file, which `abort_incomplete_uploads` removes.
+
+    def uploads_in_use(self) -> frozenset[str]:
+        return frozenset()
+
+    def abort_upload(self, key: str, upload_id: str) -> bool:
+        return True
+
+    def abort_incomplete_uploads(
+        self, older_than: dt.timedelta, keep: frozenset[str] = frozenset()
+    ) -> int:
+        """Remove the temporary files of writes older than `older_than` (a crash's).
+
+        `keep` (the upload ids other connectors of a fleet hold) has no meaning here: a
+        directory store has one writer, and its writes have no upload ids."""
+        cutoff = time.time() - older_than.total_seconds()
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(self._root):
+            for name in filenames:
+                if not name.startswith(_TMP_MARK):
+                    continue
+                path = Path(dirpath) / name
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime <= cutoff:
+                        path.unlink()
+                        removed += 1
+        return removed
 
     def _path(self, key: str) -> Path:
         path = self._root.joinpath(*validate_key(key).split("/"))

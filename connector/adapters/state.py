@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,21 @@ class SqlBlocks(_Tables):
         with self.db.tx() as c:
             row = c.execute(sa.select(blocks).where(blocks.c.block_id == block_id)).first()
         return None if row is None else BlockRef(row.block_id, row.pack_id, row.offset, row.length)
+
+    def lookup_many(self, block_ids: Sequence[bytes]) -> dict[bytes, BlockRef]:
+        ids = sorted({bytes(b) for b in block_ids})
+        out: dict[bytes, BlockRef] = {}
+        if not ids:
+            return out
+        with self.db.tx() as c:
+            for i in range(0, len(ids), CHUNK):
+                rows = c.execute(
+                    sa.select(blocks).where(blocks.c.block_id.in_(ids[i : i + CHUNK]))
+                ).all()
+                for row in rows:
+                    key = bytes(row.block_id)
+                    out[key] = BlockRef(key, row.pack_id, row.offset, row.length)
+        return out
 
     def add(self, refs: list[BlockRef]) -> None:
         if not refs:

@@ -133,6 +133,7 @@ class StatusSettings:
     schedule_unit_seconds: float = 3600.0
     vcenter_target: str | None = None  # None: no vCenter configured (local transport)
     s3_target: str = ""
+    store_name: str = "S3"  # "replica store" for [store] kind = "local"
 
 
 class Status:
@@ -167,9 +168,9 @@ class Status:
         vcenter = self._check_vcenter()
         if vcenter.configured and not vcenter.reachable:
             reasons.append(f"vCenter at {vcenter.target}: {vcenter.error}")
-        s3 = _check("S3", self._settings.s3_target, self._probe_s3)
+        s3 = _check(self._settings.store_name, self._settings.s3_target, self._probe_s3)
         if not s3.reachable:
-            reasons.append(f"S3 {s3.target}: {s3.error}")
+            reasons.append(f"{s3.name} {s3.target}: {s3.error}")
         daemon = self._daemon()
         jobs = self._jobs.all()
         health = []

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-from connector.app import App
 from connector.cli.common import ConfigOpt, JsonOpt, human_size, id_table, out, run_with_app
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 
 def vms(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:

@@ -14,17 +14,14 @@ import sys
 from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from connector.app import App, build
 from connector.audit import SUCCESS
-from connector.check import CheckResult
-from connector.config import config_path, load_config
 from connector.domain.ids import check_run_id
 from connector.domain.jobs import RUN_COMPLETED
 from connector.errors import (
@@ -35,6 +32,10 @@ from connector.errors import (
     TransientError,
 )
 from connector.logging import configure, scrub
+
+if TYPE_CHECKING:
+    from connector.app import App
+    from connector.check import CheckResult
 
 
 def _fallback_width() -> int | None:
@@ -75,6 +76,11 @@ def run_with_app(
     database is first rebuilt from the replica store, when the bucket holds one.
     """
     try:
+        # Imported here, not above: `connector --help` and `--version` need neither the
+        # config's validation (pydantic) nor the adapters (boto3, pyVmomi, SQLAlchemy).
+        from connector.app import build
+        from connector.config import config_path, load_config
+
         cfg = load_config(config_path(config))
         configure(cfg.log.level, cfg.log.json_format, cfg.log.library_level)
         with build(cfg) as a:

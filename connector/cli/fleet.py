@@ -8,15 +8,18 @@ which run each executes now; `--json` prints the document of
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from connector.app import App
 from connector.application.fleet import FleetStatus, fleet_status
 from connector.cli.common import ConfigOpt, JsonOpt, out, run_with_app
 from connector.errors import ConfigError
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 fleet_app = typer.Typer(
     rich_markup_mode="markdown",

@@ -25,9 +25,7 @@ import typer
 from rich.markup import escape
 
 from connector.audit import SUCCESS, AuditLog
-from connector.check import run_checks
 from connector.cli.common import err, out, print_checks, run_with_app
-from connector.config import DEFAULT_CONFIG, config_path, load_config
 from connector.errors import ConfigError, InvalidInputError, PermanentError
 from connector.secrets import CREDENTIAL_PREFIX
 
@@ -198,7 +196,8 @@ def init_cmd(
         typer.Option(
             "--config",
             "-c",
-            help=f"Where to write the config (default: $CONNECTOR_CONFIG or {DEFAULT_CONFIG}).",
+            help="Where to write the config (default: $CONNECTOR_CONFIG or "
+            "/etc/connector/connector.toml).",
         ),
     ] = None,
     vcenter: VcenterOpt = None,
@@ -262,6 +261,8 @@ def init_cmd(
     In a terminal, what the flags leave out is asked for. Secrets are given as
     references (file:PATH, env:VARIABLE, credential:NAME), never as values.
     """
+    from connector.config import config_path
+
     path = config_path(config)
     try:
         if path.exists() and not force:
@@ -333,6 +334,8 @@ def init_cmd(
         replaced = path.exists()
         write_config_file(path, render_config(settings), force)
         made = make_state_dir(folder)
+        from connector.config import load_config
+
         cfg = load_config(path)
         AuditLog(cfg.audit_path).record(
             "config.init",
@@ -357,6 +360,8 @@ def init_cmd(
         out.print(f"next: connector --config {escape(str(path))} check", highlight=False)
         return
     out.print("running connector check:", highlight=False)
+    from connector.check import run_checks
+
     failures = run_with_app(path, lambda a: print_checks(run_checks(a), as_json=False))
     if failures:
         out.print(
@@ -406,6 +411,8 @@ def write_config_file(path: Path, text: str, force: bool) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     try:
+        from connector.config import load_config
+
         load_config(load_check)  # what init writes must load
     except ConfigError:
         load_check.unlink(missing_ok=True)

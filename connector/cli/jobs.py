@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from connector.app import App
 from connector.application.jobs import refuse_deleted
 from connector.cli.common import ConfigOpt, JsonOpt, err, human_size, id_table, out, run_with_app
 from connector.domain.jobs import LIVE_RUN_STATES, JobRow, validate_frequency
 from connector.domain.landing import LandingSpec
 from connector.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 jobs_app = typer.Typer(
     rich_markup_mode="markdown",

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from connector.app import App
 from connector.cli.common import LATEST, ConfigOpt, JsonOpt, err, out, run_of, run_with_app
 from connector.daemon.lock import StateLock
 from connector.domain.jobs import RUN_COMPLETED
@@ -22,6 +21,9 @@ from connector.errors import PermanentError
 from connector.pipeline.context import RunRef
 from connector.pipeline.land import land as land_run
 from connector.pipeline.land import release_staging
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 
 class LandReporter:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from connector.app import App
 from connector.cli.common import (
     LATEST,
     ConfigOpt,
@@ -30,14 +29,15 @@ from connector.cli.common import (
 )
 from connector.cli.progress import OperationProgress, counted
 from connector.cli.signals import StopOnSignals
-from connector.daemon.lock import StateLock
 from connector.domain.ids import check_disk_key, check_run_id
 from connector.domain.jobs import LIVE_RUN_STATES, RUN_STATES
 from connector.domain.landing import LandingRow
 from connector.domain.records import RunRow
 from connector.errors import InvalidInputError, PermanentError
-from connector.pipeline.replicate import RunStopped
-from connector.pipeline.restore import check_target, restore_disk
+
+if TYPE_CHECKING:
+    from connector.app import App
+    from connector.pipeline.replicate import RunStopped
 
 MAX_LAST = 10000
 
@@ -55,6 +55,9 @@ def replicate(
     """
 
     def go(a: App) -> None:
+        from connector.daemon.lock import StateLock
+        from connector.pipeline.replicate import RunStopped
+
         server = a.servers.resolve(vm)
         with (
             StopOnSignals() as stop,
@@ -244,6 +247,8 @@ def restore(
     """Write a raw image of one disk as it was at one run, checking every block."""
 
     def go(a: App) -> dict[str, Any]:
+        from connector.pipeline.restore import check_target, restore_disk
+
         if (to is None) == (to_device is None):
             raise InvalidInputError(
                 "give exactly one target: --to FILE for an image file, or --to-device DEVICE "

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
-from connector.app import App
 from connector.audit import verify as verify_audit
-from connector.check import run_checks
 from connector.cli.common import ConfigOpt, JsonOpt, err, out, print_checks, run_with_app
 from connector.errors import ConfigError
 from connector.policies import bucket_policy, iam_policy, is_kms_key_arn
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 audit_app = typer.Typer(
     rich_markup_mode="markdown", no_args_is_help=True, help="The append-only audit log."
@@ -64,7 +65,7 @@ def bucket_policy_cmd(config: ConfigOpt = None) -> None:
     """
 
     def go(a: App) -> None:
-        s3 = a.config.s3
+        s3 = a.config.require_s3()
         if s3.sse == "aws:kms" and s3.kms_key_id and not is_kms_key_arn(s3.kms_key_id):
             err.print(
                 "note: kms_key_id is not a key ARN, so the policy cannot pin the KMS key; "
@@ -86,7 +87,7 @@ def iam_policy_cmd(
     """Print the least-privilege IAM policy for the connector's AWS credentials."""
 
     def go(a: App) -> None:
-        s3 = a.config.s3
+        s3 = a.config.require_s3()
         kms = s3.kms_key_id if s3.sse == "aws:kms" and is_kms_key_arn(s3.kms_key_id) else None
         land = a.config.landing
         land_kms = land.kms_key_id if is_kms_key_arn(land.kms_key_id) else None
@@ -121,6 +122,8 @@ def check_cmd(
     """
 
     def go(a: App) -> int:
+        from connector.check import run_checks
+
         try:
             results = run_checks(a, only or ())
         except ValueError as exc:

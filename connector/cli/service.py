@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 import typer
 
-from connector.app import App
 from connector.audit import SUCCESS
 from connector.cli.common import ConfigOpt, err, out, run_with_app
-from connector.daemon.api import probe_health
 from connector.errors import ConfigError, PermanentError, UnreachableError
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 
 def api_cmd(config: ConfigOpt = None) -> None:
@@ -47,6 +49,8 @@ def health_cmd(config: ConfigOpt = None) -> None:
     def go(a: App) -> None:
         if a.config.api is None:
             raise ConfigError("the API is not configured (no api section): nothing to check")
+        from connector.daemon.api import probe_health
+
         try:
             status = probe_health(a.config.api, a.config.api_token())
         except (OSError, ValueError) as exc:

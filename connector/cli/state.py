@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 
-from connector.app import App
 from connector.application.rebuild import RebuildReport
 from connector.cli.common import ConfigOpt, JsonOpt, err, out, run_with_app
 from connector.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 state_app = typer.Typer(
     rich_markup_mode="markdown",

@@ -10,15 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from connector.app import App
 from connector.application.status import JobHealth, Service, StatusReport
 from connector.cli.common import ConfigOpt, JsonOpt, human_size, out, run_with_app
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 ActiveLimitOpt = Annotated[
     float,
@@ -68,7 +70,8 @@ def _print_report(report: StatusReport) -> None:
         daemon += f"; the state is in use by {escape(d.holder)}"
     out.print(f"daemon   {daemon}", highlight=False)
     out.print(f"vCenter  {_service(report.vcenter)}", highlight=False, soft_wrap=True)
-    out.print(f"S3       {_service(report.s3)}", highlight=False, soft_wrap=True)
+    label = "S3" if report.s3.name == "S3" else "store"  # a local-directory replica store
+    out.print(f"{label:<8} {_service(report.s3)}", highlight=False, soft_wrap=True)
     if not report.jobs:
         out.print("no jobs")
         return

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from connector.app import App
 from connector.cli.common import (
     LATEST,
     ConfigOpt,
@@ -37,6 +36,9 @@ from connector.pipeline.purge import (
     purge as purge_store,
 )
 from connector.pipeline.verify import VerifyReport, verify_store
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 
 def verify(

@@ -8,18 +8,20 @@ import datetime as dt
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from connector import __version__
-from connector.app import App
 from connector.application.support import SupportBundle, summarize_runs, tail
 from connector.cli.common import ConfigOpt, out, print_error, run_with_app
 from connector.errors import ConnectorError, InvalidInputError
 from connector.logging import scrub
 from connector.secrets import secret_file_path
+
+if TYPE_CHECKING:
+    from connector.app import App
 
 LOG_BYTES = 5 * 1024 * 1024  # per log file: its most recent part
 AUDIT_BYTES = 1024 * 1024
@@ -125,7 +127,7 @@ def _collect_secrets(a: App, bundle: SupportBundle) -> None:
             continue
         if secret is not None:
             bundle.secrets.add(secret.reveal())
-    if cfg.s3.access_key_id:
+    if cfg.s3 is not None and cfg.s3.access_key_id:
         bundle.secrets.add(cfg.s3.access_key_id)
     files = [cfg.key_file]
     if cfg.api is not None:

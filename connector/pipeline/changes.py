@@ -11,6 +11,7 @@ ledger, so a resumed run does not ask again.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,14 @@ def query_all(
     return merge(clip(extents, disk.capacity))
 
 
+_VSPHERE_CHANGE_ID = re.compile(r"^[^/]+/[0-9]+$")
+
+
+def vsphere_form(change_id: str) -> bool:
+    """Whether a changeId has vSphere's form: the tracking epoch's UUID, '/', a sequence."""
+    return _VSPHERE_CHANGE_ID.match(change_id) is not None
+
+
 def _uuid_part(change_id: str) -> str:
     return change_id.split("/", 1)[0]
 
@@ -130,7 +139,15 @@ def plan_disk(
     disk: DiskInfo,
     previous: DiskStateRow | None,
 ) -> DiskPlan:
-    """Decide how to read `disk` (the snapshot's view of it) and list the extents."""
+    """Decide how to read `disk` (the snapshot's view of it) and list the extents.
+
+    A disk that must be read in full (first run, replaced, resized, CBT reset, a
+    refused changeId) is read in its allocated areas (changeId '*') when vCenter
+    gives them, and whole only when it refuses those too. A stored changeId in
+    vSphere's `uuid/seq` form whose UUID differs from the snapshot's is a CBT
+    reset; one of another form is opaque: it is tried, and only a refusal makes a
+    full read.
+    """
     whole = (Extent(0, disk.capacity),)
     if disk.change_id is None:
         if (
@@ -157,34 +174,24 @@ def plan_disk(
         reason = f"the disk was resized from {previous.capacity} to {disk.capacity} bytes"
     elif previous.change_id is None:
         reason = "no changeId was stored for this disk"
-    elif _uuid_part(previous.change_id) != _uuid_part(disk.change_id):
+    elif (
+        vsphere_form(previous.change_id)
+        and vsphere_form(disk.change_id)
+        and _uuid_part(previous.change_id) != _uuid_part(disk.change_id)
+    ):
         reason = "the changeId's tracking identity changed (CBT was reset)"
     if reason is not None:
-        if previous is None:
-            try:
-                areas = query_all(hv, vm_uuid, snapshot_ref, disk, "*")
-            except ChangeIdRefused as exc:
-                return DiskPlan(
-                    disk,
-                    "full",
-                    f"{reason}; allocated areas refused ({exc.fault})",
-                    whole,
-                    None,
-                    None,
-                )
-            return DiskPlan(disk, "allocated", reason, tuple(areas), "*", None)
-        return DiskPlan(disk, "full", reason, whole, None, None)
+        return _read_allocated(hv, vm_uuid, snapshot_ref, disk, reason)
     assert previous is not None and previous.change_id is not None
     try:
         areas = query_all(hv, vm_uuid, snapshot_ref, disk, previous.change_id)
     except ChangeIdRefused as exc:
-        return DiskPlan(
+        return _read_allocated(
+            hv,
+            vm_uuid,
+            snapshot_ref,
             disk,
-            "full",
             f"vCenter refused the stored changeId ({exc.fault}): {exc}",
-            whole,
-            previous.change_id,
-            previous.last_run_id,
         )
     return DiskPlan(
         disk,
@@ -194,6 +201,25 @@ def plan_disk(
         previous.change_id,
         previous.last_run_id,
     )
+
+
+def _read_allocated(
+    hv: Hypervisor, vm_uuid: str, snapshot_ref: str, disk: DiskInfo, reason: str
+) -> DiskPlan:
+    """A full read without a base run: the allocated areas ('*'), or the whole disk when
+    vCenter refuses those. Either builds a full manifest (blocks outside are zero)."""
+    try:
+        areas = query_all(hv, vm_uuid, snapshot_ref, disk, "*")
+    except ChangeIdRefused as exc:
+        return DiskPlan(
+            disk,
+            "full",
+            f"{reason}; allocated areas refused ({exc.fault})",
+            (Extent(0, disk.capacity),),
+            None,
+            None,
+        )
+    return DiskPlan(disk, "allocated", reason, tuple(areas), "*", None)
 
 
 def without_base(plan: DiskPlan, why: str) -> DiskPlan:

@@ -75,6 +75,10 @@ class PipelineSettings:
     pack_size: int = DEFAULT_PACK_SIZE
     needs_no_foreign_snapshots: bool = True
     max_disks_per_vm: int = 1
+    # The transfer pipeline ([pipeline] in the config; docs/architecture.md):
+    workers: int = 2  # threads that hash, compress and encrypt, shared by a run's disks
+    reads_in_flight: int = 4  # per disk: reads held between the reader and the packs
+    uploads_in_flight: int = 2  # per run: packs uploading at once
 
 
 @dataclass(frozen=True)

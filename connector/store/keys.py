@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import os
+import struct
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +26,10 @@ from connector.errors import ConfigError, IntegrityError, PermanentError
 NONCE_SIZE = 12
 TAG_SIZE = 16  # AES-GCM's authentication tag
 KEY_SIZE = 32
+# The zstd level blocks are compressed at, chosen by bench/zstd_levels.py on the
+# realistic mix (docs/operations.md, "The [pipeline] section"); [pipeline]
+# zstd_level changes it.
+DEFAULT_ZSTD_LEVEL = 2
 # The context a master key is wrapped under is this prefix followed by the store id.
 KEY_CONTEXT_PREFIX = b"connector store master key:"
 
@@ -120,21 +125,22 @@ def parse_key(text: str, origin: str) -> bytes:
 class StoreKeys:
     """The derived keys of one store, and the blob seal/open operations."""
 
-    def __init__(self, master: bytes) -> None:
+    def __init__(self, master: bytes, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> None:
         if len(master) != KEY_SIZE:
             raise ValueError("master key must be 32 bytes")
         self._id_key = _derive(master, b"connector block id v1")
         self._aead = AESGCM(_derive(master, b"connector data v1"))
-        # zstd contexts are not thread-safe: one pair per thread (the daemon packs
-        # several disks at once).
+        self.zstd_level = zstd_level
+        # zstd contexts are not thread-safe: one pair per thread (the pipeline's
+        # workers seal blocks side by side).
         self._local = threading.local()
 
     @property
-    def _cctx(self) -> zstandard.ZstdCompressor:
-        cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
-        if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(level=3)
-        return cctx
+    def _compressor(self) -> BlockCompressor:
+        comp: BlockCompressor | None = getattr(self._local, "comp", None)
+        if comp is None or comp.level != self.zstd_level:
+            comp = self._local.comp = BlockCompressor(self.zstd_level)
+        return comp
 
     @property
     def _dctx(self) -> zstandard.ZstdDecompressor:
@@ -147,9 +153,13 @@ class StoreKeys:
         return hmac.digest(self._id_key, data, hashlib.sha256)
 
     def seal(self, plain: bytes, aad: bytes) -> bytes:
-        """zstd-compress, then AES-256-GCM encrypt with a fresh nonce: nonce || ciphertext."""
+        """zstd-compress, then AES-256-GCM encrypt with a fresh nonce: nonce || ciphertext.
+
+        Bytes that do not compress go into a zstd frame of raw blocks instead
+        (`BlockCompressor`); either is one zstd frame, and `open` reads both.
+        """
         nonce = os.urandom(NONCE_SIZE)
-        return nonce + self._aead.encrypt(nonce, self._cctx.compress(plain), aad)
+        return nonce + self._aead.encrypt(nonce, self._compressor.compress(plain), aad)
 
     def open(self, blob: bytes, aad: bytes, what: str) -> bytes:
         """Authenticate, decrypt and decompress a sealed blob; IntegrityError names `what`."""
@@ -170,6 +180,81 @@ class StoreKeys:
         except InvalidTag:
             return False
         return True
+
+
+# A zstd frame (RFC 8878): magic, then a frame header, then blocks of at most 128 KiB.
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_MAX_BLOCK = 128 * 1024
+# Blocks of at least this size are sampled before they are compressed.
+_SAMPLE_FROM = 256 * 1024
+_SAMPLE = 32 * 1024
+# A sample that keeps more than this share of its size does not pay for compression.
+_PAYS_BELOW = 0.97
+
+
+class BlockCompressor:
+    """zstd at one level, that does not spend a pass on bytes that do not compress.
+
+    A large input is tried on a sample first (its first 32 KiB and 32 KiB from its
+    middle); when the sample does not shrink by 3 % or more, the input is stored
+    raw without compressing it. Otherwise it is compressed whole, and kept raw
+    all the same when that is not smaller. Raw means a zstd frame whose blocks
+    are of the Raw type (RFC 8878, 3.1.1.2.2), built here without the compressor:
+    the output is always one zstd frame that any zstd decoder reads, so readers,
+    old ones too, need no second format. One object per thread.
+    """
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self.raw = 0  # inputs stored raw, for the benchmark
+        self.compressed = 0
+
+    def compress(self, plain: bytes) -> bytes:
+        n = len(plain)
+        if n >= _SAMPLE_FROM:
+            mid = n // 2
+            sample = bytes(plain[:_SAMPLE]) + bytes(plain[mid : mid + _SAMPLE])
+            if len(self._cctx.compress(sample)) > _PAYS_BELOW * len(sample):
+                self.raw += 1
+                return raw_frame(plain)
+        packed = self._cctx.compress(plain)
+        if len(packed) >= n + _raw_overhead(n):
+            self.raw += 1
+            return raw_frame(plain)
+        self.compressed += 1
+        return packed
+
+
+def _raw_overhead(n: int) -> int:
+    """Bytes a raw frame of `n` bytes adds: magic, header, 3 per block."""
+    return len(_frame_header(n)) + 3 * max(1, -(-n // _ZSTD_MAX_BLOCK))
+
+
+def _frame_header(n: int) -> bytes:
+    """Magic and a single-segment frame header with the content size (no checksum)."""
+    if n < 256:
+        return _ZSTD_MAGIC + bytes([0x20, n])  # FCS flag 0, single segment: 1 byte
+    if n < 65536 + 256:
+        return _ZSTD_MAGIC + bytes([0x60]) + struct.pack("<H", n - 256)  # flag 1: 2 bytes
+    if n < 1 << 32:
+        return _ZSTD_MAGIC + bytes([0xA0]) + struct.pack("<I", n)  # flag 2: 4 bytes
+    return _ZSTD_MAGIC + bytes([0xE0]) + struct.pack("<Q", n)  # flag 3: 8 bytes
+
+
+def raw_frame(plain: bytes) -> bytes:
+    """`plain` as a zstd frame of Raw blocks: what any zstd decoder reads back as it is."""
+    n = len(plain)
+    view = memoryview(plain)
+    parts: list[bytes | memoryview] = [_frame_header(n)]
+    if n == 0:
+        parts.append(b"\x01\x00\x00")  # one empty last block
+    for start in range(0, n, _ZSTD_MAX_BLOCK):
+        size = min(_ZSTD_MAX_BLOCK, n - start)
+        last = 1 if start + size >= n else 0
+        parts.append(((size << 3) | last).to_bytes(3, "little"))  # Block_Type 0: Raw
+        parts.append(view[start : start + size])
+    return b"".join(parts)
 
 
 def _derive(master: bytes, info: bytes) -> bytes:

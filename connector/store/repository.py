@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,7 @@ from connector.domain.manifest import BlockMap, BlockRef, DiskManifest, apply_ch
 from connector.domain.times import iso
 from connector.errors import IntegrityError, NotFoundError, StoreFormatError
 from connector.ports import BlockIndex, ObjectStore
-from connector.store.keys import KEY_CONTEXT_PREFIX, KeyProvider, StoreKeys
+from connector.store.keys import DEFAULT_ZSTD_LEVEL, KEY_CONTEXT_PREFIX, KeyProvider, StoreKeys
 
 STORE_FORMAT = "connector-replica-store"
 STORE_VERSION = 1
@@ -201,8 +203,13 @@ class Repository:
         provider: KeyProvider,
         create: bool = False,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
     ) -> Repository:
-        """Open the store; with `create`, initialise it when it has no config yet."""
+        """Open the store; with `create`, initialise it when it has no config yet.
+
+        `zstd_level` is the level this connector compresses what it writes at;
+        any level reads back the same (it is not part of the store's format).
+        """
         try:
             raw = objects.get("config")
         except NotFoundError:
@@ -211,7 +218,7 @@ class Repository:
                     "no replica store at this bucket and prefix (no config object); "
                     "run a replication first, or check [s3] bucket and prefix"
                 ) from None
-            return cls._create(objects, provider, block_size)
+            return cls._create(objects, provider, block_size, zstd_level)
         try:
             doc = json.loads(raw)
         except ValueError as exc:
@@ -225,10 +232,12 @@ class Repository:
             )
         config = StoreConfig(doc["store_id"], doc["block_size"], doc["key"], doc["created_at"])
         master = provider.unwrap(config.key, _key_context(config.store_id))
-        return cls(objects, config, StoreKeys(master))
+        return cls(objects, config, StoreKeys(master, zstd_level))
 
     @classmethod
-    def _create(cls, objects: ObjectStore, provider: KeyProvider, block_size: int) -> Repository:
+    def _create(
+        cls, objects: ObjectStore, provider: KeyProvider, block_size: int, zstd_level: int
+    ) -> Repository:
         """Make a new store: a random id, a master key wrapped by `provider`, the config object."""
         store_id = os.urandom(16).hex()
         master, wrapped = provider.new_master(_key_context(store_id))
@@ -242,7 +251,7 @@ class Repository:
             "created_at": config.created_at,
         }
         objects.put("config", json.dumps(doc, indent=2).encode())
-        return cls(objects, config, StoreKeys(master))
+        return cls(objects, config, StoreKeys(master, zstd_level))
 
     # -- blocks ------------------------------------------------------------------
 
@@ -464,16 +473,60 @@ class Repository:
         index: BlockIndex,
         pack_size: int = DEFAULT_PACK_SIZE,
         on_pack: Callable[[str, int, list[BlockRef]], None] | None = None,
+        uploads: UploadSlots | None = None,
     ) -> PackWriter:
-        """A PackWriter that deduplicates against `index` and calls `on_pack` per uploaded pack."""
-        return PackWriter(self, index, pack_size, on_pack)
+        """A PackWriter that deduplicates against `index` and calls `on_pack` per uploaded pack.
+
+        With `uploads`, full packs are uploaded in the background, in those slots;
+        without, each is uploaded before `append` returns.
+        """
+        return PackWriter(self, index, pack_size, on_pack, uploads)
+
+
+class UploadSlots:
+    """Pack uploads in the background, at most `limit` at once.
+
+    `submit` waits for a free slot, so a writer that fills packs faster than
+    they upload is held back: at most `limit` packs are in flight, whatever the
+    size of the disk. One set of slots may serve several writers (the disks of
+    a run). `close` waits for the uploads under way.
+    """
+
+    def __init__(self, limit: int, name: str = "pack-upload") -> None:
+        if limit < 1:
+            raise ValueError("uploads in flight must be at least 1")
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+        self._pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix=name)
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        self._free.acquire()
+        try:
+            future = self._pool.submit(fn)
+        except BaseException:
+            self._free.release()
+            raise
+        future.add_done_callback(lambda _f: self._free.release())
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> UploadSlots:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class PackWriter:
-    """Deduplicates, seals and appends blocks to packs; uploads each pack when full.
+    """Deduplicates blocks and appends sealed ones to packs; uploads each pack when full.
 
-    `add` returns the block's ref at once; the ref is durable only after the
-    pack holding it is uploaded, which `flush` guarantees for all of them.
+    Several threads may `claim` at once (the pipeline's workers); `append` and
+    `flush` are called by one thread, in the order the blocks are to be packed.
+    The ref of a stored block is known once it is appended (`ref`), and is
+    durable only after the pack holding it is uploaded, which `flush`
+    guarantees for all of them: a manifest naming them is written after it.
     """
 
     def __init__(
@@ -482,67 +535,122 @@ class PackWriter:
         index: BlockIndex,
         pack_size: int,
         on_pack: Callable[[str, int, list[BlockRef]], None] | None,
+        uploads: UploadSlots | None = None,
     ) -> None:
         self.repo = repo
         self.index = index
         self.pack_size = pack_size
         self.on_pack = on_pack
-        self._pending: dict[bytes, BlockRef] = {}
+        self.uploads = uploads
+        self._lock = threading.Lock()
+        self._claimed: set[bytes] = set()  # new blocks this writer stores (or stored)
+        self._refs: dict[bytes, BlockRef] = {}  # their refs, once appended
         self._buf: list[bytes] = []
         self._entries: list[tuple[BlockRef, int]] = []
         self._size = 0
         self._pack_id = _new_pack_id()
+        self._in_flight: list[Future[None]] = []
         self.bytes_uploaded = 0  # whole packs written
         self.bytes_stored = 0  # sealed bytes of new blocks
         self.blocks_new = 0
         self.blocks_dedup = 0
         self.packs_written: list[str] = []
 
-    def add(self, block_id: bytes, data: bytes) -> BlockRef:
-        """The ref of a block: a known one, or a new one in the open pack (seals `data`)."""
-        known = self._pending.get(block_id) or self.index.lookup(block_id)
-        if known is not None:
-            self.blocks_dedup += 1
-            return known
-        sealed = self.repo.keys.seal(data, block_id)
+    def claim(self, block_ids: Sequence[bytes]) -> tuple[dict[bytes, BlockRef], list[bytes]]:
+        """Which of these blocks are known, and which the caller must seal and append.
+
+        The block index is asked once for all of them. Returns the refs of the
+        blocks stored before this writer, and the ids this caller claims: new
+        ones no other caller of this writer claimed first, each once. The rest
+        (claimed by another caller, or twice in `block_ids`) are this writer's,
+        and `ref` gives their refs after `flush`.
+        """
+        wanted = list(dict.fromkeys(block_ids))
+        with self._lock:
+            ask = [b for b in wanted if b not in self._claimed]
+        known = self.index.lookup_many(ask) if ask else {}
+        mine: list[bytes] = []
+        with self._lock:
+            for block_id in block_ids:
+                if block_id in known or block_id in self._claimed:
+                    self.blocks_dedup += 1
+                else:
+                    self._claimed.add(block_id)
+                    mine.append(block_id)
+                    self.blocks_new += 1
+        return known, mine
+
+    def append(self, block_id: bytes, sealed: bytes, raw_length: int) -> BlockRef:
+        """Put a claimed block, sealed, into the open pack; upload the pack when it is full."""
         ref = BlockRef(block_id, self._pack_id, self._size, len(sealed))
         self._buf.append(sealed)
-        self._entries.append((ref, len(data)))
+        self._entries.append((ref, raw_length))
         self._size += len(sealed)
         self.bytes_stored += len(sealed)
-        self._pending[block_id] = ref
-        self.blocks_new += 1
+        with self._lock:
+            self._refs[block_id] = ref
         if self._size >= self.pack_size:
-            self._upload()
+            self._close_pack()
         return ref
 
-    def flush(self) -> None:
-        """Upload the open pack; afterwards every ref returned so far is durable."""
-        if self._entries:
-            self._upload()
+    def ref(self, block_id: bytes) -> BlockRef:
+        """The ref of a block this writer appended."""
+        with self._lock:
+            return self._refs[block_id]
 
-    def _upload(self) -> None:
-        """Write the open pack (blocks, sealed header, trailer), index it, and open a new one."""
+    def check(self) -> None:
+        """Raise the error of a background upload that failed, if one did."""
+        done = [f for f in self._in_flight if f.done()]
+        for future in done:
+            self._in_flight.remove(future)
+            future.result()
+
+    def flush(self) -> None:
+        """Upload the open pack and wait for every upload; afterwards every ref is durable.
+
+        The first failed upload's error is raised, after all of them ended.
+        """
+        if self._entries:
+            self._close_pack()
+        futures, self._in_flight = self._in_flight, []
+        wait(futures)
+        for future in futures:
+            future.result()
+
+    def abandon(self) -> None:
+        """Wait for the uploads under way and drop their outcome (the disk failed)."""
+        futures, self._in_flight = self._in_flight, []
+        wait(futures)
+        self._buf, self._entries, self._size = [], [], 0
+
+    def _close_pack(self) -> None:
+        """Seal the open pack's header and upload it (in the background with slots)."""
         pack_id = self._pack_id
+        entries = self._entries
         header = b"".join(
-            _PACK_ENTRY.pack(ref.block_id, ref.offset, ref.length, raw)
-            for ref, raw in self._entries
+            _PACK_ENTRY.pack(ref.block_id, ref.offset, ref.length, raw) for ref, raw in entries
         )
         sealed_header = self.repo.keys.seal(header, b"pack-header:" + pack_id.encode())
         body = b"".join(
             [*self._buf, sealed_header, _PACK_TRAILER.pack(len(sealed_header), PACK_MAGIC)]
         )
+        refs = [ref for ref, _ in entries]
+        self._buf, self._entries, self._size = [], [], 0
+        self._pack_id = _new_pack_id()
+        if self.uploads is None:
+            self._upload(pack_id, body, refs)
+        else:
+            self._in_flight.append(self.uploads.submit(lambda: self._upload(pack_id, body, refs)))
+
+    def _upload(self, pack_id: str, body: bytes, refs: list[BlockRef]) -> None:
+        """Write one pack (blocks, sealed header, trailer), then index it."""
         self.repo.objects.put(pack_key(pack_id), body)
-        refs = [ref for ref, _ in self._entries]
         self.index.add(refs)
         if self.on_pack is not None:
             self.on_pack(pack_id, len(body), refs)
-        for ref in refs:
-            self._pending.pop(ref.block_id, None)
-        self.bytes_uploaded += len(body)
-        self.packs_written.append(pack_id)
-        self._buf, self._entries, self._size = [], [], 0
-        self._pack_id = _new_pack_id()
+        with self._lock:
+            self.bytes_uploaded += len(body)
+            self.packs_written.append(pack_id)
 
 
 def _new_pack_id() -> str:

@@ -903,6 +903,22 @@ class BlockStoreContract(_Fixture):
             assert ports.blocks.lookup(ref.block_id) == ref
         assert ports.blocks.lookup(block(4).block_id) is None
 
+    def test_lookup_many_answers_a_batch_in_one_call(self, ports: StatePorts) -> None:
+        assert ports.blocks.lookup_many([]) == {}
+        refs = [block(n, f"p-{n % 3}", n * 10, 100 + n) for n in range(1200)]  # over CHUNK
+        ports.blocks.add(refs)
+        asked = [r.block_id for r in refs[::2]] + [block(n).block_id for n in range(5000, 5010)]
+        got = ports.blocks.lookup_many(asked + asked[:3])  # an id twice is not an error
+        assert got == {r.block_id: r for r in refs[::2]}  # unknown ids are left out
+        assert ports.blocks.lookup_many([block(9999).block_id]) == {}
+        # the first ref of a block wins here too
+        ports.blocks.add([block(1, "p-9", 7)])
+        assert ports.blocks.lookup_many([block(1).block_id]) == {block(1).block_id: refs[1]}
+        # forgotten packs are not found
+        ports.blocks.forget_blocks_in_packs({"p-0"})
+        found = ports.blocks.lookup_many([r.block_id for r in refs[:6]])
+        assert set(found) == {refs[n].block_id for n in (1, 2, 4, 5)}
+
     def test_the_first_ref_of_a_block_wins(self, ports: StatePorts) -> None:
         ports.blocks.add([block(1, "p-1", 0)])
         ports.blocks.add([block(1, "p-2", 512), block(2, "p-2", 0)])  # not an error

@@ -3,6 +3,7 @@ real moto_server (TLS)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from connector.adapters.localstore import LocalDirObjectStore
 from connector.adapters.s3 import S3ObjectStore
-from connector.errors import ConfigError
+from connector.errors import ConfigError, PermanentError
 from connector.fakes import MemoryObjectStore
 from connector.secrets import Secret
 from tests.contract.objectstore_contract import MiB, ObjectStoreContract, pattern
@@ -49,6 +50,45 @@ class TestLocalDirObjectStore(ObjectStoreContract):
         store.put("p/done", b"1")
         (store.root / "p" / ".tmp-half-written").write_bytes(b"partial")
         assert list(store.list("")) == ["p/done"]
+
+    def test_the_sweep_removes_only_temporary_files_older_than_asked(
+        self, store: LocalDirObjectStore
+    ) -> None:
+        store.put("p/done", b"1")
+        old = store.root / "p" / ".tmp-crashed-write"
+        old.write_bytes(b"partial")
+        os.utime(old, (1_000_000, 1_000_000))
+        fresh = store.root / "p" / ".tmp-in-progress"
+        fresh.write_bytes(b"partial")
+        assert store.abort_incomplete_uploads(dt.timedelta(hours=1)) == 1
+        assert not old.exists() and fresh.exists()
+        assert store.abort_incomplete_uploads(dt.timedelta(0)) == 1
+        assert not fresh.exists() and store.get("p/done") == b"1"
+        assert store.uploads_in_use() == frozenset()
+
+    def test_the_access_check_names_a_read_only_directory(self, store: LocalDirObjectStore) -> None:
+        store.check_access()
+        store.root.chmod(0o500)
+        try:
+            if os.access(store.root, os.W_OK):  # root ignores modes: drop to nobody
+                pid = os.fork()
+                if pid == 0:  # the child reports through its exit status only
+                    code = 1
+                    try:
+                        os.setgid(65534)
+                        os.setuid(65534)
+                        store.check_access()
+                    except PermanentError as exc:
+                        code = 0 if "is not writable" in str(exc) else 2
+                    finally:
+                        os._exit(code)
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0
+            else:
+                with pytest.raises(PermanentError, match="is not writable"):
+                    store.check_access()
+        finally:
+            store.root.chmod(0o700)
 
     def test_keys_cannot_escape_through_a_symlink(
         self, store: LocalDirObjectStore, tmp_path: Path

@@ -454,8 +454,18 @@ def _probe(host: str, port: int, ctx: ssl.SSLContext) -> bool:
         return False
 
 
-def start_simulator(workdir: Path, ca: TestCA, cbt_page: int = 4) -> Simulator:
-    """Build if needed, start the simulator and wait until it serves TLS."""
+def start_simulator(
+    workdir: Path,
+    ca: TestCA,
+    cbt_page: int = 4,
+    vms: int = 0,
+    start_timeout: float = START_TIMEOUT,
+) -> Simulator:
+    """Build if needed, start the simulator and wait until it serves TLS.
+
+    `vms`: VMs the model pre-creates per resource pool (the VPX model has two pools:
+    the standalone host's and the cluster's), each with one disk; the bench's
+    discovery at scale uses thousands."""
     binary = build_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     issued = ca.issue(f"vcsim-{secrets.token_hex(4)}", ("127.0.0.1", "localhost"))
@@ -483,6 +493,7 @@ def start_simulator(workdir: Path, ca: TestCA, cbt_page: int = 4) -> Simulator:
                 "-cbt-dir", str(cbt_dir),
                 "-privileges-file", str(workdir / "privileges"),
                 "-cbt-page", str(cbt_page),
+                "-vms", str(vms),
                 "-ready-file", str(ready_file),
                 "-exit-with-parent",
             ],
@@ -498,7 +509,7 @@ def start_simulator(workdir: Path, ca: TestCA, cbt_page: int = 4) -> Simulator:
     sim: Simulator | None = None
     try:
         ctx = ssl.create_default_context(cafile=str(ca.cert_file))
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
                 raise SimulatorError(
@@ -510,7 +521,7 @@ def start_simulator(workdir: Path, ca: TestCA, cbt_page: int = 4) -> Simulator:
                 if _probe("127.0.0.1", port, ctx):
                     break
             if time.monotonic() > deadline:
-                raise SimulatorError(f"simulator not ready after {START_TIMEOUT}s")
+                raise SimulatorError(f"simulator not ready after {start_timeout}s")
             time.sleep(0.05)
         sim = Simulator(
             url=f"https://127.0.0.1:{port}/sdk",

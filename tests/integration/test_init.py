@@ -92,7 +92,8 @@ def test_init_from_flags_writes_a_config_that_passes_check(
     assert f'secret_access_key_file = "{secret}"' in text
     cfg = load_config(config)
     assert cfg.vcenter is not None and cfg.vcenter.url == vcsim.url
-    assert cfg.s3.bucket == encrypted_bucket and cfg.state.path == state / "state.db"
+    assert cfg.s3 is not None and cfg.s3.bucket == encrypted_bucket
+    assert cfg.state.path == state / "state.db"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     audit = (state / "audit.jsonl").read_text()
     assert '"config.init"' in audit and str(config) in audit
@@ -173,7 +174,7 @@ def test_init_credential_and_env_references(tmp_path: Path) -> None:
     cfg = load_config(config)
     assert cfg.vcenter is not None and cfg.vcenter.url == "https://vc.example.com/sdk"
     assert str(cfg.vcenter.password_file) == "credential:vcenter-password"
-    assert cfg.s3.secret_access_key_env == "CONNECTOR_S3_SECRET"
+    assert cfg.s3 is not None and cfg.s3.secret_access_key_env == "CONNECTOR_S3_SECRET"
     assert cfg.s3.sse == "aws:kms" and cfg.s3.kms_key_id == "alias/replicas"
     assert "next: connector --config" in proc.stdout
 

@@ -122,16 +122,18 @@ def test_refused_change_id_falls_back_to_a_full_read(
         expected = disk_sha(vcsim, uuid, key)
         run = app.replicator().replicate(uuid)
         (d,) = run.disks
-        assert d.mode == "full"
+        # a full read without a base run, of the allocated areas only ('*')
+        assert d.mode == "allocated" and d.change_id_from == "*"
         assert "refused" in (d.reason or "") and "FileFault" in (d.reason or "")
-        assert d.bytes_read == 64 * MiB
+        assert 0 < d.bytes_read < 64 * MiB
         server = app.servers.resolve(uuid, refresh=False)
         assert restore_sha(app, server.id, run.id, key, tmp_path / "r.img") == expected
         # InvalidArgument is handled the same way
         vcsim.refuse_change_ids(uuid, key, "InvalidArgument")
         scatter(vcsim, uuid, key, 64 * MiB, rng, 2)
         run2 = app.replicator().replicate(uuid)
-        assert run2.disks[0].mode == "full" and "InvalidArgument" in (run2.disks[0].reason or "")
+        assert run2.disks[0].mode == "allocated"
+        assert "InvalidArgument" in (run2.disks[0].reason or "")
         vcsim.allow_change_ids(uuid, key)
         scatter(vcsim, uuid, key, 64 * MiB, rng, 2)
         expected3 = disk_sha(vcsim, uuid, key)

@@ -175,7 +175,8 @@ def test_first_command_on_an_empty_state_database_rebuilds_it(
     again = env.cli("runs", name)
     assert again.returncode == 0 and "rebuilt" not in again.stderr
 
-    # vCenter refuses the stored changeId of one disk: that disk is read in full,
+    # vCenter refuses the stored changeId of one disk: that disk is read in full (its
+    # allocated areas),
     # the other stays incremental, and both restore exactly
     refused, kept = keys
     vcsim.refuse_change_ids(uuid, refused, "FileFault")
@@ -184,7 +185,7 @@ def test_first_command_on_an_empty_state_database_rebuilds_it(
     expected = {key: disk_sha(vcsim, uuid, key) for key in keys}
     run3 = env.cli_json("replicate", name)
     modes = {d["disk_key"]: (d["mode"], d["reason"]) for d in run3["disks"]}
-    assert modes[refused][0] == "full" and "FileFault" in modes[refused][1]
+    assert modes[refused][0] == "allocated" and "FileFault" in modes[refused][1]
     assert modes[kept][0] == "incremental"
     for key in keys:
         assert restore_cli(env, name, run3["id"], key, tmp_path / f"r3-{key}.img") == expected[key]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from connector.adapters.state import DiskStateRow
@@ -73,10 +75,69 @@ def test_fallbacks_to_a_full_read() -> None:
         "reset": _prev(disk.uuid, disk.capacity, "another-uuid/3"),
     }
     for what, prev in cases.items():
+        # a full read, of the allocated areas only ('*'), building a full manifest
+        plan = plan_disk(hv, uuid, snap.ref, disk, prev)
+        assert plan.mode == "allocated", what
+        assert plan.extents == (Extent(0, 64 * 1024),) and plan.change_id_from == "*"
+        assert plan.base_run is None
+    hv.vms[uuid].disks[2000].refuse_all = "FileFault"
+    for what, prev in cases.items():
+        # vCenter refuses '*' as well: the whole capacity
         plan = plan_disk(hv, uuid, snap.ref, disk, prev)
         assert plan.mode == "full", what
-        assert plan.extents == (Extent(0, disk.capacity),)
+        assert plan.extents == (Extent(0, disk.capacity),) and plan.base_run is None
+        assert "allocated areas refused (FileFault)" in plan.reason
+    hv.vms[uuid].disks[2000].refuse_all = None
     first = plan_disk(hv, uuid, snap.ref, disk, None)
     assert first.mode == "allocated" and first.change_id_from == "*"
     same = plan_disk(hv, uuid, snap.ref, disk, _prev(disk.uuid, disk.capacity, f"{disk.uuid}/0"))
     assert same.mode == "incremental" and same.base_run == "r-prev"
+
+
+class OpaqueIds(FakeHypervisor):
+    """A hypervisor whose changeIds are opaque strings (not `uuid/seq`)."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+        self.refuse = refuse
+
+    def query_changed_areas(
+        self, uuid: str, snapshot_ref: str, disk_key: int, start_offset: int, change_id: str
+    ) -> ChangedAreas:
+        from connector.errors import ChangeIdRefused
+
+        self.asked.append(change_id)
+        if change_id == "*":
+            return ChangedAreas(start_offset, 32 * MiB - start_offset, (Extent(0, 2 * MiB),))
+        if self.refuse:
+            raise ChangeIdRefused(f"unknown change id {change_id}", "InvalidArgument")
+        return ChangedAreas(start_offset, 32 * MiB - start_offset, (Extent(MiB, 4096),))
+
+
+@pytest.mark.parametrize(("stored", "now"), [("token-7", "token-8"), ("a/b/c", "x y z")])
+def test_a_change_id_of_another_form_is_tried_as_opaque(stored: str, now: str) -> None:
+    hv, uuid = setup()
+    snap = hv.create_snapshot(uuid, "s", "")
+    disk = replace(snap.disks[0], change_id=now)
+    opaque = OpaqueIds()
+    plan = plan_disk(opaque, uuid, snap.ref, disk, _prev(disk.uuid, disk.capacity, stored))
+    assert opaque.asked == [stored]  # asked as it is, not taken for a CBT reset
+    assert plan.mode == "incremental" and plan.extents == (Extent(MiB, 4096),)
+    assert plan.base_run == "r-prev"
+    # only a refusal makes a full read (of the allocated areas)
+    refusing = OpaqueIds(refuse=True)
+    plan = plan_disk(refusing, uuid, snap.ref, disk, _prev(disk.uuid, disk.capacity, stored))
+    assert refusing.asked == [stored, "*"]
+    assert plan.mode == "allocated" and "InvalidArgument" in plan.reason
+    assert plan.extents == (Extent(0, 2 * MiB),) and plan.base_run is None
+
+
+def test_a_vsphere_change_id_with_another_uuid_is_a_reset_without_asking() -> None:
+    hv, uuid = setup()
+    snap = hv.create_snapshot(uuid, "s", "")
+    disk = replace(snap.disks[0], change_id="52 de c0 11/9")
+    opaque = OpaqueIds()
+    plan = plan_disk(opaque, uuid, snap.ref, disk, _prev(disk.uuid, disk.capacity, "52 aa/4"))
+    assert opaque.asked == ["*"]
+    assert plan.mode == "allocated" and "CBT was reset" in plan.reason

@@ -36,7 +36,7 @@ def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
     assert cfg.require_vcenter().password_file == tmp_path / "vc.password"
     assert cfg.state.path == tmp_path / "state" / "state.db"
     assert cfg.key_file == tmp_path / "state" / "store.key"
-    assert cfg.s3.sse == "AES256"
+    assert cfg.require_s3().sse == "AES256"
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,7 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
 
 
 def test_missing_section_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"s3: Field required"):
+    with pytest.raises(ConfigError, match=r"replica store is in S3.*add \[s3\]"):
         load_config(write(tmp_path, GOOD.split("[s3]")[0]))
 
 

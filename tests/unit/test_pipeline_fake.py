@@ -77,7 +77,7 @@ def test_full_then_incremental_runs_restore_exactly(env, tmp_path):
         assert d.bytes_read < d.capacity
 
 
-def test_refused_change_id_reads_the_whole_disk(env, tmp_path):
+def test_refused_change_id_reads_the_allocated_areas_in_full(env, tmp_path):
     hv, objects, provider, state, rep = env
     uuid = hv.add_vm("db", [8 * MiB])
     hv.write(uuid, 2000, 5 * MiB, b"x" * 5000)
@@ -86,7 +86,23 @@ def test_refused_change_id_reads_the_whole_disk(env, tmp_path):
     hv.vms[uuid].disks[2000].refuse = "FileFault"
     run = rep.replicate(uuid)
     disk = run.disks[0]
-    assert disk.mode == "full" and "FileFault" in (disk.reason or "")
+    assert disk.mode == "allocated" and "FileFault" in (disk.reason or "")
+    assert disk.change_id_from == "*"
+    assert disk.bytes_read == 2 * MiB  # the two allocated blocks, not the 8 MiB capacity
+    exp = hashlib.sha256(hv.vms[uuid].disks[2000].data).hexdigest()
+    assert restore_sha(objects, provider, state, run, 2000, tmp_path) == exp
+
+
+def test_refused_allocated_areas_too_read_the_whole_disk(env, tmp_path):
+    hv, objects, provider, state, rep = env
+    uuid = hv.add_vm("db", [8 * MiB])
+    hv.write(uuid, 2000, 5 * MiB, b"x" * 5000)
+    rep.replicate(uuid)
+    hv.write(uuid, 2000, 1 * MiB, b"y" * 5000)
+    hv.vms[uuid].disks[2000].refuse_all = "FileFault"
+    run = rep.replicate(uuid)
+    disk = run.disks[0]
+    assert disk.mode == "full" and "allocated areas refused (FileFault)" in (disk.reason or "")
     assert disk.bytes_read == 8 * MiB
     exp = hashlib.sha256(hv.vms[uuid].disks[2000].data).hexdigest()
     assert restore_sha(objects, provider, state, run, 2000, tmp_path) == exp
@@ -133,7 +149,8 @@ def test_failure_removes_the_snapshot_and_records_the_reason(env):
     assert not any(k.startswith("runs/") for k in objects.objects)
 
 
-def test_a_stop_between_reads_rolls_the_run_back_with_its_reason(env, tmp_path):
+@pytest.mark.parametrize("reads_in_flight", [1, 4])
+def test_a_stop_between_reads_rolls_the_run_back_with_its_reason(env, tmp_path, reads_in_flight):
     hv, objects, provider, state, rep = env
     uuid = hv.add_vm("app", [8 * MiB])
     hv.write(uuid, 2000, 0, random.Random(4).randbytes(6 * MiB))
@@ -155,11 +172,17 @@ def test_a_stop_between_reads_rolls_the_run_back_with_its_reason(env, tmp_path):
 
     rep.ctx.source.open = counting_open
     rep.ctx.settings.max_read = MiB
+    rep.ctx.settings.reads_in_flight = reads_in_flight
     rep.ctx.should_stop = lambda: reads >= 2
     rep.ctx.stop_reason = lambda: "stopped by SIGTERM"
     with pytest.raises(RunStopped) as stopped:
         rep.replicate(uuid)
-    assert reads == 2  # the stop is seen right after the read that asked for it
+    # The stop is seen when the read that asked for it is packed; the reads already in
+    # flight by then are dropped, and no more are made.
+    if reads_in_flight == 1:
+        assert reads == 2
+    else:
+        assert 2 <= reads <= 2 + reads_in_flight
     assert stopped.value.run.state == "FAILED"
     assert stopped.value.run.error == "stopped by SIGTERM"
     assert hv.vms[uuid].snapshots == {}

@@ -76,3 +76,74 @@ def test_a_second_purge_on_the_same_state_is_refused(tmp_path: Path) -> None:
         pass
     with second.retention.guard():  # released
         assert (tmp_path / "state" / "purge.lock").exists()
+
+
+LOCAL_ONLY = """
+[transport]
+kind = "local"
+
+[[local.vms]]
+name = "web-01"
+quiescent = true
+[[local.vms.disks]]
+path = "web-01.img"
+
+[state]
+path = "state/state.db"
+"""
+
+
+def test_a_local_directory_store_needs_no_s3_and_its_path_is_relative_to_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "connector.toml"
+    path.write_text(LOCAL_ONLY + '[store]\nkind = "local"\npath = "replicas"\n')
+    cfg = load_config(path)
+    assert cfg.s3 is None and cfg.store.kind == "local"
+    assert cfg.store.path == tmp_path / "replicas"
+    app = App(cfg)
+    store = app.objects
+    assert store.endpoint_url == (tmp_path / "replicas").as_uri()
+    store.check_access()
+    assert list(store.list("")) == []  # the access probe leaves nothing behind
+    with pytest.raises(ConfigError, match=r"needs S3.*\[store\] kind = 'local'"):
+        cfg.require_s3()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (LOCAL_ONLY + '[store]\nkind = "local"\n', "kind = 'local' needs path"),
+        (LOCAL_ONLY + '[store]\npath = "replicas"\n', "path is used only with kind = 'local'"),
+        (LOCAL_ONLY + '[store]\nkind = "nfs"\n', "store.kind"),
+        (LOCAL_ONLY, "add [s3] with its bucket"),
+        (
+            BASE + '[store]\nkind = "local"\npath = "replicas"\n',
+            "[s3] is not used: remove [s3]",
+        ),
+        (
+            LOCAL_ONLY + '[store]\nkind = "local"\npath = "r"\nkms_key_id = "alias/k"\n',
+            "needs kms_region",
+        ),
+    ],
+)
+def test_bad_store_kinds_are_named(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "connector.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_a_store_path_that_is_a_file_or_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    for store_path, message in (
+        (blocker, "is not a directory"),
+        (blocker / "below", "cannot create the replica store directory"),
+    ):
+        path = tmp_path / "connector.toml"
+        path.write_text(LOCAL_ONLY + f'[store]\nkind = "local"\npath = "{store_path}"\n')
+        with pytest.raises(ConfigError) as info:
+            App(load_config(path)).objects
+        assert message in str(info.value) and "[store] path" in str(info.value)
