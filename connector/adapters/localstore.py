@@ -32,8 +32,6 @@ class LocalDirObjectStore:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create the object store directory {root}: {exc}") from exc
-        if not root.is_dir():
-            raise ConfigError(f"the object store root {root} is not a directory")
         self._root = root.resolve()
 
     @property
