@@ -360,6 +360,30 @@ class Simulator:
         """Privilege checks grant every privilege again (the simulator's default)."""
         self.privileges_file.unlink(missing_ok=True)
 
+    # --- faults (tests/vcsim/faults.go) ---------------------------------------
+
+    @property
+    def faults_file(self) -> Path:
+        return self.workdir / "faults"
+
+    def vm_moid(self, vm_uuid: str) -> str:
+        """The managed object id of a VM (the argument of the vm-without-config fault)."""
+        with self.session() as si:
+            return str(self._find_vm(si, vm_uuid)._moId)
+
+    @contextlib.contextmanager
+    def faults(self, *lines: str) -> Iterator[None]:
+        """While inside, property retrievals answer with these faults (one "mode [arg]"
+        each, see tests/vcsim/faults.go); every fault is off again afterwards. The
+        harness's own reads go through the same collector: use them outside."""
+        tmp = self.faults_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        tmp.replace(self.faults_file)
+        try:
+            yield
+        finally:
+            self.faults_file.unlink(missing_ok=True)
+
     # --- snapshots -----------------------------------------------------------
 
     def snapshot_names(self, vm_uuid: str) -> list[str]:
@@ -482,6 +506,7 @@ def start_simulator(workdir: Path, ca: TestCA, cbt_page: int = 4) -> Simulator:
                 "-password-file", str(password_file),
                 "-cbt-dir", str(cbt_dir),
                 "-privileges-file", str(workdir / "privileges"),
+                "-faults-file", str(workdir / "faults"),
                 "-cbt-page", str(cbt_page),
                 "-ready-file", str(ready_file),
                 "-exit-with-parent",
