@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
 NOBODY = 65534
+PAUSE_TIMEOUT = 120.0
 
 
 @pytest.fixture
@@ -36,19 +38,37 @@ def open_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _nobody_argv(*args: str) -> list[str]:
+    return [
+        "setpriv",
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        sys.executable,
+        "-m",
+        "connector",
+        *args,
+    ]
+
+
+def as_nobody_started(config: Path, extra: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, CONNECTOR_CONFIG=str(config), COLUMNS="200", HOME=str(config.parent))
+    env.update(extra)
+    return subprocess.Popen(
+        _nobody_argv(*args),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=config.parent,
+    )
+
+
 def as_nobody(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, CONNECTOR_CONFIG=str(config), COLUMNS="200", HOME=str(config.parent))
     return subprocess.run(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            sys.executable,
-            "-m",
-            "connector",
-            *args,
-        ],
+        _nobody_argv(*args),
         capture_output=True,
         text=True,
         timeout=300,
@@ -58,12 +78,9 @@ def as_nobody(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_disk_image_the_user_may_not_read_is_refused_naming_the_fix(
-    open_dir: Path, moto: Any, s3_bucket: str
-) -> None:
-    image = open_dir / "vda.img"
-    write_sparse_image(image, 4 * MiB, [(0, MiB)], seed=5)
-    image.chmod(0o600)  # root's alone: nobody may not open it
+def nobody_setup(open_dir: Path, moto: Any, bucket: str, image: Path) -> Path:
+    """A config for a local VM of `image`, every file of it readable by nobody (the
+    S3 secret its own, the state folder writable by it); returns the config file."""
     secret = open_dir / "s3-secret"
     secret.write_text(moto.secret_key + "\n")
     secret.chmod(0o600)
@@ -75,7 +92,7 @@ def test_a_disk_image_the_user_may_not_read_is_refused_naming_the_fix(
     state.mkdir()
     os.chown(state, NOBODY, NOBODY)
     values = {
-        "bucket": s3_bucket,
+        "bucket": bucket,
         "prefix": "replicas",
         "region": moto.region,
         "endpoint_url": moto.endpoint_url,
@@ -93,6 +110,21 @@ def test_a_disk_image_the_user_may_not_read_is_refused_naming_the_fix(
         + f"[[local.vms.disks]]\npath = {_toml(str(image))}\n"
     )
     config.chmod(0o644)
+    return config
+
+
+def packs(moto: Any, bucket: str) -> list[str]:
+    listed = moto.boto3_client().list_objects_v2(Bucket=bucket, Prefix="replicas/")
+    return [o["Key"] for o in listed.get("Contents", []) if "/packs/" in o["Key"]]
+
+
+def test_a_disk_image_the_user_may_not_read_is_refused_naming_the_fix(
+    open_dir: Path, moto: Any, s3_bucket: str
+) -> None:
+    image = open_dir / "vda.img"
+    write_sparse_image(image, 4 * MiB, [(0, MiB)], seed=5)
+    image.chmod(0o600)  # root's alone: nobody may not open it
+    config = nobody_setup(open_dir, moto, s3_bucket, image)
     proc = as_nobody(config, "replicate", "kvm-web")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -100,6 +132,48 @@ def test_a_disk_image_the_user_may_not_read_is_refused_naming_the_fix(
         f"error: disk 2000: no permission to read {image}; run the connector as a user "
         "that may read it (the disk group for block devices)"
     ) in proc.stderr
-    # nothing of the disk was stored
-    listed = moto.boto3_client().list_objects_v2(Bucket=s3_bucket, Prefix="replicas/")
-    assert not [o["Key"] for o in listed.get("Contents", []) if "/packs/" in o["Key"]]
+    assert packs(moto, s3_bucket) == []  # nothing of the disk was stored
+
+
+def test_a_disk_made_unreadable_after_its_snapshot_is_refused_when_read(
+    open_dir: Path, moto: Any, s3_bucket: str
+) -> None:
+    """The run is held at its snapshot-created point (connector/faults.py) while the
+    image loses its read permission: the reader's own open is refused, by name."""
+    image = open_dir / "vda.img"
+    write_sparse_image(image, 4 * MiB, [(0, MiB)], seed=6)
+    image.chmod(0o644)
+    config = nobody_setup(open_dir, moto, s3_bucket, image)
+    pauses = open_dir / "pauses"
+    pauses.mkdir()
+    os.chown(pauses, NOBODY, NOBODY)
+    pause_file = pauses / "paused"
+    env = {
+        "CONNECTOR_TEST_PAUSE_AT": "snapshot-created:1",
+        "CONNECTOR_TEST_PAUSE_FILE": str(pause_file),
+    }
+    proc = as_nobody_started(config, env, "replicate", "kvm-web")
+    try:
+        deadline = time.monotonic() + PAUSE_TIMEOUT
+        # the point writes "<pid> <point>\n" (not atomically): wait for the whole line
+        while not (pause_file.exists() and pause_file.read_text().endswith("\n")):
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended before its snapshot: {proc.communicate()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the run did not reach snapshot-created in {PAUSE_TIMEOUT:.0f} s")
+            time.sleep(0.05)
+        assert pause_file.read_text().split()[1] == "snapshot-created"
+        image.chmod(0o600)  # from now on, nobody may not open it
+        pause_file.unlink()
+        _out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert (
+        f"disk 2000 of VM 'kvm-web': no permission to read {image}; run the connector as a "
+        "user that may read it (the disk group for block devices)"
+    ) in " ".join(err.split())
+    assert packs(moto, s3_bucket) == []
