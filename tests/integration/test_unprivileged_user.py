@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness.connector_env import _toml
 from tests.harness.nbd import write_sparse_image
+from tests.messages import record
 
 pytestmark = pytest.mark.integration
 
@@ -27,15 +28,32 @@ PAUSE_TIMEOUT = 120.0
 
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
-    """A folder nobody may enter (pytest's own tmp folders are root's alone)."""
+    """A folder nobody may enter (pytest's own tmp folders are root's alone).
+
+    The session's record of error messages (tests/messages) is root's: the connector
+    run as nobody records into `seen/` here instead, merged into it afterwards."""
     if os.geteuid() != 0:
         pytest.fail("this test runs the connector as nobody, so it needs root to switch user")
     path = Path(tempfile.mkdtemp(prefix="connector-nobody-"))
     path.chmod(0o755)
+    seen = path / "seen"
+    seen.mkdir()
+    os.chown(seen, NOBODY, NOBODY)
     try:
         yield path
     finally:
+        session_record = os.environ.get(record.ENV)
+        if session_record:
+            for part in seen.glob("*.jsonl"):
+                shutil.copyfile(part, Path(session_record) / f"nobody-{part.name}")
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _nobody_env(config: Path) -> dict[str, str]:
+    env = dict(os.environ, CONNECTOR_CONFIG=str(config), COLUMNS="200", HOME=str(config.parent))
+    if record.ENV in env:
+        env[record.ENV] = str(config.parent / "seen")
+    return env
 
 
 def _nobody_argv(*args: str) -> list[str]:
@@ -52,8 +70,7 @@ def _nobody_argv(*args: str) -> list[str]:
 
 
 def as_nobody_started(config: Path, extra: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, CONNECTOR_CONFIG=str(config), COLUMNS="200", HOME=str(config.parent))
-    env.update(extra)
+    env = {**_nobody_env(config), **extra}
     return subprocess.Popen(
         _nobody_argv(*args),
         stdin=subprocess.DEVNULL,
@@ -66,7 +83,7 @@ def as_nobody_started(config: Path, extra: dict[str, str], *args: str) -> subpro
 
 
 def as_nobody(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, CONNECTOR_CONFIG=str(config), COLUMNS="200", HOME=str(config.parent))
+    env = _nobody_env(config)
     return subprocess.run(
         _nobody_argv(*args),
         capture_output=True,
