@@ -6,7 +6,9 @@
 around govmomi 0.24.2's simulator (VPX model: datacenter DC0, cluster DC0_C0,
 datastore LocalDS_0) that serves TLS with a certificate from the test CA, requires a
 password, and answers `QueryChangedDiskAreas` from change logs that `Simulator.write`
-appends to.
+appends to. `Simulator.faults` turns on answers the simulator never gives by itself
+(a session dropped right after login, a VM without configuration, a vanished or
+resultless task, a snapshot without devices; see tests/vcsim/faults.go).
 
 Pitfalls of this simulator version:
 - Stock 0.24.2 drops the connection when pyvmomi reads an unset property
