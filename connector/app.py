@@ -425,15 +425,15 @@ class App:
         t = self.config.transport
         vddk = t.vddk
         assert vddk is not None
-        require_vddk(self.config)
         vc = self.config.require_vcenter()
-        register_secret(self.config.vcenter_password())
-        if vc.password_file is None:
+        if vc.password_file is None:  # a config fault: named before VDDK is even looked for
             raise ConfigError(
                 "the vddk transport hands the vCenter password to nbdkit as a file "
                 "(password=+FILE): set [vcenter] password_file (a file or credential:NAME) "
                 "instead of password_env"
             )
+        require_vddk(self.config)
+        register_secret(self.config.vcenter_password())
 
         def params() -> VddkParams:
             client = self.vsphere

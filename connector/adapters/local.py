@@ -347,6 +347,11 @@ class LocalHypervisor:
             return local_size(path)
         except FileNotFoundError:
             raise NotFoundError(f"disk {disk.key}: {path} does not exist") from None
+        except PermissionError:
+            raise PermanentError(
+                f"disk {disk.key}: no permission to read {path}; run the connector as a user "
+                "that may read it (the disk group for block devices)"
+            ) from None
         except OSError as exc:
             raise PermanentError(f"disk {disk.key}: cannot open {path}: {exc}") from exc
 

@@ -102,8 +102,9 @@ def sha1_thumbprint(host: str, port: int, context: ssl.SSLContext, timeout: floa
         raise TLSTrustError(describe_ssl_error(host, exc)) from exc
     except OSError as exc:
         raise UnreachableError(f"cannot reach {host}:{port} for its thumbprint: {exc}") from exc
-    if not der:
-        raise TLSTrustError(f"{host}:{port} presented no certificate")
+    # A handshake verified by `context` (CERT_REQUIRED, no anonymous ciphers) cannot
+    # complete without the server's certificate: a host that presents none fails above.
+    assert der, "a verified handshake carries the server's certificate"
     digest = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 

@@ -203,8 +203,6 @@ def check_target(target: Path, device: bool = False) -> None:
         raise InvalidInputError(
             f"the folder {folder} of {target} does not exist; create it first, or give another path"
         )
-    if not folder.is_dir():
-        raise InvalidInputError(f"{folder} is not a folder; give a path inside a folder")
 
 
 def _create_partial(target: Path, capacity: int, stored: int) -> tuple[Path, int]:

@@ -40,6 +40,15 @@ class TestLocalDirObjectStore(ObjectStoreContract):
     def store(self, tmp_path: Path) -> LocalDirObjectStore:
         return LocalDirObjectStore(tmp_path / "store")
 
+    def test_a_root_that_is_a_file_is_refused_and_left_alone(self, tmp_path: Path) -> None:
+        root = tmp_path / "store"
+        root.write_bytes(b"not a folder")
+        with pytest.raises(
+            ConfigError, match=r"cannot create the object store directory .*store: "
+        ):
+            LocalDirObjectStore(root)
+        assert root.read_bytes() == b"not a folder"
+
     def test_writes_leave_no_temporary_files(self, store: LocalDirObjectStore) -> None:
         for i in range(5):
             store.put(f"p/{i}", b"x" * i)

@@ -6,7 +6,9 @@
 around govmomi 0.24.2's simulator (VPX model: datacenter DC0, cluster DC0_C0,
 datastore LocalDS_0) that serves TLS with a certificate from the test CA, requires a
 password, and answers `QueryChangedDiskAreas` from change logs that `Simulator.write`
-appends to.
+appends to. `Simulator.faults` turns on answers the simulator never gives by itself
+(a session dropped right after login, a VM without configuration, a vanished or
+resultless task, a snapshot without devices; see tests/vcsim/faults.go).
 
 Pitfalls of this simulator version:
 - Stock 0.24.2 drops the connection when pyvmomi reads an unset property
@@ -360,6 +362,30 @@ class Simulator:
         """Privilege checks grant every privilege again (the simulator's default)."""
         self.privileges_file.unlink(missing_ok=True)
 
+    # --- faults (tests/vcsim/faults.go) ---------------------------------------
+
+    @property
+    def faults_file(self) -> Path:
+        return self.workdir / "faults"
+
+    def vm_moid(self, vm_uuid: str) -> str:
+        """The managed object id of a VM (the argument of the vm-without-config fault)."""
+        with self.session() as si:
+            return str(self._find_vm(si, vm_uuid)._moId)
+
+    @contextlib.contextmanager
+    def faults(self, *lines: str) -> Iterator[None]:
+        """While inside, property retrievals answer with these faults (one "mode [arg]"
+        each, see tests/vcsim/faults.go); every fault is off again afterwards. The
+        harness's own reads go through the same collector: use them outside."""
+        tmp = self.faults_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        tmp.replace(self.faults_file)
+        try:
+            yield
+        finally:
+            self.faults_file.unlink(missing_ok=True)
+
     # --- snapshots -----------------------------------------------------------
 
     def snapshot_names(self, vm_uuid: str) -> list[str]:
@@ -492,6 +518,7 @@ def start_simulator(
                 "-password-file", str(password_file),
                 "-cbt-dir", str(cbt_dir),
                 "-privileges-file", str(workdir / "privileges"),
+                "-faults-file", str(workdir / "faults"),
                 "-cbt-page", str(cbt_page),
                 "-vms", str(vms),
                 "-ready-file", str(ready_file),

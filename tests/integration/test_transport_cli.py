@@ -164,3 +164,32 @@ def test_check_passes_with_nothing_to_check(tmp_path: Path, in_process_cli: CliR
     )
     assert result.exit_code == 0, result.stderr
     assert "skipped" in result.stdout and "transport is 'local'" in result.stdout
+
+
+def test_replicate_with_vddk_and_a_password_in_the_environment_refuses_before_any_snapshot(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str
+) -> None:
+    """VDDK reads the password from a file (password=+FILE), so password_env cannot serve
+    it: the run is refused as a config fault, before VDDK is looked for or a snapshot made,
+    and without the password in what it prints."""
+    libdir = tmp_path / "vmware-vix-disklib-distrib"  # absent: the refusal comes first
+    extra = f'[transport]\nkind = "vddk"\n[transport.vddk]\nlibdir = {_toml(str(libdir))}\n'
+    env = write_config(
+        tmp_path / "connector",
+        vcsim,
+        moto,
+        s3_bucket,
+        vcenter={"password_file": None, "password_env": "CONNECTOR_TEST_VC_PASSWORD"},
+        extra=extra,
+    )
+    password = vcsim.password_file.read_text().strip()
+    uuid = vcsim.add_vm("vddk-env-password", [4 * MiB])
+    proc = env.cli("replicate", "vddk-env-password", env={"CONNECTOR_TEST_VC_PASSWORD": password})
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        "the vddk transport hands the vCenter password to nbdkit as a file (password=+FILE): "
+        "set [vcenter] password_file (a file or credential:NAME) instead of password_env"
+    ) in " ".join(proc.stderr.split())
+    assert "the vddk transport cannot run" not in proc.stderr
+    assert password not in proc.stdout + proc.stderr
+    assert vcsim.snapshot_names(uuid) == []

@@ -236,6 +236,45 @@ def test_sha1_thumbprint_comes_from_the_verified_certificate(vcsim: Any) -> None
         sha1_thumbprint(host, port, client_context(None))  # the system store lacks the test CA
 
 
+def test_a_host_that_presents_no_certificate_fails_the_thumbprint_handshake(
+    test_ca: Any,
+) -> None:
+    """A TLS 1.2 server with only anonymous (aNULL) ciphers presents no certificate: the
+    verifying context never agrees to such a handshake, so no thumbprint is taken from it."""
+    import socket
+    import threading
+
+    from connector.errors import TLSTrustError
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    server_ctx.set_ciphers("aNULL:@SECLEVEL=0")
+    listener = socket.create_server(("127.0.0.1", 0))
+    outcome: list[str] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True):
+                outcome.append("handshake completed")
+        except ssl.SSLError as exc:
+            outcome.append(exc.reason or str(exc))
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    try:
+        with pytest.raises(TLSTrustError) as info:
+            sha1_thumbprint("127.0.0.1", port, client_context(Path(test_ca.cert_file)))
+    finally:
+        thread.join(timeout=30)
+        listener.close()
+    assert str(info.value).startswith("TLS handshake with 127.0.0.1 failed: ")
+    assert outcome == ["NO_SHARED_CIPHER"]  # the client offered no certificate-less cipher
+
+
 def test_server_helper_stops_idempotently(tmp_path) -> None:
     need("nbdkit")
     image = tmp_path / "img"

@@ -306,3 +306,28 @@ def test_a_block_status_the_server_refuses_names_the_disk_and_offset(
         reader.close()
     assert str(info.value).startswith("block status of disk 1 at offset 0 failed: the server ")
     assert str(info.value).endswith(": nope")
+
+
+def test_a_server_gone_between_two_requests_is_named_at_the_next_send(
+    serve: Callable[[Script], str],
+) -> None:
+    """The server closes the connection after answering the handshake: on a Unix socket,
+    the next request the client sends fails at once (EPIPE), with no timing involved."""
+    closed = threading.Event()
+
+    def script(c: socket.socket) -> None:
+        handshake_with_structured_replies(c)
+        c.close()
+        closed.set()
+
+    uri = serve(script)
+    conn = NbdConnection.open(parse_nbd_uri(uri), timeout=10)
+    try:
+        assert closed.wait(timeout=30), "the scripted server never closed"
+        with pytest.raises(nbd.NbdConnectionLost) as info:
+            conn.submit(nbd.CMD_READ, 0, 4096, bytearray(4096))
+    finally:
+        conn.close()
+    assert str(info.value) == (
+        f"sending a request to {parse_nbd_uri(uri)} failed: [Errno 32] Broken pipe"
+    )

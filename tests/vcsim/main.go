@@ -11,7 +11,9 @@
 //   - a Fetch of an unset property (vm.snapshot without snapshots) answers "unset"
 //     as vCenter does, instead of dropping the connection (see fetch.go);
 //   - with -privileges-file, privilege checks grant only the listed privileges
-//     (see privileges.go).
+//     (see privileges.go);
+//   - with -faults-file, property retrievals give the faulty answers the file turns
+//     on (see faults.go).
 //
 // It writes {"url", "port", "pid"} as JSON to -ready-file once it is serving, and
 // exits on SIGTERM/SIGINT or, with -exit-with-parent, when its parent process dies.
@@ -57,6 +59,7 @@ func main() {
 	trace := flag.Bool("trace", false, "write SOAP traffic to stderr")
 	stockFetch := flag.Bool("stock-fetch", false, "keep the simulator's Fetch, which drops the connection on an unset property")
 	privilegesFile := flag.String("privileges-file", "", "while this file exists, grant only the privileges it lists (see privileges.go)")
+	faults := flag.String("faults-file", "", "while this file exists, answer with the faults it lists (see faults.go)")
 	flag.Parse()
 
 	if *certFile == "" || *keyFile == "" || *passwordFile == "" || *cbtDir == "" {
@@ -72,7 +75,7 @@ func main() {
 		certFile: *certFile, keyFile: *keyFile, user: *user, passwordFile: *passwordFile,
 		listen: *listen, readyFile: *readyFile, cbtDir: *cbtDir, cbtPage: *cbtPage,
 		vms: *vms, exitWithParent: *exitWithParent, trace: *trace, stockFetch: *stockFetch,
-		privilegesFile: *privilegesFile,
+		privilegesFile: *privilegesFile, faultsFile: *faults,
 	}); err != nil {
 		log.Fatal(err)
 	}
@@ -80,7 +83,7 @@ func main() {
 
 type options struct {
 	certFile, keyFile, user, passwordFile, listen, readyFile, cbtDir string
-	privilegesFile                                                   string
+	privilegesFile, faultsFile                                       string
 	cbtPage, vms                                                     int
 	exitWithParent, trace, stockFetch                                bool
 }
@@ -113,6 +116,7 @@ func run(o options) error {
 	defer model.Remove()
 
 	if !o.stockFetch {
+		faultsFile = o.faultsFile
 		installFetchFix(model.ServiceContent.PropertyCollector)
 	}
 	cbt := newCBT(o.cbtDir, o.cbtPage)
