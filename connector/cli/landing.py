@@ -12,11 +12,12 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from connector.cli.common import LATEST, ConfigOpt, JsonOpt, err, out, run_of, run_with_app
+from connector.cli.progress import OperationProgress
 from connector.daemon.lock import StateLock
 from connector.domain.jobs import RUN_COMPLETED
+from connector.domain.landing import EBS_BLOCK
 from connector.errors import PermanentError
 from connector.pipeline.context import RunRef
 from connector.pipeline.land import land as land_run
@@ -24,22 +25,6 @@ from connector.pipeline.land import release_staging
 
 if TYPE_CHECKING:
     from connector.app import App
-
-
-class LandReporter:
-    """Stage lines and one progress bar per disk (blocks considered of the disk)."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: dict[int, TaskID] = {}
-
-    def stage(self, run_id: str, stage: str, detail: str = "") -> None:
-        self.progress.console.print(f"[bold]{stage}[/bold] {detail}", highlight=False)
-
-    def disk_progress(self, run_id: str, disk_key: int, done: int, total: int) -> None:
-        if disk_key not in self.tasks:
-            self.tasks[disk_key] = self.progress.add_task(f"disk {disk_key}", total=total)
-        self.progress.update(self.tasks[disk_key], completed=done, total=total)
 
 
 def land(
@@ -68,20 +53,15 @@ def land(
             raise PermanentError(f"run {run_id} is {row.state}: only a COMPLETED run can be landed")
         spec = a.landing_spec(server.id)
         with (
-            Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total} blocks"),
-                TimeElapsedColumn(),
-                console=err,
-                disable=as_json,
-            ) as progress,
             StateLock(a.config.state.path, "land"),
+            OperationProgress(err, plain=as_json) as display,
         ):
-            ctx = a.stage_context(LandReporter(progress))
+            ctx = a.stage_context(display.reporter())
             ref = RunRef(run_id, server.id, server.vm_uuid)
             landed = land_run(ctx, a.lander, ref, spec)
             release_staging(ctx, ref)
+        sent = sum(d.blocks_sent for d in landed.disks) * EBS_BLOCK
+        display.summary(f"landed {vm} ({len(landed.disks)} disks): sent", sent)
         if as_json:
             print(json.dumps(asdict(landed), indent=2))
             return

@@ -268,7 +268,8 @@ def _send(
         finally:
             slots.release()
 
-    total = len(candidates)
+    # Progress in bytes, as every stage reports it: the candidate blocks considered.
+    total = len(candidates) * EBS_BLOCK
     with ThreadPoolExecutor(max_workers=lander.settings.concurrency) as pool:
         futures: list[Future[None]] = []
         for n, index in enumerate(candidates):
@@ -284,7 +285,7 @@ def _send(
             fut = pool.submit(put, index, data)
             fut.add_done_callback(_note_failure(errors))
             futures.append(fut)
-            ctx.reporter.disk_progress(run_id, key, n + 1, total)
+            ctx.reporter.disk_progress(run_id, key, (n + 1) * EBS_BLOCK, total)
         for fut in futures:
             fut.result()  # the first failure is raised here
     ctx.reporter.disk_progress(run_id, key, total, total)

@@ -52,6 +52,10 @@ def test_a_missing_ebs_permission_says_which_and_loses_nothing(
     proc = cli(env, "land", "web-1")  # with the permission granted
     assert proc.returncode == 0, proc.stderr
     _landed_exactly(env, landing_moto, run_id)
+    # Not on a terminal: plain lines, a closing summary with the bytes, duration and rate.
+    assert "\x1b" not in proc.stderr
+    summary = [line for line in proc.stderr.splitlines() if line.startswith("landed web-1 (")]
+    assert summary and " sent " in summary[0] and "/s)" in summary[0], proc.stderr
 
 
 def test_an_unknown_kms_key_fails_naming_the_key(tmp_path: Path, landing_moto: LandingMoto) -> None:
