@@ -45,6 +45,7 @@ from connector.adapters.sql import Database
 from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
+from connector.application.fleet import fleet_status
 from connector.application.jobs import JobActions, JobSettings
 from connector.application.readiness import Readiness
 from connector.application.rebuild import StateRebuild
@@ -757,6 +758,7 @@ class App:
                 ttl=cfg.ready_cache_seconds,
             ),
             registry=registry,
+            fleet=(lambda: fleet_status(self.fleet)) if self.config.fleet is not None else None,
         )
         return ApiServer(
             cfg.host,
