@@ -118,6 +118,14 @@ def test_the_console_shows_a_cli_job_with_its_runs_and_pauses_it(api: Api, tmp_p
             lambda: driver.find_element(By.ID, "ready").text == "READY",
             timeout=30,
         )
+        # a connector alone: the fleet panel says so, and how to make a fleet
+        wait_for(
+            "the fleet panel",
+            lambda: driver.find_element(By.ID, "fleet-summary").text == "NOT IN A FLEET",
+            timeout=30,
+        )
+        assert "[fleet] section" in driver.find_element(By.ID, "fleet-message").text
+        assert not driver.find_element(By.ID, "fleet").is_displayed()
         # the token is nowhere in the page or its address
         assert TOKEN not in driver.page_source and TOKEN not in driver.current_url
 
