@@ -242,31 +242,43 @@ def test_a_killed_connectors_run_is_completed_by_another(
     assert_never_two_at_once([e for e in entries if e["ended"] is not None])
 
 
+def start_member_with_api(
+    work: Path, vcsim: Any, moto: Any, bucket: str, url: str, key_file: Path, member: str, ca: CA
+) -> Api:
+    """`connector run` in the fleet of `url`, with its HTTPS API on a free port."""
+    work.mkdir(parents=True)
+    token_file = work / "api-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    port = free_api_port()
+    cert = ca.issue(f"fleet-api-{port}")
+    env = write_config(
+        work,
+        vcsim,
+        moto,
+        bucket,
+        extra=fleet_extra(url, key_file, member) + api_section(port, cert, token_file),
+    )
+    return Api(env, start_daemon(env, member), port, ca.cert_file, "", cert.cert_file)
+
+
+def fleet_of(api: Api, alive: int) -> dict[str, Any] | None:
+    """/v1/fleet's document once it answers with `alive` members ALIVE, else None."""
+    status, doc = api.call("GET", "/v1/fleet")
+    return doc if status == 200 and doc["alive"] == alive else None
+
+
 def test_the_api_of_each_member_shows_the_fleet_as_the_cli_does(
     tmp_path: Path, vcsim: Any, moto: Any, bucket: str, pg_url: str, test_ca: CA
 ) -> None:
     key_file = tmp_path / "shared" / "store.key"
     generate_key_file(key_file)
-    apis: list[Api] = []
-    for i in range(2):
-        work = tmp_path / f"c{i}"
-        work.mkdir(parents=True)
-        token_file = work / "api-token"
-        token_file.write_text(TOKEN + "\n")
-        token_file.chmod(0o600)
-        port = free_api_port()
-        cert = test_ca.issue(f"fleet-api-{port}")
-        env = write_config(
-            work,
-            vcsim,
-            moto,
-            bucket,
-            extra=fleet_extra(pg_url, key_file, f"member-{i}")
-            + api_section(port, cert, token_file),
+    apis = [
+        start_member_with_api(
+            tmp_path / f"c{i}", vcsim, moto, bucket, pg_url, key_file, f"member-{i}", test_ca
         )
-        apis.append(
-            Api(env, start_daemon(env, f"member-{i}"), port, test_ca.cert_file, "", cert.cert_file)
-        )
+        for i in range(2)
+    ]
 
     def both_alive_with_a_leader() -> dict[str, Any] | None:
         status, doc = apis[1].call("GET", "/v1/fleet")
@@ -303,6 +315,43 @@ def test_the_api_of_each_member_shows_the_fleet_as_the_cli_does(
     assert steady(doc0) == {**steady(shown), "this_member": "member-0"}
     for a in apis:
         assert TOKEN not in a.daemon.log()
+
+
+def test_the_fleet_api_says_when_the_database_does_not_answer_and_recovers(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, test_ca: CA
+) -> None:
+    key_file = tmp_path / "shared" / "store.key"
+    generate_key_file(key_file)
+    with private_postgres() as pg:
+        url = pg.create_database("fleet")
+        api = start_member_with_api(
+            tmp_path / "c0", vcsim, moto, bucket, url, key_file, "member-0", test_ca
+        )
+        try:
+            api.daemon.wait_ready(timeout=120)
+            before = wait_for(
+                "the member in /v1/fleet",
+                lambda: fleet_of(api, alive=1),
+                timeout=60,
+            )
+            pg.stop("fast")
+            down = api.call("GET", "/v1/fleet")
+            pg.start()
+            after = wait_for(
+                "/v1/fleet once the database is back",
+                lambda: fleet_of(api, alive=1),
+                timeout=60,
+            )
+            alive = api.daemon.proc.poll() is None
+        finally:
+            stop_all([api.daemon])
+    assert [m["id"] for m in before["members"]] == ["member-0"]
+    assert before["leader"] in ("member-0", None)
+    status, body = down
+    assert status == 503, body
+    assert f"the fleet database postgresql://postgres@127.0.0.1:{pg.port}/fleet" in body["error"]
+    assert "does not answer" in body["error"] and "PostgreSQL" in body["error"]
+    assert after["this_member"] == "member-0" and alive, api.daemon.log()
 
 
 def test_fleet_status_without_a_fleet_is_a_config_error(
