@@ -45,6 +45,7 @@ from connector.adapters.sql import Database
 from connector.adapters.state import StateStore
 from connector.adapters.vddk import VddkParams, VddkSource, sha1_thumbprint
 from connector.adapters.vsphere import VSphereClient
+from connector.application.fleet import FleetStatus, fleet_status
 from connector.application.jobs import JobActions, JobSettings
 from connector.application.readiness import Readiness
 from connector.application.rebuild import StateRebuild
@@ -757,6 +758,7 @@ class App:
                 ttl=cfg.ready_cache_seconds,
             ),
             registry=registry,
+            fleet=self.fleet_report if self.config.fleet is not None else None,
         )
         return ApiServer(
             cfg.host,
@@ -766,6 +768,20 @@ class App:
             services,
             collectors=(self.store_metrics, self.process_metrics),
         )
+
+    def fleet_report(self) -> FleetStatus:
+        """The fleet's status for the API; a TransientError (503) that names the database
+        (never its password) while it does not answer."""
+        fleet = self.config.fleet
+        assert fleet is not None
+        try:
+            return fleet_status(self.fleet)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            reason = scrub(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc))
+            raise TransientError(
+                f"the fleet database {fleet.redacted_url()} does not answer: {reason}; the "
+                "members go on when it is back: check that PostgreSQL runs there"
+            ) from None
 
     def queue_depth(self) -> int:
         """Tasks waiting in the run queue."""

@@ -1,13 +1,18 @@
 """The fleet's status: its members, their heartbeats, the leader, and what each runs.
 
 One function, `fleet_status`, over a narrow view of the fleet's records; the CLI
-(`connector fleet status`) prints it, and an HTTP API can serve the same document.
+(`connector fleet status`) prints it, and the API serves the same document
+(GET /v1/fleet).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+
+NOT_IN_A_FLEET = (
+    "this connector is not in a fleet: add a [fleet] section with database_url (see docs/fleet.md)"
+)
 
 
 class MemberView(Protocol):

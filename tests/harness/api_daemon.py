@@ -81,6 +81,7 @@ def start_api_daemon(
     test_ca: CA,
     vcenter: dict[str, Any] | None = None,
     s3: dict[str, Any] | None = None,
+    extra: str = "",
 ) -> Api:
     workdir.mkdir(parents=True, exist_ok=True)
     token_file = workdir / "api-token"
@@ -95,7 +96,7 @@ def start_api_daemon(
         bucket,
         vcenter=vcenter,
         s3=s3,
-        extra=FAST + api_section(port, cert, token_file),
+        extra=FAST + api_section(port, cert, token_file) + extra,
     )
     vm = f"api-vm-{os.urandom(3).hex()}"
     vcsim.add_vm(vm, [8 * MiB])

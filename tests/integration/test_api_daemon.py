@@ -50,6 +50,7 @@ def test_every_path_of_the_schema_refuses_requests_without_the_token(api: Api) -
         "/readyz",
         "/metrics",
         "/v1/status",
+        "/v1/fleet",
         "/v1/servers",
         "/v1/servers/{server_id}",
         "/v1/runs",
@@ -128,6 +129,17 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     assert f"Tested: {operations}" in output, output[-3000:]
     assert "Stateful" in output
     assert TOKEN not in api.daemon.log()
+
+
+def test_a_connector_alone_answers_the_fleet_with_404_as_the_cli_refuses(api: Api) -> None:
+    status, body = api.call("GET", "/v1/fleet")
+    cli = api.env.cli("fleet", "status", "--json")
+    assert status == 404, body
+    assert body == {
+        "error": "this connector is not in a fleet: add a [fleet] section with "
+        "database_url (see docs/fleet.md)"
+    }
+    assert cli.returncode == 2 and body["error"] in cli.stderr.replace("\n", " ")
 
 
 def test_job_actions_through_the_api_are_seen_by_the_cli_and_back(api: Api) -> None:

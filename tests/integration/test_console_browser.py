@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.harness.api_daemon import TOKEN, Api, start_api_daemon
 from tests.harness.ca import TestCA as CA
 from tests.harness.daemon import wait_for
+from tests.harness.postgres import temp_database
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +119,14 @@ def test_the_console_shows_a_cli_job_with_its_runs_and_pauses_it(api: Api, tmp_p
             lambda: driver.find_element(By.ID, "ready").text == "READY",
             timeout=30,
         )
+        # a connector alone: the fleet panel says so, and how to make a fleet
+        wait_for(
+            "the fleet panel",
+            lambda: driver.find_element(By.ID, "fleet-summary").text == "NOT IN A FLEET",
+            timeout=30,
+        )
+        assert "[fleet] section" in driver.find_element(By.ID, "fleet-message").text
+        assert not driver.find_element(By.ID, "fleet").is_displayed()
         # the token is nowhere in the page or its address
         assert TOKEN not in driver.page_source and TOKEN not in driver.current_url
 
@@ -146,3 +155,41 @@ def test_the_console_shows_a_cli_job_with_its_runs_and_pauses_it(api: Api, tmp_p
         shutil.copy(shot, ARTIFACTS / "console.png")
     finally:
         driver.quit()
+
+
+def test_the_console_shows_the_fleet_with_its_member(
+    tmp_path: Path, vcsim: Any, moto: Any, s3_bucket: str, test_ca: CA
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    with temp_database() as url:
+        fleet = f'\n[fleet]\ndatabase_url = "{url}"\nmember_id = "console-member"\n'
+        api = start_api_daemon(tmp_path / "c", vcsim, moto, s3_bucket, test_ca, extra=fleet)
+        driver = browser(tmp_path, api.cert_file)
+        try:
+            driver.get(f"{api.url}/")
+            wait_for("the login form", lambda: driver.find_element(By.ID, "login-form"))
+            driver.find_element(By.ID, "token").send_keys(TOKEN)
+            driver.find_element(By.ID, "login").click()
+            row = '#fleet tr[data-member="console-member"]'
+            wait_for(
+                "the member, the leader, in the fleet panel",
+                lambda: (
+                    driver.find_elements(By.CSS_SELECTOR, row)
+                    and driver.find_element(By.CSS_SELECTOR, f'{row} td[data-field="leader"]').text
+                    == "yes"
+                ),
+                timeout=30,
+            )
+            assert driver.find_element(By.ID, "fleet-summary").text == "1 of 1 alive"
+            assert "leader: console-member" in driver.find_element(By.ID, "fleet-message").text
+            text = driver.find_element(By.CSS_SELECTOR, row).text
+            assert "ALIVE" in text and "transport:datastore-https" in text and "s ago" in text
+            assert (
+                driver.find_element(By.CSS_SELECTOR, f'{row} td[data-field="running"]').text == "-"
+            )
+            assert TOKEN not in driver.page_source and url not in driver.page_source
+        finally:
+            driver.quit()
+            code = api.daemon.terminate()
+        assert code == 0, api.daemon.log()

@@ -7,6 +7,8 @@ the test's own) for their state and their job queue, one bucket and one store ke
 - One connector killed with SIGKILL in the middle of a multipart upload: another
   completes its run within the lease timeout plus a margin, no VM snapshot and no
   multipart upload is left behind, and the restore is exact.
+- The API of each member serves the fleet's status at /v1/fleet, the document of
+  `connector fleet status --json`.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ import sqlalchemy as sa
 
 from connector.adapters.sql import Database, runs, stage_log
 from connector.store.keys import generate_key_file
+from tests.harness.api_daemon import TOKEN, Api, api_section
+from tests.harness.ca import TestCA as CA
 from tests.harness.ca import make_ca
 from tests.harness.connector_env import ConnectorEnv, write_config
 from tests.harness.daemon import DaemonProcess, job_doc, start_daemon, wait_for
 from tests.harness.fixtures_s3 import _remove_bucket
+from tests.harness.moto import free_port as free_api_port
 from tests.harness.postgres import free_port, private_postgres
 from tests.integration.test_daemon_recovery import (
     assert_restores,
@@ -235,6 +240,118 @@ def test_a_killed_connectors_run_is_completed_by_another(
     assert members[0] == "member-0"  # the victim started the run
     assert set(members[1:]) - {"member-0"}, members  # another one finished it
     assert_never_two_at_once([e for e in entries if e["ended"] is not None])
+
+
+def start_member_with_api(
+    work: Path, vcsim: Any, moto: Any, bucket: str, url: str, key_file: Path, member: str, ca: CA
+) -> Api:
+    """`connector run` in the fleet of `url`, with its HTTPS API on a free port."""
+    work.mkdir(parents=True)
+    token_file = work / "api-token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    port = free_api_port()
+    cert = ca.issue(f"fleet-api-{port}")
+    env = write_config(
+        work,
+        vcsim,
+        moto,
+        bucket,
+        extra=fleet_extra(url, key_file, member) + api_section(port, cert, token_file),
+    )
+    return Api(env, start_daemon(env, member), port, ca.cert_file, "", cert.cert_file)
+
+
+def fleet_of(api: Api, alive: int) -> dict[str, Any] | None:
+    """/v1/fleet's document once it answers with `alive` members ALIVE, else None."""
+    status, doc = api.call("GET", "/v1/fleet")
+    return doc if status == 200 and doc["alive"] == alive else None
+
+
+def test_the_api_of_each_member_shows_the_fleet_as_the_cli_does(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, pg_url: str, test_ca: CA
+) -> None:
+    key_file = tmp_path / "shared" / "store.key"
+    generate_key_file(key_file)
+    apis = [
+        start_member_with_api(
+            tmp_path / f"c{i}", vcsim, moto, bucket, pg_url, key_file, f"member-{i}", test_ca
+        )
+        for i in range(2)
+    ]
+
+    def both_alive_with_a_leader() -> dict[str, Any] | None:
+        status, doc = apis[1].call("GET", "/v1/fleet")
+        assert status == 200, doc
+        return doc if doc["alive"] == 2 and doc["leader"] else None
+
+    try:
+        for a in apis:
+            a.daemon.wait_ready(timeout=120)
+        doc = wait_for("two members and a leader", both_alive_with_a_leader, timeout=60)
+        cli = apis[1].env.cli("fleet", "status", "--json")
+        status0, doc0 = apis[0].call("GET", "/v1/fleet")
+    finally:
+        stop_all([a.daemon for a in apis])
+    assert cli.returncode == 0, cli.stderr
+    shown = json.loads(cli.stdout)
+    assert status0 == 200 and doc0["this_member"] == "member-0"
+    assert doc["this_member"] == "member-1" and doc["leader"] in {"member-0", "member-1"}
+    assert [m["id"] for m in doc["members"]] == ["member-0", "member-1"]
+    assert [m["leader"] for m in doc["members"]] == [
+        m["id"] == doc["leader"] for m in doc["members"]
+    ]
+    for m in doc["members"]:
+        assert m["state"] == "ALIVE" and 0 <= m["heartbeat_age"] < LEASE
+        assert m["version"] and m["host"] and m["pid"] > 0
+        assert "transport:datastore-https" in m["capabilities"], m
+        assert m["running"] == []
+
+    # the same document as the command's, but for the heartbeats' ages
+    def steady(d: dict[str, Any]) -> dict[str, Any]:
+        return {**d, "members": [{**m, "heartbeat_age": None} for m in d["members"]]}
+
+    assert steady(doc) == steady(shown)
+    assert steady(doc0) == {**steady(shown), "this_member": "member-0"}
+    for a in apis:
+        assert TOKEN not in a.daemon.log()
+
+
+def test_the_fleet_api_says_when_the_database_does_not_answer_and_recovers(
+    tmp_path: Path, vcsim: Any, moto: Any, bucket: str, test_ca: CA
+) -> None:
+    key_file = tmp_path / "shared" / "store.key"
+    generate_key_file(key_file)
+    with private_postgres() as pg:
+        url = pg.create_database("fleet")
+        api = start_member_with_api(
+            tmp_path / "c0", vcsim, moto, bucket, url, key_file, "member-0", test_ca
+        )
+        try:
+            api.daemon.wait_ready(timeout=120)
+            before = wait_for(
+                "the member in /v1/fleet",
+                lambda: fleet_of(api, alive=1),
+                timeout=60,
+            )
+            pg.stop("fast")
+            down = api.call("GET", "/v1/fleet")
+            pg.start()
+            after = wait_for(
+                "/v1/fleet once the database is back",
+                lambda: fleet_of(api, alive=1),
+                timeout=60,
+            )
+            alive = api.daemon.proc.poll() is None
+        finally:
+            stop_all([api.daemon])
+    assert [m["id"] for m in before["members"]] == ["member-0"]
+    assert before["leader"] in ("member-0", None)
+    status, body = down
+    assert status == 503, body
+    assert f"the fleet database postgresql://postgres@127.0.0.1:{pg.port}/fleet" in body["error"]
+    assert "does not answer" in body["error"] and "PostgreSQL" in body["error"]
+    assert after["this_member"] == "member-0" and alive, api.daemon.log()
 
 
 def test_fleet_status_without_a_fleet_is_a_config_error(

@@ -227,3 +227,35 @@ class Status(BaseModel):
     vcenter: Service
     s3: Service
     jobs: list[JobHealth]
+
+
+class FleetWork(BaseModel):
+    run_id: str
+    server_id: str
+    stage: str = Field(description="The stage of the run this member executes now.")
+
+
+class FleetMember(BaseModel):
+    id: str = Field(description="[fleet] member_id, or the host name and a digest.")
+    host: str
+    pid: int
+    version: str
+    capabilities: list[str] = Field(description="Such as transport:vddk, vddk.")
+    started_at: str
+    state: str = Field(
+        description="ALIVE (heartbeating), DEAD (silent for the lease timeout) or STOPPED "
+        "(left cleanly)"
+    )
+    heartbeat_age: float = Field(description="Seconds since its last heartbeat.")
+    leader: bool = Field(description="Whether it holds the scheduler's lease.")
+    running: list[FleetWork]
+
+
+class Fleet(BaseModel):
+    """What `connector fleet status --json` prints."""
+
+    this_member: str = Field(description="The member that answered.")
+    leader: str | None = Field(description="The member that fires schedules, or null.")
+    lease_timeout: float = Field(description="[fleet] lease_timeout, in seconds.")
+    alive: int = Field(description="How many members are ALIVE.")
+    members: list[FleetMember]

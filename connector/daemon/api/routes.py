@@ -19,13 +19,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from connector import __version__
+from connector.application.fleet import NOT_IN_A_FLEET, FleetStatus
 from connector.application.jobs import JobActions
 from connector.application.readiness import Readiness
 from connector.application.status import StatusReport
 from connector.daemon.api import models
 from connector.domain.jobs import RUN_STATES
 from connector.domain.records import RunRow, ServerRow
-from connector.errors import InvalidInputError
+from connector.errors import InvalidInputError, NotFoundError
 
 RunState = Enum("RunState", {s: s for s in RUN_STATES}, type=str)  # type: ignore[misc]
 
@@ -50,6 +51,7 @@ class ApiServices:
     status: Callable[[], StatusReport]
     readiness: Readiness
     registry: CollectorRegistry
+    fleet: Callable[[], FleetStatus] | None = None  # None: not in a fleet (no [fleet])
     _status_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -129,6 +131,27 @@ def status(svc: Services) -> models.Status:
     with svc._status_lock:  # the probes' clients are not shared between threads
         report = svc.status()
     return models.Status(**asdict(report), healthy=report.healthy)
+
+
+# -- the fleet ----------------------------------------------------------------------------
+
+fleet = APIRouter(prefix="/v1/fleet", tags=["fleet"], responses=ERRORS)
+
+
+@fleet.get(
+    "",
+    response_model=models.Fleet,
+    summary="The fleet's members, heartbeats, leader and what each runs "
+    "(what `connector fleet status --json` shows)",
+    responses={
+        404: {"model": models.ErrorBody, "description": "Not in a fleet (no [fleet] section)."},
+        503: {"model": models.ErrorBody, "description": "The fleet database did not answer."},
+    },
+)
+def get_fleet(svc: Services) -> dict[str, Any]:
+    if svc.fleet is None:
+        raise NotFoundError(NOT_IN_A_FLEET)
+    return svc.fleet().document()
 
 
 # -- the server catalog ------------------------------------------------------------------
@@ -315,4 +338,4 @@ def _frequency(frequency: int | None, run_once: bool) -> int | None:
 
 
 def routers() -> list[APIRouter]:
-    return [system, catalog, runs, jobs]
+    return [system, fleet, catalog, runs, jobs]

@@ -184,7 +184,7 @@ def build_app(services: ApiServices, token: Secret, requests: Counter) -> ASGIAp
         title="Replication connector API",
         version=__version__,
         description=(
-            "Jobs, runs, the server catalog, status, readiness and metrics of the "
+            "Jobs, runs, the server catalog, the fleet, status, readiness and metrics of the "
             "connector. Every endpoint needs `Authorization: Bearer <token>`."
         ),
         docs_url=None,  # Swagger UI and ReDoc load from CDNs: the schema alone is served

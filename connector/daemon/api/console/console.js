@@ -1,4 +1,4 @@
-// The connector's web console: health, jobs and runs, polled from the API.
+// The connector's web console: health, fleet, jobs and runs, polled from the API.
 // The token is kept in sessionStorage (this tab only) and sent as a header,
 // never in a URL. Every value from the API is shown as text, never as markup.
 "use strict";
@@ -67,6 +67,42 @@ function renderHealth(ready) {
     li.dataset.check = check.name;
     li.textContent = `${check.name}: ${check.detail}`;
     list.appendChild(li);
+  }
+}
+
+function renderFleet(fleet) {
+  const body = document.querySelector("#fleet tbody");
+  const summary = $("fleet-summary");
+  const message = $("fleet-message");
+  body.replaceChildren();
+  if (!fleet.ok) {
+    // 404: no [fleet] section, this connector works alone
+    summary.textContent = fleet.status === 404 ? "NOT IN A FLEET" : "UNKNOWN";
+    summary.className = "badge";
+    message.textContent = fleet.body.error || `the fleet could not be read (${fleet.status})`;
+    $("fleet").hidden = true;
+    return;
+  }
+  const doc = fleet.body;
+  summary.textContent = `${doc.alive} of ${doc.members.length} alive`;
+  summary.className = "badge " + (doc.alive > 0 ? "ok" : "bad");
+  message.textContent =
+    `this connector: ${doc.this_member}; leader: ` +
+    (doc.leader || "none (no member holds the scheduler's lease)");
+  $("fleet").hidden = false;
+  for (const member of doc.members) {
+    const row = document.createElement("tr");
+    row.dataset.member = member.id;
+    cell(row, member.id, "id");
+    cell(row, member.host);
+    cell(row, member.version);
+    cell(row, member.capabilities.join(", "));
+    cell(row, member.state, "state-" + member.state).dataset.field = "state";
+    cell(row, `${member.heartbeat_age.toFixed(1)} s ago`);
+    cell(row, member.leader ? "yes" : "").dataset.field = "leader";
+    const running = member.running.map((w) => `${w.run_id} (${w.stage})`).join(", ");
+    cell(row, running || "-").dataset.field = "running";
+    body.appendChild(row);
   }
 }
 
@@ -141,13 +177,15 @@ function renderRuns(runs, vmByJob) {
 
 async function refresh() {
   try {
-    const [health, ready, jobs, runs] = await Promise.all([
+    const [health, ready, jobs, runs, fleet] = await Promise.all([
       api("GET", "/healthz"),
       api("GET", "/readyz"),
       api("GET", "/v1/jobs"),
       api("GET", "/v1/runs?last=50"),
+      api("GET", "/v1/fleet"),
     ]);
     renderHealth(ready.body);
+    renderFleet(fleet);
     if (jobs.ok) renderJobs(jobs.body);
     const vmByJob = new Map((jobs.ok ? jobs.body : []).map((j) => [j.id, j.vm_name]));
     if (runs.ok) renderRuns(runs.body, vmByJob);
