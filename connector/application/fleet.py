@@ -10,10 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-NOT_IN_A_FLEET = (
-    "this connector is not in a fleet: add a [fleet] section with database_url (see docs/fleet.md)"
-)
-
 
 class MemberView(Protocol):
     id: str

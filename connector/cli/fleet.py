@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from connector.application.fleet import NOT_IN_A_FLEET, FleetStatus, fleet_status
+from connector.application.fleet import FleetStatus, fleet_status
 from connector.cli.common import ConfigOpt, JsonOpt, out, run_with_app
 from connector.errors import ConfigError
 
@@ -34,7 +34,10 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
     def go(a: App) -> FleetStatus:
         if a.config.fleet is None:
-            raise ConfigError(NOT_IN_A_FLEET)
+            raise ConfigError(
+                "this connector is not in a fleet: add a [fleet] section with database_url "
+                "(see docs/fleet.md)"
+            )
         return fleet_status(a.fleet)
 
     report = run_with_app(config, go, audit_load=False)

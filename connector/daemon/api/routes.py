@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from connector import __version__
-from connector.application.fleet import NOT_IN_A_FLEET, FleetStatus
+from connector.application.fleet import FleetStatus
 from connector.application.jobs import JobActions
 from connector.application.readiness import Readiness
 from connector.application.status import StatusReport
@@ -150,7 +150,10 @@ fleet = APIRouter(prefix="/v1/fleet", tags=["fleet"], responses=ERRORS)
 )
 def get_fleet(svc: Services) -> dict[str, Any]:
     if svc.fleet is None:
-        raise NotFoundError(NOT_IN_A_FLEET)
+        raise NotFoundError(
+            "this connector is not in a fleet: add a [fleet] section with database_url "
+            "(see docs/fleet.md)"
+        )
     return svc.fleet().document()
 
 
