@@ -243,7 +243,15 @@ def test_a_killed_connectors_run_is_completed_by_another(
 
 
 def start_member_with_api(
-    work: Path, vcsim: Any, moto: Any, bucket: str, url: str, key_file: Path, member: str, ca: CA
+    work: Path,
+    vcsim: Any,
+    moto: Any,
+    bucket: str,
+    url: str,
+    key_file: Path,
+    member: str,
+    ca: CA,
+    extra_env: dict[str, str] | None = None,
 ) -> Api:
     """`connector run` in the fleet of `url`, with its HTTPS API on a free port."""
     work.mkdir(parents=True)
@@ -259,7 +267,8 @@ def start_member_with_api(
         bucket,
         extra=fleet_extra(url, key_file, member) + api_section(port, cert, token_file),
     )
-    return Api(env, start_daemon(env, member), port, ca.cert_file, "", cert.cert_file)
+    daemon = start_daemon(env, member, extra_env=extra_env)
+    return Api(env, daemon, port, ca.cert_file, "", cert.cert_file)
 
 
 def fleet_of(api: Api, alive: int) -> dict[str, Any] | None:
@@ -273,25 +282,56 @@ def test_the_api_of_each_member_shows_the_fleet_as_the_cli_does(
 ) -> None:
     key_file = tmp_path / "shared" / "store.key"
     generate_key_file(key_file)
+    # whichever member takes the run holds it once its VM snapshot exists, until the test
+    # removes that member's marker file: what it runs is then known
+    markers = [tmp_path / f"paused-{i}" for i in range(2)]
     apis = [
         start_member_with_api(
-            tmp_path / f"c{i}", vcsim, moto, bucket, pg_url, key_file, f"member-{i}", test_ca
+            tmp_path / f"c{i}",
+            vcsim,
+            moto,
+            bucket,
+            pg_url,
+            key_file,
+            f"member-{i}",
+            test_ca,
+            extra_env={
+                "CONNECTOR_TEST_PAUSE_AT": "snapshot-created:1",
+                "CONNECTOR_TEST_PAUSE_FILE": str(markers[i]),
+            },
         )
         for i in range(2)
     ]
+    uuid, _ = make_vm(vcsim, f"fleet-api-{uuidlib.uuid4().hex[:6]}", seed=3, data=256 * 1024)
 
     def both_alive_with_a_leader() -> dict[str, Any] | None:
         status, doc = apis[1].call("GET", "/v1/fleet")
         assert status == 200, doc
         return doc if doc["alive"] == 2 and doc["leader"] else None
 
+    def paused_member() -> str | None:
+        found = next((f"member-{i}" for i, m in enumerate(markers) if m.exists()), None)
+        if found is None and ended(apis[0].env, job):
+            logs = "\n".join(a.daemon.log() for a in apis)
+            raise AssertionError(f"the run ended unheld: {job_doc(apis[0].env, job)}\n{logs}")
+        return found
+
     try:
         for a in apis:
             a.daemon.wait_ready(timeout=120)
+        wait_for("two members and a leader", both_alive_with_a_leader, timeout=60)
+        job = create_job(apis[0].env, uuid)
+        worker = wait_for("a member to hold the run", paused_member, timeout=120, every=0.05)
+        run = job_doc(apis[0].env, job)["runs"][0]
         doc = wait_for("two members and a leader", both_alive_with_a_leader, timeout=60)
         cli = apis[1].env.cli("fleet", "status", "--json")
         status0, doc0 = apis[0].call("GET", "/v1/fleet")
+        for m in markers:
+            m.unlink(missing_ok=True)
+        ended_run = wait_for("the run to end", lambda: ended(apis[0].env, job), timeout=120)
     finally:
+        for m in markers:
+            m.unlink(missing_ok=True)
         stop_all([a.daemon for a in apis])
     assert cli.returncode == 0, cli.stderr
     shown = json.loads(cli.stdout)
@@ -305,7 +345,13 @@ def test_the_api_of_each_member_shows_the_fleet_as_the_cli_does(
         assert m["state"] == "ALIVE" and 0 <= m["heartbeat_age"] < LEASE
         assert m["version"] and m["host"] and m["pid"] > 0
         assert "transport:datastore-https" in m["capabilities"], m
-        assert m["running"] == []
+    # what each one runs: the held run on the member that holds it, nothing on the other
+    running = {m["id"]: m["running"] for m in doc["members"]}
+    assert running.pop(worker) == [
+        {"run_id": run["id"], "server_id": run["server_id"], "stage": run["stage"]}
+    ]
+    assert list(running.values()) == [[]]
+    assert ended_run["state"] == "COMPLETED", ended_run
 
     # the same document as the command's, but for the heartbeats' ages
     def steady(d: dict[str, Any]) -> dict[str, Any]:
