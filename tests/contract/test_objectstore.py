@@ -44,7 +44,7 @@ class TestLocalDirObjectStore(ObjectStoreContract):
         root = tmp_path / "store"
         root.write_bytes(b"not a folder")
         with pytest.raises(
-            ConfigError, match=r"cannot create the object store directory .*store: "
+            ConfigError, match=r"the object store directory .*store is not a directory; give "
         ):
             LocalDirObjectStore(root)
         assert root.read_bytes() == b"not a folder"
