@@ -228,7 +228,7 @@ def test_the_api_command_without_an_api_section_says_what_to_add(env: ConnectorE
         env,
         2,
         "the API is not configured: add an [api] section with listen, cert_file, "
-        "key_file and token_file (see docs/security.md)",
+        "key_file and token_file (see docs/api.md)",
         "api",
     )
 
