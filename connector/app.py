@@ -619,7 +619,9 @@ class App:
         """
         self.retry_policy.call(
             self.objects.check_access,
-            "checking access to the replica store",
+            "checking access to S3"
+            if self.config.s3 is not None
+            else "checking access to the replica store directory",
             retryable=(TransientError,),
         )
         return self.repository(create=True)

@@ -53,6 +53,7 @@ LIBRARY_LOGGERS = (
     "apscheduler",
     "huey",
     "uvicorn",
+    "alembic",
 )
 
 

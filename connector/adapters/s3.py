@@ -584,9 +584,9 @@ class S3ObjectStore:
                     f"bucket {self._bucket} is not reachable in this region at {self._endpoint} "
                     f"(HTTP {status}): check the region setting and the bucket name"
                 ) from exc
-            raise self._map_error(exc, "check access to", None) from exc
+            raise self._map_error(exc, "access check", None) from exc
         except BotoCoreError as exc:
-            raise self._map_error(exc, "check access to", None) from exc
+            raise self._map_error(exc, "access check", None) from exc
 
     def probe_permissions(self) -> builtins.list[PermissionProbe]:
         """Harmless requests that show which IAM permissions the credentials lack.
