@@ -201,8 +201,6 @@ class StoreConfig(_Section):
                 "[store] path is used only with kind = 'local'; the 's3' store lives in the "
                 "bucket of [s3]"
             )
-        if self.path is not None and not str(self.path).strip():
-            raise ValueError("[store] path is empty; give the replica store's directory")
         if self.key_file is not None and self.key_env is not None:
             raise ValueError("[store] takes key_file or key_env, not both")
         if self.kms_key_id is not None and not self.kms_key_id.strip():

@@ -228,6 +228,20 @@ def test_a_skewed_clock_fails_the_clock_check(
     assert "NTP" in clock["fix"]
 
 
+def test_a_refused_encryption_read_names_the_missing_permission(
+    tmp_path: Path, vcsim: Simulator, moto: MotoServer, s3_bucket: str, faulty_s3: FaultyS3Proxy
+) -> None:
+    """S3 answers GetBucketEncryption with 403: the check names the permission to grant."""
+    env = write_config(tmp_path / "c", vcsim, moto, s3_bucket, s3={"endpoint_url": faulty_s3.url})
+    faulty_s3.inject("GET", "encryption", status=403, code="AccessDenied", times=None)
+    proc = env.cli("check", "--json", "--only", "s3.encryption")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (result,) = json.loads(proc.stdout)
+    assert result["status"] == "failed"
+    assert "was refused (HTTP 403)" in result["summary"]
+    assert "allow s3:GetEncryptionConfiguration on the bucket" in result["fix"]
+
+
 def test_the_proxy_moves_the_date_header(
     moto: MotoServer, s3_bucket: str, faulty_s3: FaultyS3Proxy
 ) -> None:

@@ -139,6 +139,11 @@ def test_the_bundle_refuses_an_existing_file_and_a_missing_log(
     )
     assert proc.returncode == 2 and "is not a file" in proc.stderr
     assert not (tmp_path / "new.tar.gz").exists()
+    nowhere = tmp_path / "no-such-folder" / "b.tar.gz"
+    proc = env.cli("support-bundle", "--output", str(nowhere), "--no-journal")
+    assert proc.returncode == 2
+    assert "does not exist; create it or give another --output" in " ".join(proc.stderr.split())
+    assert not nowhere.parent.exists()
 
 
 def test_the_bundle_takes_the_service_journal(
