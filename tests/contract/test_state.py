@@ -25,21 +25,26 @@ from tests.contract.state_contract import LandingsContract, StateContract, State
 from tests.harness.postgres import temp_database
 
 
+def sql_ports(state: StateStore) -> StatePorts:
+    """Every state port over one SQL state store (SQLite or PostgreSQL) and its ledger."""
+    ledger = RunLedger(state)
+    return StatePorts(
+        catalog=state,
+        disk_states=state,
+        runs=state,
+        ledger=ledger,
+        controls=ledger,
+        journal=ledger,
+        blocks=state,
+        retention=state,
+    )
+
+
 @contextmanager
 def sqlite_ports(tmp_path: Path) -> Iterator[StatePorts]:
     state = StateStore.at_path(tmp_path / "state.db")
-    ledger = RunLedger(state)
     try:
-        yield StatePorts(
-            catalog=state,
-            disk_states=state,
-            runs=state,
-            ledger=ledger,
-            controls=ledger,
-            journal=ledger,
-            blocks=state,
-            retention=state,
-        )
+        yield sql_ports(state)
     finally:
         state.close()
 
@@ -48,18 +53,8 @@ def sqlite_ports(tmp_path: Path) -> Iterator[StatePorts]:
 def postgresql_ports(tmp_path: Path) -> Iterator[StatePorts]:
     with temp_database() as url:
         state = StateStore(Database(url))
-        ledger = RunLedger(state)
         try:
-            yield StatePorts(
-                catalog=state,
-                disk_states=state,
-                runs=state,
-                ledger=ledger,
-                controls=ledger,
-                journal=ledger,
-                blocks=state,
-                retention=state,
-            )
+            yield sql_ports(state)
         finally:
             state.close()
 
