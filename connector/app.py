@@ -535,24 +535,31 @@ class App:
 
     def landing_probe(self) -> dict[str, str]:
         """The landing permissions of the [landing] credentials (`connector check`)."""
-        spec = self.default_landing_spec()
+        target = self._ebs_target(self.default_landing_spec().role_name)
+        try:
+            return target.probe_permissions()
+        finally:
+            target.close()
+
+    def _ebs_target(self, role_name: str | None, **limits: Any) -> EbsTarget:
+        """A new EBS and EC2 client of [landing] (defaults: [s3]'s region, endpoint, trust
+        and keys), as `role_name` when given; `limits` as EbsTarget takes them."""
         cfg, s3 = self.config.landing, self.config.require_s3()
         secret = self.config.s3_secret_key()
+        if secret is not None:
+            register_secret(secret)
         own_endpoint = cfg.endpoint_url is not None
-        target = EbsTarget(
+        return EbsTarget(
             region=cfg.region or s3.region,
             endpoint_url=cfg.endpoint_url if own_endpoint else s3.endpoint_url,
             ca_file=cfg.ca_file if own_endpoint else (cfg.ca_file or s3.ca_file),
             access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
             secret_access_key=secret,
-            role_name=spec.role_name,
+            role_name=role_name,
             use_fips_endpoint=s3.use_fips_endpoint,
             proxy=self.proxy,
+            **limits,
         )
-        try:
-            return target.probe_permissions()
-        finally:
-            target.close()
 
     def default_landing_spec(self) -> LandingSpec:
         cfg = self.config.landing
@@ -569,21 +576,9 @@ class App:
     def snapshot_target(self, spec: LandingSpec) -> SnapshotTarget:
         """EBS and EC2 of [landing] (defaults: [s3]'s region, endpoint, trust and keys),
         as the job's role when it names one; retried and under the upload limit."""
-        cfg, s3 = self.config.landing, self.config.require_s3()
-        secret = self.config.s3_secret_key()
-        if secret is not None:
-            register_secret(secret)
-        own_endpoint = cfg.endpoint_url is not None
-        target: SnapshotTarget = EbsTarget(
-            region=cfg.region or s3.region,
-            endpoint_url=cfg.endpoint_url if own_endpoint else s3.endpoint_url,
-            ca_file=cfg.ca_file if own_endpoint else (cfg.ca_file or s3.ca_file),
-            access_key_id=Secret(s3.access_key_id) if s3.access_key_id else None,
-            secret_access_key=secret,
-            role_name=spec.role_name,
-            use_fips_endpoint=s3.use_fips_endpoint,
-            proxy=self.proxy,
-            max_pool_connections=max(10, cfg.concurrency * 2),
+        concurrency = self.config.landing.concurrency
+        target: SnapshotTarget = self._ebs_target(
+            spec.role_name, max_pool_connections=max(10, concurrency * 2)
         )
         if self.bandwidth_bucket is not None:  # one limit for uploads to S3 and to EBS
             target = BandwidthLimitedTarget(target, self.bandwidth_bucket)
